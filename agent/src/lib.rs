@@ -1,0 +1,2 @@
+//! The host agent library (filled by the agent issue). Nothing here runs yet.
+#![forbid(unsafe_code)]

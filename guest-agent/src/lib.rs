@@ -1,0 +1,2 @@
+//! The guest agent (filled by the Linux-guest and guest-agent issues).
+#![forbid(unsafe_code)]

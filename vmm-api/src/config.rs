@@ -1,0 +1,206 @@
+//! [`VmConfig`]: everything one `reddog-vmm` process needs to build and boot a VM.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Smallest guest memory the VMM accepts (the ACPI tables, boot structures and a
+/// kernel need room).
+pub const MIN_MEMORY_MIB: u32 = 32;
+/// Largest guest memory the VMM accepts.
+pub const MAX_MEMORY_MIB: u32 = 1 << 20;
+/// Largest number of vCPUs (the MADT and the APIC IDs are laid out for this many).
+pub const MAX_VCPUS: u8 = 64;
+/// Longest kernel command line, including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 4096;
+
+/// Errors in a [`VmConfig`].
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The JSON could not be parsed.
+    #[error(
+        "VM config is not valid JSON for VmConfig: {0}; see vmm-api/src/config.rs for the fields"
+    )]
+    Parse(#[from] serde_json::Error),
+    /// The config file could not be read.
+    #[error("cannot read VM config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// `vcpus` out of range.
+    #[error("vcpus must be between 1 and {MAX_VCPUS}, got {0}")]
+    Vcpus(u8),
+    /// `memory_mib` out of range.
+    #[error("memory_mib must be between {MIN_MEMORY_MIB} and {MAX_MEMORY_MIB}, got {0}")]
+    Memory(u32),
+    /// The command line is too long or holds a NUL byte.
+    #[error("cmdline must be under {MAX_CMDLINE_LEN} bytes with no NUL byte (got {0} bytes)")]
+    Cmdline(usize),
+    /// A timeout of zero.
+    #[error("timeout_ms must be positive when set; leave it out for no limit")]
+    Timeout,
+}
+
+/// Where the guest's serial console goes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "path")]
+pub enum SerialOutput {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Appended to a file (created if missing).
+    File(PathBuf),
+    /// Dropped.
+    Null,
+}
+
+/// How the kernel is entered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootProtocol {
+    /// PVH when the kernel is an ELF with a PVH note, the Linux 64-bit boot
+    /// protocol for an ELF without it or for a bzImage.
+    #[default]
+    Auto,
+    /// PVH (32-bit protected mode entry, `hvm_start_info`); the ELF must carry
+    /// the PVH note.
+    Pvh,
+    /// Linux 64-bit boot protocol (long mode, `boot_params` in `rsi`).
+    Linux64,
+}
+
+/// A VM: kernel, memory, vCPUs, console.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: an ELF (vmlinux, with or without a PVH note) or a bzImage.
+    pub kernel: PathBuf,
+    /// How to enter the kernel.
+    #[serde(default)]
+    pub boot_protocol: BootProtocol,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Optional initial ramdisk.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs (1 to [`MAX_VCPUS`]).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u32,
+    /// Serial console destination.
+    #[serde(default)]
+    pub serial: SerialOutput,
+    /// Wall-clock limit for the whole VM run, from process start; the VM is
+    /// stopped with [`crate::ExitReason::Timeout`] when it passes.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+fn default_memory_mib() -> u32 {
+    128
+}
+
+impl VmConfig {
+    /// A config with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            kernel: kernel.into(),
+            boot_protocol: BootProtocol::Auto,
+            cmdline: String::new(),
+            initrd: None,
+            vcpus: default_vcpus(),
+            memory_mib: default_memory_mib(),
+            serial: SerialOutput::Stdout,
+            timeout_ms: None,
+        }
+    }
+
+    /// Parses and validates a JSON config.
+    pub fn from_json(json: &str) -> Result<Self, ConfigError> {
+        let cfg: Self = serde_json::from_str(json)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads, parses and validates a JSON config file.
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let json = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_json(&json)
+    }
+
+    /// Checks every bound. The VMM calls this before touching KVM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if !(MIN_MEMORY_MIB..=MAX_MEMORY_MIB).contains(&self.memory_mib) {
+            return Err(ConfigError::Memory(self.memory_mib));
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN || self.cmdline.contains('\0') {
+            return Err(ConfigError::Cmdline(self.cmdline.len()));
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(ConfigError::Timeout);
+        }
+        Ok(())
+    }
+
+    /// Guest memory in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        u64::from(self.memory_mib) << 20
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_fill_in() {
+        let cfg = VmConfig::from_json(r#"{"kernel": "/k"}"#).expect("valid");
+        assert_eq!(cfg, VmConfig::new("/k"));
+    }
+
+    #[test]
+    fn bounds_are_checked() {
+        for (json, want) in [
+            (r#"{"kernel":"/k","vcpus":0}"#, "vcpus"),
+            (r#"{"kernel":"/k","vcpus":65}"#, "vcpus"),
+            (r#"{"kernel":"/k","memory_mib":31}"#, "memory_mib"),
+            (r#"{"kernel":"/k","timeout_ms":0}"#, "timeout_ms"),
+            (r#"{"kernel":"/k","cmdline":"a\u0000b"}"#, "cmdline"),
+            (r#"{"kernel":"/k","bogus":1}"#, "unknown field"),
+            (r#"{"vcpus":1}"#, "missing field `kernel`"),
+        ] {
+            let err = VmConfig::from_json(json).expect_err(json).to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn serial_variants_round_trip() {
+        for serial in [
+            SerialOutput::Stdout,
+            SerialOutput::Null,
+            SerialOutput::File("/tmp/x".into()),
+        ] {
+            let mut cfg = VmConfig::new("/k");
+            cfg.serial = serial;
+            let json = serde_json::to_string(&cfg).expect("serialize");
+            assert_eq!(VmConfig::from_json(&json).expect("parse"), cfg);
+        }
+    }
+}

@@ -1,0 +1,15 @@
+//! The contract between the host agent and one `reddog-vmm` process.
+//!
+//! - [`VmConfig`]: what a VM is made of, read from a JSON file or built from flags.
+//! - [`ExitReason`] and [`ExitReport`]: how a VM ended, as a process exit status and
+//!   as one JSON line the VMM writes when it stops.
+//! - [`platform`]: the fixed guest-visible addresses (ports, magic values) that guests
+//!   and the VMM agree on.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod exit;
+pub mod platform;
+
+pub use config::{BootProtocol, ConfigError, SerialOutput, VmConfig};
+pub use exit::{ExitReason, ExitReport, VcpuRegs};

@@ -1,0 +1,266 @@
+//! The boot recipe, top to bottom: KVM, memory, kernel, boot structures, ACPI,
+//! devices, vCPUs, run; then wait for the VM to stop.
+
+use std::fs::OpenOptions;
+use std::io::{LineWriter, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm_api::{platform, ExitReason, ExitReport, SerialOutput, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{self, AcpiError};
+use crate::arch::{boot, layout, regs::EntryMode};
+use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, PioBus};
+use crate::loader::{self, LoaderError};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{StopEvent, Vcpu, VcpuError};
+use crate::vstate::vm::{Vm, VmError};
+
+/// Errors building or booting a VM. Each says what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The config is invalid.
+    #[error(transparent)]
+    Config(#[from] vmm_api::ConfigError),
+    /// KVM or the VM.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel or initrd.
+    #[error(transparent)]
+    Loader(#[from] LoaderError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// A vCPU.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// A boot structure did not fit in guest memory.
+    #[error("cannot write the {what} into guest memory: {source}")]
+    BootData {
+        /// Which structure.
+        what: &'static str,
+        /// Why.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The serial output file.
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Host resources (eventfd, irqfd, threads).
+    #[error("host resource error ({what}): {source}")]
+    Host {
+        /// What failed.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A running VM: its vCPU threads report to `stops`.
+pub struct Vmm {
+    start: Instant,
+    timeout: Option<Duration>,
+    bus: Arc<PioBus>,
+    stops: Receiver<StopEvent>,
+    first_run_us: Arc<AtomicU64>,
+    // Kept alive until the process ends: KVM maps this memory.
+    _memory: GuestMemoryMmap,
+    _vm: Vm,
+}
+
+fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+    Ok(match out {
+        SerialOutput::Stdout => Box::new(std::io::stdout()),
+        SerialOutput::Null => Box::new(std::io::sink()),
+        SerialOutput::File(path) => {
+            let f = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| VmmError::SerialFile {
+                    path: path.clone(),
+                    source,
+                })?;
+            Box::new(LineWriter::new(f))
+        }
+    })
+}
+
+/// Builds the VM described by `cfg` and starts its vCPUs. `start` is the moment
+/// the VMM process started (the boot timer counts from it).
+pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
+    cfg.validate()?;
+    let mem_bytes = cfg.memory_bytes();
+
+    // 1. KVM: the VM.
+    let vm = Vm::new()?;
+
+    // 2. Guest memory, registered with KVM, then the in-kernel irqchip and PIT.
+    let mem = memory::create_guest_memory(mem_bytes)?;
+    vm.register_memory(&mem)?;
+    vm.create_irqchip()?;
+
+    // 3. Kernel, initrd, command line.
+    let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.boot_protocol)?;
+    let initrd = match &cfg.initrd {
+        Some(path) => Some(loader::load_initrd(&mem, mem_bytes, path, kernel.end)?),
+        None => None,
+    };
+    loader::load_cmdline(&mem, &cfg.cmdline).map_err(|source| VmmError::BootData {
+        what: "command line",
+        source,
+    })?;
+
+    // 4. ACPI tables and the boot structures that point at them.
+    let rsdp = acpi::write_tables(&mem, cfg.vcpus, &[])?;
+    write_boot_info(
+        &mem,
+        mem_bytes,
+        &kernel,
+        cfg.cmdline.len() + 1,
+        rsdp,
+        initrd,
+    )?;
+
+    // 5. Devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
+        what: "serial eventfd",
+        source,
+    })?;
+    vm.fd
+        .register_irqfd(&serial_irq, platform::SERIAL_IRQ)
+        .map_err(|e| VmmError::Host {
+            what: "serial irqfd",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let serial = SerialDevice::new(serial_irq, serial_sink(&cfg.serial)?);
+    let bus = Arc::new(PioBus::new(serial, BootTimer::new(start)));
+
+    // 6. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(&vm, index)?;
+        let entry = (index == 0).then_some((kernel.mode, kernel.entry));
+        vcpu.configure(&vm, &mem, cfg.vcpus, entry)?;
+        vcpus.push(vcpu);
+    }
+
+    // 7. Run.
+    let (tx, rx) = mpsc::channel();
+    let first_run_us = Arc::new(AtomicU64::new(0));
+    for vcpu in vcpus.into_iter().rev() {
+        let (bus, tx, first) = (bus.clone(), tx.clone(), first_run_us.clone());
+        let index_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("vcpu".into())
+            .spawn(move || {
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    vcpu.run(bus, tx, start, first)
+                }));
+                if result.is_err() {
+                    let _ = index_tx.send(StopEvent {
+                        reason: ExitReason::VcpuError,
+                        detail: "a vCPU thread panicked".into(),
+                        vcpu: u8::MAX,
+                        regs: None,
+                    });
+                }
+            })
+            .map_err(|source| VmmError::Host {
+                what: "vCPU thread",
+                source,
+            })?;
+    }
+
+    Ok(Vmm {
+        start,
+        timeout: cfg.timeout_ms.map(Duration::from_millis),
+        bus,
+        stops: rx,
+        first_run_us,
+        _memory: mem,
+        _vm: vm,
+    })
+}
+
+fn write_boot_info(
+    mem: &GuestMemoryMmap,
+    mem_bytes: u64,
+    kernel: &loader::LoadedKernel,
+    cmdline_len: usize,
+    rsdp: GuestAddress,
+    initrd: Option<boot::InitrdPlacement>,
+) -> Result<(), VmmError> {
+    let wr = |bytes: &[u8], addr: u64, what: &'static str| {
+        mem.write_slice(bytes, GuestAddress(addr))
+            .map_err(|source| VmmError::BootData { what, source })
+    };
+    match kernel.mode {
+        EntryMode::Pvh => {
+            let b = boot::pvh_start_info(mem_bytes, layout::CMDLINE_ADDR, rsdp.0, initrd);
+            wr(&b.start_info, layout::START_INFO_ADDR, "PVH start info")?;
+            if let Some(m) = b.modlist {
+                wr(&m, layout::MODLIST_ADDR, "PVH module list")?;
+            }
+            wr(&b.memmap, layout::MEMMAP_ADDR, "PVH memory map")?;
+        }
+        EntryMode::Long64 => {
+            let zp = boot::linux_boot_params(
+                mem_bytes,
+                kernel.setup_header.as_deref(),
+                layout::CMDLINE_ADDR,
+                cmdline_len,
+                rsdp.0,
+                initrd,
+            );
+            wr(&zp, layout::ZERO_PAGE_ADDR, "Linux boot parameters")?;
+        }
+    }
+    Ok(())
+}
+
+impl Vmm {
+    /// Waits until a vCPU stops the VM or the wall-clock limit passes, flushes
+    /// the console, and returns the report. The caller ends the process.
+    pub fn wait(self) -> ExitReport {
+        let event = match self.timeout {
+            Some(limit) => {
+                let left = limit.saturating_sub(self.start.elapsed());
+                self.stops.recv_timeout(left).ok()
+            }
+            None => self.stops.recv().ok(),
+        };
+        let event = event.unwrap_or_else(|| StopEvent {
+            reason: ExitReason::Timeout,
+            detail: match self.timeout {
+                Some(t) => format!("wall-clock limit of {} ms passed", t.as_millis()),
+                None => "every vCPU thread ended".into(),
+            },
+            vcpu: u8::MAX,
+            regs: None,
+        });
+        self.bus.flush_console();
+        let first_run = self.first_run_us.load(Ordering::SeqCst);
+        ExitReport {
+            reason: event.reason,
+            exit_code: event.reason.exit_code(),
+            detail: event.detail,
+            boot_time_us: self.bus.boot_timer().boot_time_us(),
+            first_run_us: (first_run > 0).then(|| first_run - 1),
+            total_us: self.start.elapsed().as_micros() as u64,
+            vcpu: (event.vcpu != u8::MAX).then_some(event.vcpu),
+            regs: event.regs,
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! `reddog-vmm`: boots one VM from a JSON config or flags and exits with a status
+//! that says how the guest stopped (see `vmm_api::ExitReason`).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use clap::Parser;
+use vmm_api::{BootProtocol, SerialOutput, VmConfig};
+
+/// Boot one VM. Flags override the config file's fields.
+#[derive(Parser, Debug)]
+#[command(name = "reddog-vmm", version, about)]
+struct Args {
+    /// JSON VM config (vmm_api::VmConfig).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Kernel: vmlinux ELF (PVH or 64-bit entry) or bzImage.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u32>,
+    /// Entry protocol: auto, pvh or linux64.
+    #[arg(long, value_parser = parse_protocol)]
+    boot_protocol: Option<BootProtocol>,
+    /// Serial console: "stdout", "null" or a file path.
+    #[arg(long)]
+    serial: Option<String>,
+    /// Wall-clock limit in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// Write the exit report (JSON) to this file instead of stderr.
+    #[arg(long)]
+    exit_report: Option<PathBuf>,
+}
+
+fn parse_protocol(s: &str) -> Result<BootProtocol, String> {
+    match s {
+        "auto" => Ok(BootProtocol::Auto),
+        "pvh" => Ok(BootProtocol::Pvh),
+        "linux64" => Ok(BootProtocol::Linux64),
+        other => Err(format!(
+            "unknown boot protocol {other:?}; use auto, pvh or linux64"
+        )),
+    }
+}
+
+fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
+    let mut cfg = match (&args.config, &args.kernel) {
+        (Some(path), _) => VmConfig::from_file(path)?,
+        (None, Some(kernel)) => VmConfig::new(kernel.clone()),
+        (None, None) => anyhow::bail!("give --kernel or --config (see --help)"),
+    };
+    if let Some(k) = &args.kernel {
+        cfg.kernel = k.clone();
+    }
+    if let Some(c) = &args.cmdline {
+        cfg.cmdline = c.clone();
+    }
+    if let Some(i) = &args.initrd {
+        cfg.initrd = Some(i.clone());
+    }
+    if let Some(v) = args.vcpus {
+        cfg.vcpus = v;
+    }
+    if let Some(m) = args.memory_mib {
+        cfg.memory_mib = m;
+    }
+    if let Some(p) = args.boot_protocol {
+        cfg.boot_protocol = p;
+    }
+    if let Some(s) = &args.serial {
+        cfg.serial = match s.as_str() {
+            "stdout" => SerialOutput::Stdout,
+            "null" => SerialOutput::Null,
+            path => SerialOutput::File(path.into()),
+        };
+    }
+    if let Some(t) = args.timeout_ms {
+        cfg.timeout_ms = Some(t);
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn init_logging() {
+    let level = std::env::var("REDDOG_LOG")
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::WARN);
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
+
+fn main() {
+    let start = Instant::now();
+    let args = Args::parse();
+    init_logging();
+    let code = match run(&args, start) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("reddog-vmm: error: {e:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
+    let cfg = config_from(args)?;
+    let vmm = vmm::build_and_boot(&cfg, start)?;
+    let report = vmm.wait();
+    if report.regs.is_some() || report.exit_code != 0 {
+        eprintln!(
+            "reddog-vmm: VM stopped: {} (exit status {})",
+            report.detail, report.exit_code
+        );
+        if let Some(r) = &report.regs {
+            eprintln!(
+                "reddog-vmm: vCPU {} registers: rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} cr0={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x}",
+                report.vcpu.unwrap_or(0), r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.cr0, r.cr3, r.cr4, r.efer, r.cs
+            );
+        }
+    }
+    let line = serde_json::to_string(&report)?;
+    match &args.exit_report {
+        Some(path) => std::fs::write(path, line + "\n")?,
+        None => {
+            let mut err = std::io::stderr().lock();
+            writeln!(err, "{line}")?;
+        }
+    }
+    let _ = std::io::stdout().flush();
+    Ok(report.exit_code)
+}
