@@ -302,6 +302,11 @@ pub fn encode_raw_to_vec(
 }
 
 impl GuestMsg<'_> {
+    /// This message's kind number (see [`kind`](crate::kind)).
+    pub fn kind(&self) -> u8 {
+        Message::kind(self)
+    }
+
     /// [`encode_frame`] for this message.
     pub fn encode(&self, version: u8, out: &mut [u8]) -> Result<usize, ProtoError> {
         encode_frame(self, version, out)
@@ -314,6 +319,11 @@ impl GuestMsg<'_> {
 }
 
 impl HostMsg {
+    /// This message's kind number (see [`kind`](crate::kind)).
+    pub fn kind(&self) -> u8 {
+        Message::kind(self)
+    }
+
     /// [`encode_frame`] for this message.
     pub fn encode(&self, version: u8, out: &mut [u8]) -> Result<usize, ProtoError> {
         encode_frame(self, version, out)

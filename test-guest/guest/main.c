@@ -564,7 +564,7 @@ static void __attribute__((noreturn)) leave(enum exit_mode mode, int quiet)
 			u16 limit;
 			u64 base;
 		} idtr = { 0, 0 };
-		__asm__ volatile("lidt %0\n\tint3\n\tud2" : : "m"(idtr));
+		__asm__ volatile("lidt %0\n\tud2\n\tint3" : : "m"(idtr));
 		break;
 	}
 	case EXIT_HANG:

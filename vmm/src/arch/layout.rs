@@ -42,6 +42,11 @@ pub const KVM_TSS_ADDR: u64 = 0xfffb_d000;
 /// KVM's identity map page for real-mode emulation on Intel.
 pub const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 
+// The PVH blobs fit between their fixed addresses.
+const _: () = assert!(START_INFO_ADDR + 56 <= MODLIST_ADDR);
+const _: () = assert!(MODLIST_ADDR + 32 <= MEMMAP_ADDR);
+const _: () = assert!(MEMMAP_ADDR + 24 * MAX_MEMMAP_ENTRIES as u64 <= ZERO_PAGE_ADDR);
+
 /// The guest RAM ranges for `mem_bytes` of memory: below the MMIO hole, and the
 /// rest above 4 GiB.
 pub fn ram_ranges(mem_bytes: u64) -> Vec<(u64, u64)> {

@@ -1,5 +1,8 @@
 //! The KVM VM: creation, memory slots, in-kernel interrupt controllers.
 
+// Registering guest memory with KVM is an unsafe ioctl.
+#![allow(unsafe_code)]
+
 use kvm_bindings::{
     kvm_pit_config, kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES,
     KVM_PIT_SPEAKER_DUMMY,
