@@ -6,20 +6,24 @@
  *   entry64    (LOAD_ADDR + 0x200)  64-bit Linux boot protocol entry: long mode,
  *                                   rsi = struct boot_params.
  *
- * Both zero .bss, build their own page tables (identity map of the low 4 GiB
- * with 2 MiB pages, the top GiB uncached for the LAPIC and other MMIO), load
- * their own GDT and stack and call guest_main(protocol, info).
+ * The PVH entry does as little as it can before paging is on (some KVMs, such
+ * as the software "kvm-pvm", emulate every instruction run without paging, at
+ * microseconds each): it enters long mode on a static boot page table and
+ * joins the 64-bit entry. From there both zero .bss, build the real page
+ * tables (identity map of the low 4 GiB with 2 MiB pages, the top GiB
+ * uncached for the LAPIC and other MMIO), load their own GDT and stack and
+ * call guest_main(protocol, info).
  */
 #include "guest.h"
 
 /* PML4[0] -> PDPT, PDPT[0..3] -> four PDs, PD entries = 2 MiB pages. */
-/* Uses eax and ecx; the 32-bit addressing works in both modes. */
+/* Uses eax and ecx. */
 .macro BUILD_PAGE_TABLES
 	movl	$pdpt + 0x3, %eax		/* present | writable */
 	movl	%eax, pml4
 	movl	$pd + 0x3, %eax
 	xorl	%ecx, %ecx
-1:	movl	%eax, pdpt(,%ecx,8)
+1:	movl	%eax, pdpt(,%rcx,8)
 	addl	$4096, %eax
 	incl	%ecx
 	cmpl	$4, %ecx
@@ -29,19 +33,11 @@
 2:	cmpl	$1536, %ecx			/* 3 GiB and up: MMIO, cache disabled */
 	jne	3f
 	orl	$0x18, %eax			/* PWT | PCD */
-3:	movl	%eax, pd(,%ecx,8)
+3:	movl	%eax, pd(,%rcx,8)
 	addl	$0x200000, %eax
 	incl	%ecx
 	cmpl	$2048, %ecx
 	jne	2b
-.endm
-
-.macro ZERO_BSS
-	movl	$__bss_start, %edi
-	movl	$__bss_end, %ecx
-	subl	%edi, %ecx
-	xorl	%eax, %eax
-	rep stosb
 .endm
 
 	.section .text.head, "ax"
@@ -50,15 +46,12 @@
 	.globl	pvh_start
 pvh_start:
 	cli
-	cld
 	movl	%ebx, %esi			/* keep hvm_start_info in esi */
-	ZERO_BSS
-	BUILD_PAGE_TABLES
 	lgdt	gdt_desc
 	movl	%cr4, %eax
 	orl	$0x20, %eax			/* PAE */
 	movl	%eax, %cr4
-	movl	$pml4, %eax
+	movl	$boot_page_table, %eax
 	movl	%eax, %cr3
 	movl	$0xc0000080, %ecx		/* EFER */
 	rdmsr
@@ -71,26 +64,26 @@ pvh_start:
 
 	.code64
 pvh_long:
-	movl	$GDT_DATA, %eax
-	movl	%eax, %ds
-	movl	%eax, %es
-	movl	%eax, %ss
-	movl	%eax, %fs
-	movl	%eax, %gs
-	movq	$stack_top, %rsp
 	movl	%esi, %esi			/* zero-extend the start_info address */
 	movl	$BOOT_PVH, %edi
-	call	guest_main
-	jmp	halt_forever
+	jmp	common64
 
 	/* The Linux 64-bit boot protocol enters at startup_32 + 0x200. */
 	.org	ENTRY64_OFFSET
 	.globl	entry64
 entry64:
 	cli
+	movl	$BOOT_LINUX64, %edi		/* rsi = boot_params */
+
+/* edi = protocol, rsi = info; only the low 2 MiB are known to be mapped. */
+common64:
 	cld
-	/* rsi = boot_params; ZERO_BSS and BUILD_PAGE_TABLES leave it alone. */
-	ZERO_BSS
+	movl	%edi, %r8d
+	movl	$__bss_start, %edi		/* zero .bss (page tables and stack live there) */
+	movl	$__bss_end, %ecx
+	subl	%edi, %ecx
+	xorl	%eax, %eax
+	rep stosb
 	BUILD_PAGE_TABLES
 	lgdt	gdt_desc
 	movl	$pml4, %eax
@@ -106,7 +99,7 @@ entry64:
 	movl	%eax, %ss
 	movl	%eax, %fs
 	movl	%eax, %gs
-	movl	$BOOT_LINUX64, %edi
+	movl	%r8d, %edi
 	call	guest_main
 
 	.globl	halt_forever
@@ -159,6 +152,22 @@ gdt_desc:
 2:	.balign	4
 3:	.quad	pvh_start
 4:	.balign	4
+
+/*
+ * Boot page table of the PVH entry: one page that is its own PML4, PDPT, PD
+ * and page table (entry 0 points back to the page), whose entries 256..511
+ * identity-map 1 MiB..2 MiB with 4 KiB pages: the image, .bss and stack.
+ */
+	.section .data.boot_page_table, "aw"
+	.balign	4096
+boot_page_table:
+	.quad	boot_page_table + 0x3		/* present | writable */
+	.fill	255, 8, 0
+	.set	page, 0x100000
+	.rept	256
+	.quad	page + 0x3
+	.set	page, page + 0x1000
+	.endr
 
 	.section .bss, "aw", @nobits
 	.balign	4096

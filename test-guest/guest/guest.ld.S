@@ -54,3 +54,4 @@ SECTIONS
 
 ASSERT(pvh_start == LOAD_ADDR, "the PVH entry must start the image")
 ASSERT(entry64 == LOAD_ADDR + ENTRY64_OFFSET, "the 64-bit entry must be at 0x200 into the image")
+ASSERT(__bss_end <= 0x200000, "the PVH boot page table maps only 1 MiB..2 MiB")

@@ -106,54 +106,26 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     // 1. KVM: the VM.
     let vm = Vm::new()?;
 
-    // 2. Guest memory, registered with KVM, then the in-kernel irqchip and PIT.
+    // 2. Guest memory, registered with KVM, then the in-kernel irqchip.
     let mem = memory::create_guest_memory(mem_bytes)?;
     vm.register_memory(&mem)?;
     vm.create_irqchip()?;
 
-    // 3. Kernel, initrd, command line.
-    let kernel = loader::load_kernel(&mem, &cfg.kernel, cfg.boot_protocol)?;
-    let initrd = match &cfg.initrd {
-        Some(path) => Some(loader::load_initrd(&mem, mem_bytes, path, kernel.end)?),
-        None => None,
-    };
-    loader::load_cmdline(&mem, &cfg.cmdline).map_err(|source| VmmError::BootData {
-        what: "command line",
-        source,
-    })?;
-
-    // 4. ACPI tables and the boot structures that point at them.
-    let rsdp = acpi::write_tables(&mem, cfg.vcpus, &[])?;
-    write_boot_info(
-        &mem,
-        mem_bytes,
-        &kernel,
-        cfg.cmdline.len() + 1,
-        rsdp,
-        initrd,
-    )?;
-
-    // 5. Devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
-        what: "serial eventfd",
-        source,
-    })?;
-    vm.fd
-        .register_irqfd(&serial_irq, platform::SERIAL_IRQ)
-        .map_err(|e| VmmError::Host {
-            what: "serial irqfd",
-            source: std::io::Error::from_raw_os_error(e.errno()),
-        })?;
-    let serial = SerialDevice::new(serial_irq, serial_sink(&cfg.serial)?);
-    let bus = Arc::new(PioBus::new(serial, BootTimer::new(start)));
-
-    // 6. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
-    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
-    for index in 0..cfg.vcpus {
-        let vcpu = Vcpu::new(&vm, index)?;
-        let entry = (index == 0).then_some((kernel.mode, kernel.entry));
-        vcpu.configure(&vm, &mem, cfg.vcpus, entry)?;
-        vcpus.push(vcpu);
+    // 3-6 run while another thread creates the PIT (a slow ioctl).
+    let (guest, pit) = std::thread::scope(|s| {
+        let pit = s.spawn(|| vm.create_pit());
+        let guest = load_and_attach(cfg, &vm, &mem, start);
+        (guest, pit.join())
+    });
+    let (bus, vcpus) = guest?;
+    match pit {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(VmmError::Host {
+                what: "PIT creation thread",
+                source: std::io::Error::other("panicked"),
+            })
+        }
     }
 
     // 7. Run.
@@ -192,6 +164,55 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
         _memory: mem,
         _vm: vm,
     })
+}
+
+/// Steps 3 to 6 of the recipe: kernel, boot structures, ACPI, devices, vCPUs.
+fn load_and_attach(
+    cfg: &VmConfig,
+    vm: &Vm,
+    mem: &GuestMemoryMmap,
+    start: Instant,
+) -> Result<(Arc<PioBus>, Vec<Vcpu>), VmmError> {
+    let mem_bytes = cfg.memory_bytes();
+
+    // 3. Kernel, initrd, command line.
+    let kernel = loader::load_kernel(mem, &cfg.kernel, cfg.boot_protocol)?;
+    let initrd = match &cfg.initrd {
+        Some(path) => Some(loader::load_initrd(mem, mem_bytes, path, kernel.end)?),
+        None => None,
+    };
+    loader::load_cmdline(mem, &cfg.cmdline).map_err(|source| VmmError::BootData {
+        what: "command line",
+        source,
+    })?;
+
+    // 4. ACPI tables and the boot structures that point at them.
+    let rsdp = acpi::write_tables(mem, cfg.vcpus, &[])?;
+    write_boot_info(mem, mem_bytes, &kernel, cfg.cmdline.len() + 1, rsdp, initrd)?;
+
+    // 5. Devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
+        what: "serial eventfd",
+        source,
+    })?;
+    vm.fd
+        .register_irqfd(&serial_irq, platform::SERIAL_IRQ)
+        .map_err(|e| VmmError::Host {
+            what: "serial irqfd",
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        })?;
+    let serial = SerialDevice::new(serial_irq, serial_sink(&cfg.serial)?);
+    let bus = Arc::new(PioBus::new(serial, BootTimer::new(start)));
+
+    // 6. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
+    let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
+    for index in 0..cfg.vcpus {
+        let vcpu = Vcpu::new(vm, index)?;
+        let entry = (index == 0).then_some((kernel.mode, kernel.entry));
+        vcpu.configure(vm, mem, cfg.vcpus, entry)?;
+        vcpus.push(vcpu);
+    }
+    Ok((bus, vcpus))
 }
 
 fn write_boot_info(

@@ -71,13 +71,19 @@ impl Vm {
         })
     }
 
-    /// Creates the in-kernel irqchip (PIC, IOAPIC, local APICs) and PIT. Done
-    /// after the memory slots: on some hosts a slot change is much slower once
-    /// the irqchip exists (it waits for an SRCU grace period).
+    /// Creates the in-kernel irqchip (PIC, IOAPIC, local APICs). Done after the
+    /// memory slots: on some hosts a slot change is much slower once the irqchip
+    /// exists (it waits for an SRCU grace period).
     pub fn create_irqchip(&self) -> Result<(), VmError> {
         self.fd
             .create_irq_chip()
-            .map_err(kvm_err("create the in-kernel irqchip"))?;
+            .map_err(kvm_err("create the in-kernel irqchip"))
+    }
+
+    /// Creates the in-kernel PIT (after the irqchip). It starts a kernel worker
+    /// thread, which takes about a millisecond: the builder overlaps it with
+    /// loading the kernel.
+    pub fn create_pit(&self) -> Result<(), VmError> {
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
