@@ -168,7 +168,10 @@ fn decode_body<'a, M: Message<'a>>(
     payload: &'a [u8],
 ) -> Result<Frame<'a, M>, ProtoError> {
     let (version, kind) = (header.version, header.kind);
-    if version < MIN_PROTOCOL_VERSION {
+    // Hello and HelloAck are how peers find out they can't talk: they stay
+    // decodable at every version, whatever the oldest version spoken is.
+    let handshake = matches!(kind, crate::kind::HELLO | crate::kind::HELLO_ACK);
+    if version < MIN_PROTOCOL_VERSION && !handshake {
         return Err(ProtoError::UnsupportedVersion { version });
     }
     // Frames of versions we know are decoded strictly; newer ones may use the

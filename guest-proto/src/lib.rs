@@ -101,7 +101,9 @@ pub const MAGIC: u16 = u16::from_le_bytes(*b"RD");
 pub const PROTOCOL_VERSION: u8 = 1;
 
 /// The oldest protocol version this crate still speaks. Frames whose header
-/// version is lower are rejected with [`ProtoError::UnsupportedVersion`].
+/// version is lower are rejected with [`ProtoError::UnsupportedVersion`],
+/// except [`Hello`] and [`HelloAck`], which stay decodable at every version so
+/// that peers can always tell each other they have no version in common.
 pub const MIN_PROTOCOL_VERSION: u8 = 1;
 
 /// Maximum length in bytes of [`Hello::agent_version`].

@@ -36,11 +36,14 @@ SECTIONS
 		KEEP(*(.note.Xen))
 	} :load :note
 #endif
-	.bss : ALIGN(4096) {
+	.bss : {
 		__bss_start = .;
 		*(.bss .bss.* COMMON)
-		. = ALIGN(4096);
 		__bss_end = .;
+	} :load
+	/* The stack: not zeroed at boot. */
+	.noinit (NOLOAD) : {
+		*(.noinit)
 	} :load
 
 	/DISCARD/ : {
@@ -54,4 +57,3 @@ SECTIONS
 
 ASSERT(pvh_start == LOAD_ADDR, "the PVH entry must start the image")
 ASSERT(entry64 == LOAD_ADDR + ENTRY64_OFFSET, "the 64-bit entry must be at 0x200 into the image")
-ASSERT(__bss_end <= 0x200000, "the PVH boot page table maps only 1 MiB..2 MiB")

@@ -10,7 +10,10 @@
 
 use crate::error::{err, DiskError, ErrorKind, IoContext, Result};
 use crate::raw::check_create_size;
-use crate::util::{be16, be32, be64, check_bounds, check_writable, file_len, put16, put32, put64, read_exact, write_all};
+use crate::util::{
+    be16, be32, be64, check_bounds, check_writable, file_len, put16, put32, put64, read_exact,
+    write_all,
+};
 use crate::{BaseRef, DiskImage, Format, OpenOptions};
 use std::any::Any;
 use std::fs::{File, OpenOptions as FsOpenOptions};
@@ -155,7 +158,10 @@ pub fn geometry_for(size: u64) -> (u16, u8, u8) {
 impl Footer {
     fn parse(b: &[u8; 512]) -> Result<Self> {
         if &b[0..8] != FOOTER_COOKIE {
-            return Err(bad(ErrorKind::WrongFormat, "no VHD footer cookie; the file is not a VHD"));
+            return Err(bad(
+                ErrorKind::WrongFormat,
+                "no VHD footer cookie; the file is not a VHD",
+            ));
         }
         let stored = be32(b, 64);
         if checksum(b, 64..68) != stored {
@@ -169,7 +175,10 @@ impl Footer {
             3 => VhdType::Dynamic,
             4 => VhdType::Differencing,
             t => {
-                return Err(bad(ErrorKind::Unsupported, format!("VHD disk type {t} is not supported")))
+                return Err(bad(
+                    ErrorKind::Unsupported,
+                    format!("VHD disk type {t} is not supported"),
+                ))
             }
         };
         let current_size = be64(b, 48);
@@ -195,7 +204,13 @@ impl Footer {
         })
     }
 
-    fn build(disk_type: VhdType, size: u64, data_offset: u64, unique_id: [u8; 16], timestamp: u32) -> [u8; 512] {
+    fn build(
+        disk_type: VhdType,
+        size: u64,
+        data_offset: u64,
+        unique_id: [u8; 16],
+        timestamp: u32,
+    ) -> [u8; 512] {
         let mut b = [0u8; 512];
         b[0..8].copy_from_slice(FOOTER_COOKIE);
         put32(&mut b, 8, 2);
@@ -230,7 +245,13 @@ impl Footer {
 fn decode_utf16(bytes: &[u8], big_endian: bool) -> String {
     let units: Vec<u16> = bytes
         .chunks_exact(2)
-        .map(|c| if big_endian { u16::from_be_bytes([c[0], c[1]]) } else { u16::from_le_bytes([c[0], c[1]]) })
+        .map(|c| {
+            if big_endian {
+                u16::from_be_bytes([c[0], c[1]])
+            } else {
+                u16::from_le_bytes([c[0], c[1]])
+            }
+        })
         .take_while(|&u| u != 0)
         .collect();
     String::from_utf16_lossy(&units)
@@ -238,12 +259,21 @@ fn decode_utf16(bytes: &[u8], big_endian: bool) -> String {
 
 fn encode_utf16(s: &str, big_endian: bool) -> Vec<u8> {
     s.encode_utf16()
-        .flat_map(|u| if big_endian { u.to_be_bytes() } else { u.to_le_bytes() })
+        .flat_map(|u| {
+            if big_endian {
+                u.to_be_bytes()
+            } else {
+                u.to_le_bytes()
+            }
+        })
         .collect()
 }
 
 fn block_bitmap_bytes(block_size: u32) -> u64 {
-    (u64::from(block_size) / SECTOR).div_ceil(8).div_ceil(SECTOR) * SECTOR
+    (u64::from(block_size) / SECTOR)
+        .div_ceil(8)
+        .div_ceil(SECTOR)
+        * SECTOR
 }
 
 fn parse_dyn_header(f: &File, footer: &Footer, flen: u64) -> Result<DynHeader> {
@@ -258,16 +288,25 @@ fn parse_dyn_header(f: &File, footer: &Footer, flen: u64) -> Result<DynHeader> {
     let mut h = [0u8; 1024];
     read_exact(f, &mut h, off, op, "dynamic header")?;
     if &h[0..8] != HEADER_COOKIE {
-        return Err(bad(ErrorKind::Corrupt, "the dynamic header cookie is missing; the image is damaged"));
+        return Err(bad(
+            ErrorKind::Corrupt,
+            "the dynamic header cookie is missing; the image is damaged",
+        ));
     }
     if checksum(&h, 36..40) != be32(&h, 36) {
-        return Err(bad(ErrorKind::Corrupt, "the dynamic header checksum does not match; the image is damaged"));
+        return Err(bad(
+            ErrorKind::Corrupt,
+            "the dynamic header checksum does not match; the image is damaged",
+        ));
     }
     let table_offset = be64(&h, 16);
     let max_table_entries = be32(&h, 28);
     let block_size = be32(&h, 32);
     if !block_size.is_power_of_two() || !(4096..=(256 << 20)).contains(&block_size) {
-        return Err(bad(ErrorKind::Unsupported, format!("block size {block_size} is not supported")));
+        return Err(bad(
+            ErrorKind::Unsupported,
+            format!("block size {block_size} is not supported"),
+        ));
     }
     let needed = footer.current_size.div_ceil(u64::from(block_size));
     if u64::from(max_table_entries) < needed {
@@ -301,7 +340,10 @@ fn parse_dyn_header(f: &File, footer: &Footer, flen: u64) -> Result<DynHeader> {
             // writers: accept either, as long as it covers the data.
             let space_ok = space * SECTOR >= len || space >= len;
             if !space_ok || len > 64 * 1024 || loff.checked_add(len).is_none_or(|x| x > flen) {
-                tracing::warn!(locator = i, "ignoring a parent locator that lies outside the file");
+                tracing::warn!(
+                    locator = i,
+                    "ignoring a parent locator that lies outside the file"
+                );
                 continue;
             }
             let mut data = vec![0u8; len as usize];
@@ -356,9 +398,15 @@ fn parse(f: &File) -> Result<Parsed> {
         let mut head = [0u8; 8];
         let n = f.read_at(&mut head, 0).ctx(op)?;
         if n == 8 && &head == FOOTER_COOKIE {
-            return Err(bad(ErrorKind::Truncated, "the file ends inside the VHD footer; it was cut short, copy it again"));
+            return Err(bad(
+                ErrorKind::Truncated,
+                "the file ends inside the VHD footer; it was cut short, copy it again",
+            ));
         }
-        return Err(bad(ErrorKind::WrongFormat, format!("the {flen}-byte file is too short to be a VHD")));
+        return Err(bad(
+            ErrorKind::WrongFormat,
+            format!("the {flen}-byte file is too short to be a VHD"),
+        ));
     }
     let footer_pos = (flen / SECTOR - 1) * SECTOR;
     read_exact(f, &mut fb, footer_pos, op, "footer")?;
@@ -389,47 +437,71 @@ fn parse(f: &File) -> Result<Parsed> {
                 ),
             ));
         }
-        return Ok(Parsed { footer, header: None, bat: Vec::new(), footer_pos: footer.current_size });
+        let footer_pos = footer.current_size;
+        return Ok(Parsed {
+            footer,
+            header: None,
+            bat: Vec::new(),
+            footer_pos,
+        });
     }
     let header = parse_dyn_header(f, &footer, flen)?;
     let entries = header.max_table_entries as usize;
     let mut raw = vec![0u8; entries * 4];
     read_exact(f, &mut raw, header.table_offset, op, "BAT")?;
     let bat: Vec<u32> = raw.chunks_exact(4).map(|c| be32(c, 0)).collect();
-    // Every block must lie inside the file, after the metadata, without overlaps.
+    // Every block must lie inside the file's data area, clear of the metadata and of
+    // every other block.
     let block_total = block_bitmap_bytes(header.block_size) + u64::from(header.block_size);
-    let meta_end = (header.table_offset + entries as u64 * 4).div_ceil(SECTOR) * SECTOR;
-    let mut starts: Vec<u64> = Vec::new();
     let needed = footer.current_size.div_ceil(u64::from(header.block_size)) as usize;
+    let mut regions: Vec<(u64, u64, String)> = vec![
+        (0, SECTOR, "footer copy".into()),
+        (
+            footer.data_offset,
+            footer.data_offset + 1024,
+            "dynamic header".into(),
+        ),
+        (
+            header.table_offset,
+            header.table_offset + entries as u64 * 4,
+            "BAT".into(),
+        ),
+    ];
     for (i, &e) in bat.iter().enumerate() {
         if e == UNUSED {
             continue;
         }
-        let start = u64::from(e) * SECTOR;
         if i >= needed {
-            return Err(bad(ErrorKind::Corrupt, format!("BAT entry {i} is beyond the disk size but allocated")));
+            return Err(bad(
+                ErrorKind::Corrupt,
+                format!("BAT entry {i} lies beyond the disk size but is allocated"),
+            ));
         }
-        if start < meta_end.max(SECTOR + 1024) && start < footer.data_offset + 1024 {
-            return Err(bad(ErrorKind::Corrupt, format!("block {i} at {start:#x} overlaps the VHD metadata")));
-        }
+        let start = u64::from(e) * SECTOR;
         if start + block_total > footer_pos {
             return Err(bad(
                 ErrorKind::Truncated,
                 format!("block {i} at {start:#x} runs past the end of the data; the file was cut short, copy it again"),
             ));
         }
-        starts.push(start);
+        regions.push((start, start + block_total, format!("block {i}")));
     }
-    starts.sort_unstable();
-    if starts.windows(2).any(|w| w[1] - w[0] < block_total) {
-        return Err(bad(ErrorKind::Corrupt, "two BAT entries point to overlapping blocks; the image is damaged"));
+    regions.sort_unstable_by_key(|r| r.0);
+    if let Some(w) = regions.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(bad(
+            ErrorKind::Corrupt,
+            format!(
+                "the {} overlaps the {}; the image is damaged",
+                w[1].2, w[0].2
+            ),
+        ));
     }
-    if let (Some(&first), true) = (starts.first(), header.table_offset < meta_end) {
-        if first < meta_end {
-            return Err(bad(ErrorKind::Corrupt, "a block overlaps the BAT; the image is damaged"));
-        }
-    }
-    Ok(Parsed { footer, header: Some(header), bat, footer_pos })
+    Ok(Parsed {
+        footer,
+        header: Some(header),
+        bat,
+        footer_pos,
+    })
 }
 
 /// Reads the footer and header of a VHD for display, without a parent.
@@ -472,7 +544,10 @@ impl std::fmt::Debug for VhdDisk {
 }
 
 fn vhd_time(t: SystemTime) -> u32 {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     u32::try_from(secs.saturating_sub(VHD_EPOCH)).unwrap_or(u32::MAX)
 }
 
@@ -489,7 +564,11 @@ impl VhdDisk {
         let p = parse(&file).map_err(|e| e.with_path(path))?;
         let parent = match (p.footer.disk_type, opts.backing) {
             (VhdType::Differencing, None) => {
-                let name = p.header.as_ref().map(|h| h.parent_name.clone()).unwrap_or_default();
+                let name = p
+                    .header
+                    .as_ref()
+                    .map(|h| h.parent_name.clone())
+                    .unwrap_or_default();
                 return Err(bad(
                     ErrorKind::BackingRequired,
                     format!(
@@ -516,7 +595,9 @@ impl VhdDisk {
             file,
             path: path.to_path_buf(),
             read_only: opts.read_only,
-            wstate: Mutex::new(WriteState { footer_pos: p.footer_pos }),
+            wstate: Mutex::new(WriteState {
+                footer_pos: p.footer_pos,
+            }),
             bat: RwLock::new(p.bat),
             footer: p.footer,
             header: p.header,
@@ -531,7 +612,11 @@ impl VhdDisk {
 
     /// The file's modification time in VHD seconds.
     fn file_mtime(&self) -> Option<u32> {
-        self.file.metadata().ok().and_then(|m| m.modified().ok()).map(vhd_time)
+        self.file
+            .metadata()
+            .ok()
+            .and_then(|m| m.modified().ok())
+            .map(vhd_time)
     }
 
     fn fail(&self, e: DiskError, offset: u64) -> DiskError {
@@ -543,7 +628,9 @@ impl VhdDisk {
     }
 
     fn bitmap_bytes(&self) -> u64 {
-        self.header.as_ref().map_or(0, |h| block_bitmap_bytes(h.block_size))
+        self.header
+            .as_ref()
+            .map_or(0, |h| block_bitmap_bytes(h.block_size))
     }
 
     fn bat_entry(&self, block: u64) -> u32 {
@@ -606,12 +693,16 @@ impl VhdDisk {
         while pos < buf.len() {
             let o = in_block + pos as u64;
             let sec = o / SECTOR;
-            let present = bm.get((sec / 8) as usize).is_some_and(|b| b & (0x80 >> (sec % 8)) != 0);
+            let present = bm
+                .get((sec / 8) as usize)
+                .is_some_and(|b| b & (0x80 >> (sec % 8)) != 0);
             // Extend the run while sectors have the same state.
             let mut end = ((sec + 1) * SECTOR - in_block) as usize;
             while end < buf.len() {
                 let s2 = (in_block + end as u64) / SECTOR;
-                let p2 = bm.get((s2 / 8) as usize).is_some_and(|b| b & (0x80 >> (s2 % 8)) != 0);
+                let p2 = bm
+                    .get((s2 / 8) as usize)
+                    .is_some_and(|b| b & (0x80 >> (s2 % 8)) != 0);
                 if p2 != present {
                     break;
                 }
@@ -643,14 +734,24 @@ impl VhdDisk {
         let entry = u32::try_from(sector)
             .ok()
             .filter(|&s| s != UNUSED)
-            .ok_or_else(|| err(ErrorKind::TooLarge, op, "the VHD file would grow past what its BAT can address"))?;
+            .ok_or_else(|| {
+                err(
+                    ErrorKind::TooLarge,
+                    op,
+                    "the VHD file would grow past what its BAT can address",
+                )
+            })?;
         let new_footer_pos = start + bmb + bs;
         // 1. Footer past the new block: the file's last sector stays a valid footer.
         write_all(&self.file, &self.footer.raw, new_footer_pos, op)?;
         // 2. Bitmap: all set for dynamic disks (the block's zeros are its data), all clear for
         //    differencing disks (sectors come from the parent until written). The data area
         //    stays a sparse hole that reads as zeros.
-        let fill = if self.footer.disk_type == VhdType::Differencing { 0 } else { 0xff };
+        let fill = if self.footer.disk_type == VhdType::Differencing {
+            0
+        } else {
+            0xff
+        };
         let mut bm = vec![0u8; bmb as usize];
         let sectors = bs / SECTOR;
         for s in 0..sectors {
@@ -659,16 +760,22 @@ impl VhdDisk {
             }
         }
         write_all(&self.file, &bm, start, op)?;
-        // The old footer copy inside the new block's data area must read as zeros.
-        write_all(&self.file, &[0u8; 512], start + bmb.max(SECTOR) - SECTOR + if bmb >= SECTOR { SECTOR } else { 0 }, op)
-            .ok();
+        // (The bitmap, at least one sector, overwrites the old footer at `start`.)
         self.file.sync_data().ctx(op)?;
         // 3. Commit: the BAT entry.
-        let hdr = self.header.as_ref().ok_or_else(|| err(ErrorKind::Corrupt, op, "no dynamic header"))?;
+        let hdr = self
+            .header
+            .as_ref()
+            .ok_or_else(|| err(ErrorKind::Corrupt, op, "no dynamic header"))?;
         let mut e = [0u8; 4];
         put32(&mut e, 0, entry);
         write_all(&self.file, &e, hdr.table_offset + block * 4, op)?;
-        if let Some(slot) = self.bat.write().unwrap_or_else(|e| e.into_inner()).get_mut(block as usize) {
+        if let Some(slot) = self
+            .bat
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(block as usize)
+        {
             *slot = entry;
         }
         ws.footer_pos = new_footer_pos;
@@ -679,15 +786,12 @@ impl VhdDisk {
     fn write_sectors_in_block(&self, ws: &mut WriteState, buf: &[u8], offset: u64) -> Result<()> {
         let bs = self.block_size();
         let block = offset / bs;
-        let mut entry = self.bat_entry(block);
+        let entry = self.bat_entry(block);
         let start = if entry == UNUSED {
-            let s = self.allocate_block(ws, block)?;
-            entry = (s / SECTOR) as u32;
-            s
+            self.allocate_block(ws, block)?
         } else {
             u64::from(entry) * SECTOR
         };
-        let _ = entry;
         let data = start + self.bitmap_bytes();
         let in_block = offset % bs;
         self.file
@@ -710,8 +814,13 @@ impl VhdDisk {
             if changed {
                 // Data before the bit: a crash in between leaves the parent's data visible.
                 let lo = (first / 8) as usize;
-                let hi = (((first + n) / 8) as usize + 1).min(bm.len());
-                write_all(&self.file, &bm[lo..hi], start + lo as u64, "write vhd block bitmap")?;
+                let hi = (((first + n - 1) / 8) as usize + 1).min(bm.len());
+                write_all(
+                    &self.file,
+                    &bm[lo..hi],
+                    start + lo as u64,
+                    "write vhd block bitmap",
+                )?;
             }
         }
         Ok(())
@@ -752,17 +861,28 @@ impl VhdDisk {
 fn check_parent(p: &Parsed, b: &Arc<dyn DiskImage>) -> Result<()> {
     let op = "attach vhd parent";
     if !b.read_only() {
-        return Err(err(ErrorKind::InvalidArgument, op, "the parent must be opened read-only (overlays share it)"));
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            op,
+            "the parent must be opened read-only (overlays share it)",
+        ));
     }
     let Some(parent) = b.as_any().downcast_ref::<VhdDisk>() else {
         return Err(err(
             ErrorKind::BackingMismatch,
             op,
-            format!("the parent of a differencing VHD must be a VHD, not {}", b.format()),
+            format!(
+                "the parent of a differencing VHD must be a VHD, not {}",
+                b.format()
+            ),
         ));
     };
     let Some(h) = &p.header else {
-        return Err(err(ErrorKind::Corrupt, op, "differencing image without a dynamic header"));
+        return Err(err(
+            ErrorKind::Corrupt,
+            op,
+            "differencing image without a dynamic header",
+        ));
     };
     if h.parent_unique_id != parent.footer.unique_id {
         return Err(err(
@@ -777,7 +897,9 @@ fn check_parent(p: &Parsed, b: &Arc<dyn DiskImage>) -> Result<()> {
         ));
     }
     // We record the parent's footer timestamp; other writers record its file mtime.
-    if h.parent_timestamp != parent.footer.timestamp && Some(h.parent_timestamp) != parent.file_mtime() {
+    if h.parent_timestamp != parent.footer.timestamp
+        && Some(h.parent_timestamp) != parent.file_mtime()
+    {
         return Err(err(
             ErrorKind::BackingMismatch,
             op,
@@ -812,7 +934,8 @@ impl DiskImage for VhdDisk {
         while pos < buf.len() {
             let o = offset + pos as u64;
             let n = ((bs - o % bs) as usize).min(buf.len() - pos);
-            self.read_in_block(&mut buf[pos..pos + n], o).map_err(|e| self.fail(e, o))?;
+            self.read_in_block(&mut buf[pos..pos + n], o)
+                .map_err(|e| self.fail(e, o))?;
             pos += n;
         }
         Ok(())
@@ -821,9 +944,11 @@ impl DiskImage for VhdDisk {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
         let op = "write";
         check_writable(self.read_only, op).map_err(|e| self.fail(e, offset))?;
-        check_bounds(offset, buf.len() as u64, self.footer.current_size, op).map_err(|e| self.fail(e, offset))?;
+        check_bounds(offset, buf.len() as u64, self.footer.current_size, op)
+            .map_err(|e| self.fail(e, offset))?;
         let mut ws = self.wstate.lock().unwrap_or_else(|e| e.into_inner());
-        self.write_locked(&mut ws, buf, offset).map_err(|e| self.fail(e, offset))
+        self.write_locked(&mut ws, buf, offset)
+            .map_err(|e| self.fail(e, offset))
     }
 
     fn flush(&self) -> Result<()> {
@@ -841,20 +966,28 @@ impl DiskImage for VhdDisk {
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         let op = "write zeroes";
         check_writable(self.read_only, op).map_err(|e| self.fail(e, offset))?;
-        check_bounds(offset, len, self.footer.current_size, op).map_err(|e| self.fail(e, offset))?;
+        check_bounds(offset, len, self.footer.current_size, op)
+            .map_err(|e| self.fail(e, offset))?;
         let mut ws = self.wstate.lock().unwrap_or_else(|e| e.into_inner());
-        let bs = if self.footer.disk_type == VhdType::Fixed { 1 << 20 } else { self.block_size() };
+        let bs = if self.footer.disk_type == VhdType::Fixed {
+            1 << 20
+        } else {
+            self.block_size()
+        };
         let parent_size = self.parent.as_ref().map_or(0, |p| p.size());
         let zeros = vec![0u8; bs as usize];
         let mut o = offset;
         let end = offset + len;
         while o < end {
             let n = (bs - o % bs).min(end - o);
-            let unallocated = self.footer.disk_type != VhdType::Fixed && self.bat_entry(o / bs) == UNUSED;
+            let unallocated =
+                self.footer.disk_type != VhdType::Fixed && self.bat_entry(o / bs) == UNUSED;
             // An unallocated block already reads as zeros unless a parent shows through.
-            let skip = unallocated && (self.footer.disk_type == VhdType::Dynamic || o >= parent_size);
+            let skip =
+                unallocated && (self.footer.disk_type == VhdType::Dynamic || o >= parent_size);
             if !skip {
-                self.write_locked(&mut ws, &zeros[..n as usize], o).map_err(|e| self.fail(e, o))?;
+                self.write_locked(&mut ws, &zeros[..n as usize], o)
+                    .map_err(|e| self.fail(e, o))?;
             }
             o += n;
         }
@@ -892,7 +1025,11 @@ fn new_unique_id() -> Result<[u8; 16]> {
 fn check_vhd_size(size: u64, op: &'static str) -> Result<()> {
     check_create_size(size, op)?;
     if size > MAX_VHD_SIZE {
-        return Err(err(ErrorKind::InvalidArgument, op, format!("a VHD holds at most {MAX_VHD_SIZE} bytes")));
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            op,
+            format!("a VHD holds at most {MAX_VHD_SIZE} bytes"),
+        ));
     }
     Ok(())
 }
@@ -911,7 +1048,13 @@ pub fn create_fixed(path: &Path, size: u64) -> Result<()> {
     let op = "create vhd image";
     check_vhd_size(size, op).map_err(|e| e.with_path(path))?;
     let f = create_file(path, op)?;
-    let footer = Footer::build(VhdType::Fixed, size, u64::MAX, new_unique_id()?, vhd_time(SystemTime::now()));
+    let footer = Footer::build(
+        VhdType::Fixed,
+        size,
+        u64::MAX,
+        new_unique_id()?,
+        vhd_time(SystemTime::now()),
+    );
     let r = (|| {
         f.set_len(size).ctx(op)?;
         write_all(&f, &footer, size, op)?;
@@ -990,10 +1133,23 @@ pub fn create_dynamic(path: &Path, size: u64, block_size: Option<u32>) -> Result
     check_vhd_size(size, op).map_err(|e| e.with_path(path))?;
     let bs = block_size.unwrap_or(DEFAULT_BLOCK_SIZE);
     if !bs.is_power_of_two() || !(4096..=(256 << 20)).contains(&bs) {
-        return Err(err(ErrorKind::InvalidArgument, op, "block size must be a power of two from 4 KiB to 256 MiB").with_path(path));
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            op,
+            "block size must be a power of two from 4 KiB to 256 MiB",
+        )
+        .with_path(path));
     }
     let f = create_file(path, op)?;
-    let r = write_dynamic(&f, VhdType::Dynamic, size, &DynLayout { block_size: bs, parent: None });
+    let r = write_dynamic(
+        &f,
+        VhdType::Dynamic,
+        size,
+        &DynLayout {
+            block_size: bs,
+            parent: None,
+        },
+    );
     finish_create(path, r)
 }
 
@@ -1006,20 +1162,34 @@ pub fn create_differencing(path: &Path, base: &BaseRef, size: u64) -> Result<()>
         return Err(err(
             ErrorKind::Unsupported,
             op,
-            format!("a differencing VHD needs a VHD parent, not {}; convert the base to vhd first", base.image.format()),
+            format!(
+                "a differencing VHD needs a VHD parent, not {}; convert the base to vhd first",
+                base.image.format()
+            ),
         )
         .with_path(path));
     };
     if !parent.read_only {
-        return Err(err(ErrorKind::InvalidArgument, op, "open the parent read-only").with_path(path));
+        return Err(
+            err(ErrorKind::InvalidArgument, op, "open the parent read-only").with_path(path),
+        );
     }
     if base.name.is_empty() || base.name.encode_utf16().count() > 255 {
-        return Err(err(ErrorKind::InvalidArgument, op, "the parent name must be 1 to 255 characters").with_path(path));
+        return Err(err(
+            ErrorKind::InvalidArgument,
+            op,
+            "the parent name must be 1 to 255 characters",
+        )
+        .with_path(path));
     }
     let f = create_file(path, op)?;
     let layout = DynLayout {
         block_size: DEFAULT_BLOCK_SIZE,
-        parent: Some((parent.footer.unique_id, parent.footer.timestamp, base.name.clone())),
+        parent: Some((
+            parent.footer.unique_id,
+            parent.footer.timestamp,
+            base.name.clone(),
+        )),
     };
     let r = write_dynamic(&f, VhdType::Differencing, size, &layout);
     finish_create(path, r)

@@ -115,7 +115,11 @@ fn expected_after(
         for seq in 0..=f {
             let (off, data) = op(seed, seq);
             for (i, sec) in data.chunks(512).enumerate() {
-                let v = if seq % 7 == 3 { vec![0u8; 512] } else { sec.to_vec() };
+                let v = if seq % 7 == 3 {
+                    vec![0u8; 512]
+                } else {
+                    sec.to_vec()
+                };
                 model.insert(off / 512 + i as u64, v);
             }
         }
@@ -158,7 +162,10 @@ fn verify_after_crash(
         img.read_at(&mut got, sec * 512).expect("read overlay");
         let off = (sec * 512) as usize;
         let want = base.get(off..off + 512).unwrap_or(&[0u8; 512]);
-        assert!(got[..] == want[..], "{what}: untouched sector {sec} changed");
+        assert!(
+            got[..] == want[..],
+            "{what}: untouched sector {sec} changed"
+        );
     }
 }
 

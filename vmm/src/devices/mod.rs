@@ -6,6 +6,7 @@
 pub mod boot_timer;
 pub mod legacy;
 pub mod serial;
+pub mod virtio;
 
 use std::sync::Mutex;
 

@@ -1,0 +1,239 @@
+//! The virtio-blk device model and its I/O thread.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use vhd::DiskImage;
+
+use super::request::{process_chain, Target, MAX_DISCARD_SEGMENTS, SECTOR, SERIAL_LEN};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
+    TYPE_BLOCK, VIRTIO_F_VERSION_1,
+};
+
+const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+
+/// Queue size of the one request queue.
+const QUEUE_SIZE: u16 = 256;
+/// Most data segments per request we advertise (queue size less header and status).
+const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
+/// Longest discard / write-zeroes range, in sectors (bounded so one request
+/// cannot keep the I/O thread busy for long).
+const MAX_DISCARD_SECTORS: u32 = (64 << 20) / 512;
+
+/// Errors creating a block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlockError {
+    /// The serial is longer than virtio-blk's 20 bytes.
+    #[error("disk serial {0:?} is longer than 20 bytes; pick a shorter one")]
+    SerialTooLong(String),
+    /// The disk's size is not a whole number of sectors.
+    #[error("disk size {0} is not a multiple of 512 bytes; resize the image")]
+    Size(u64),
+}
+
+/// A virtio-blk device.
+pub struct BlockDevice {
+    disk: Arc<dyn DiskImage>,
+    read_only: bool,
+    serial: [u8; SERIAL_LEN],
+    config: [u8; 60],
+    features: u64,
+    worker: Option<(JoinHandle<()>, EventFd)>,
+}
+
+impl BlockDevice {
+    /// A device over `disk`; `read_only` also refuses guest writes when the
+    /// image itself is writable.
+    pub fn new(disk: Arc<dyn DiskImage>, read_only: bool, serial: &str) -> Result<Self, BlockError> {
+        if serial.len() > SERIAL_LEN {
+            return Err(BlockError::SerialTooLong(serial.into()));
+        }
+        let size = disk.size();
+        if size % SECTOR != 0 {
+            return Err(BlockError::Size(size));
+        }
+        let read_only = read_only || disk.read_only();
+        let mut id = [0u8; SERIAL_LEN];
+        id[..serial.len()].copy_from_slice(serial.as_bytes());
+        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+        if read_only {
+            features |= VIRTIO_BLK_F_RO;
+        } else {
+            features |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
+        }
+        let mut config = [0u8; 60];
+        config[0..8].copy_from_slice(&(size / SECTOR).to_le_bytes());
+        config[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
+        config[20..24].copy_from_slice(&(SECTOR as u32).to_le_bytes());
+        config[36..40].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[40..44].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config[44..48].copy_from_slice(&8u32.to_le_bytes()); // 4 KiB alignment
+        config[48..52].copy_from_slice(&MAX_DISCARD_SECTORS.to_le_bytes());
+        config[52..56].copy_from_slice(&MAX_DISCARD_SEGMENTS.to_le_bytes());
+        Ok(Self {
+            disk,
+            read_only,
+            serial: id,
+            config,
+            features,
+            worker: None,
+        })
+    }
+}
+
+impl VirtioDevice for BlockDevice {
+    fn device_type(&self) -> u32 {
+        TYPE_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, _features: u64, active: ActiveQueues) -> Result<(), ActivateError> {
+        let ActiveQueues {
+            mem,
+            mut queues,
+            queue_events,
+            interrupt,
+        } = active;
+        let (Some(queue), Some(event)) = (queues.pop(), queue_events.first().cloned()) else {
+            return Err(ActivateError::BadQueue(0));
+        };
+        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
+        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
+        let worker = Worker {
+            disk: self.disk.clone(),
+            read_only: self.read_only,
+            serial: self.serial,
+            mem,
+            queue,
+            interrupt,
+            errors_logged: 0,
+        };
+        let handle = std::thread::Builder::new()
+            .name("virtio-blk".into())
+            .spawn(move || worker.run(&event, &stop_worker))
+            .map_err(ActivateError::Worker)?;
+        self.worker = Some((handle, stop));
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        match self.worker.take() {
+            Some((handle, stop)) => stop.write(1).is_ok() && handle.join().is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// The I/O thread's state: storage calls block, so they run here, never on a vCPU.
+struct Worker {
+    disk: Arc<dyn DiskImage>,
+    read_only: bool,
+    serial: [u8; SERIAL_LEN],
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+    errors_logged: u32,
+}
+
+impl Worker {
+    fn run(mut self, queue_event: &EventFd, stop: &EventFd) {
+        const QUEUE: u64 = 0;
+        const STOP: u64 = 1;
+        let epoll = match Epoll::new() {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!("virtio-blk: cannot create epoll: {e}");
+                return;
+            }
+        };
+        for (fd, data) in [(queue_event, QUEUE), (stop, STOP)] {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                std::os::fd::AsRawFd::as_raw_fd(fd),
+                EpollEvent::new(EventSet::IN, data),
+            ) {
+                tracing::error!("virtio-blk: epoll_ctl failed: {e}");
+                return;
+            }
+        }
+        // The guest may have queued requests before it notified.
+        self.process_queue();
+        let mut events = vec![EpollEvent::default(); 2];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!("virtio-blk: epoll_wait failed: {e}");
+                    return;
+                }
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    STOP => return,
+                    _ => {
+                        let _ = queue_event.read();
+                        self.process_queue();
+                    }
+                }
+            }
+        }
+    }
+
+    fn process_queue(&mut self) {
+        let target = Target {
+            disk: self.disk.as_ref(),
+            read_only: self.read_only,
+            serial: &self.serial,
+        };
+        let mut used_any = false;
+        loop {
+            while let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) {
+                let head = chain.head_index();
+                let (len, err) = process_chain(chain, &target);
+                if let Some(e) = err {
+                    // Guest-triggerable: log a few, then stay quiet.
+                    if self.errors_logged < 10 {
+                        self.errors_logged += 1;
+                        tracing::debug!("virtio-blk request failed: {e}");
+                    }
+                }
+                if self.queue.add_used(&self.mem, head, len).is_err() {
+                    tracing::warn!("virtio-blk: the used ring is not writable; the guest broke its queue");
+                    return;
+                }
+                used_any = true;
+            }
+            // Re-check after enabling notifications so no request is missed.
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                _ => break,
+            }
+        }
+        if used_any && self.queue.needs_notification(&self.mem).unwrap_or(true) {
+            self.interrupt.trigger(INT_USED_RING);
+        }
+    }
+}
