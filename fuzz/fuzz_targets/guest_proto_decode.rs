@@ -9,8 +9,8 @@
 #![no_main]
 
 use guest_proto::{
-    decode_frame, decode_stream, encode_frame, encode_raw_frame, Decoded, Frame, GuestMsg,
-    HostMsg, ProtoError, Recovery, StreamDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    decode_frame, decode_stream, encode_frame, encode_raw_frame, Decoded, Frame, GuestMsg, HostMsg,
+    ProtoError, Recovery, StreamDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -128,7 +128,11 @@ macro_rules! check {
             .iter()
             .take(8)
             .fold(data.len() as u64, |h, &b| h.rotate_left(8) ^ u64::from(b));
-        let max_piece = if seed % 4 == 0 { 1 } else { 1 + (seed % 600) as usize };
+        let max_piece = if seed % 4 == 0 {
+            1
+        } else {
+            1 + (seed % 600) as usize
+        };
         let mut cutter = Cutter(seed);
         let mut dec = StreamDecoder::new();
         let mut got = Vec::new();

@@ -32,7 +32,7 @@ impl CheckReport {
     }
 }
 
-const MAX_CHECK_CLUSTERS: u64 = 1 << 28;
+const MAX_CHECK_CLUSTERS: u64 = 1 << 25;
 const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 
 /// Checks an image's metadata. Errors that stop the check (wrong format, truncated
@@ -165,6 +165,7 @@ fn check_qcow2(path: &Path) -> Result<CheckReport> {
     // Compare with the stored refcounts.
     let mut block = vec![0u8; cs as usize];
     let mut stored = vec![0u64; file_clusters as usize];
+    // (At most 2^25 clusters: 384 MiB for both tables.)
     for &(i, off) in &refblocks {
         read_exact(&f, &mut block, off, op, "refcount block")?;
         for k in 0..rb_entries {

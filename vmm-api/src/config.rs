@@ -39,6 +39,14 @@ pub enum ConfigError {
     /// The command line is too long or holds a NUL byte.
     #[error("cmdline must be under {MAX_CMDLINE_LEN} bytes with no NUL byte (got {0} bytes)")]
     Cmdline(usize),
+    /// Too many disks, or a bad serial.
+    #[error("disk {index}: {why}")]
+    Disk {
+        /// Which disk.
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
     /// A timeout of zero.
     #[error("timeout_ms must be positive when set; leave it out for no limit")]
     Timeout,
@@ -55,6 +63,53 @@ pub enum SerialOutput {
     File(PathBuf),
     /// Dropped.
     Null,
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 8;
+/// Longest disk serial (virtio-blk's ID is 20 bytes).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// A disk image's format. Always explicit: the VMM never guesses it from the
+/// file's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskFormat {
+    /// Plain bytes.
+    Raw,
+    /// qcow2 (v2 or v3).
+    Qcow2,
+    /// Microsoft VHD (fixed, dynamic or differencing).
+    Vhd,
+}
+
+/// The backing (base) image of a differencing disk, named by the trusted side.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackingConfig {
+    /// The base image (opened read-only).
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+}
+
+/// One virtio-blk disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// Its format.
+    pub format: DiskFormat,
+    /// For a differencing image: its base. Never taken from inside the image.
+    #[serde(default)]
+    pub backing: Option<BackingConfig>,
+    /// Refuse guest writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The serial the guest reads (`/sys/block/vdX/serial`), at most 20 ASCII bytes.
+    #[serde(default)]
+    pub serial: String,
 }
 
 /// How the kernel is entered.
@@ -96,6 +151,9 @@ pub struct VmConfig {
     /// Serial console destination.
     #[serde(default)]
     pub serial: SerialOutput,
+    /// virtio-blk disks, in the order the guest enumerates them.
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
     /// Wall-clock limit for the whole VM run, from process start; the VM is
     /// stopped with [`crate::ExitReason::Timeout`] when it passes.
     #[serde(default)]
@@ -121,6 +179,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             memory_mib: default_memory_mib(),
             serial: SerialOutput::Stdout,
+            disks: Vec::new(),
             timeout_ms: None,
         }
     }
@@ -151,6 +210,23 @@ impl VmConfig {
         }
         if self.cmdline.len() >= MAX_CMDLINE_LEN || self.cmdline.contains('\0') {
             return Err(ConfigError::Cmdline(self.cmdline.len()));
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disk {
+                index: MAX_DISKS,
+                why: format!("at most {MAX_DISKS} disks"),
+            });
+        }
+        for (index, d) in self.disks.iter().enumerate() {
+            if d.serial.len() > MAX_SERIAL_LEN || !d.serial.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::Disk {
+                    index,
+                    why: format!(
+                        "serial {:?} must be at most {MAX_SERIAL_LEN} printable ASCII bytes",
+                        d.serial
+                    ),
+                });
+            }
         }
         if self.timeout_ms == Some(0) {
             return Err(ConfigError::Timeout);
@@ -184,6 +260,18 @@ mod tests {
             (r#"{"kernel":"/k","cmdline":"a\u0000b"}"#, "cmdline"),
             (r#"{"kernel":"/k","bogus":1}"#, "unknown field"),
             (r#"{"vcpus":1}"#, "missing field `kernel`"),
+            (
+                r#"{"kernel":"/k","disks":[{"path":"/d","format":"raw","serial":"this-serial-is-far-too-long"}]}"#,
+                "serial",
+            ),
+            (
+                r#"{"kernel":"/k","disks":[{"path":"/d"}]}"#,
+                "missing field `format`",
+            ),
+            (
+                r#"{"kernel":"/k","disks":[{"path":"/d","format":"auto"}]}"#,
+                "unknown variant",
+            ),
         ] {
             let err = VmConfig::from_json(json).expect_err(json).to_string();
             assert!(err.contains(want), "{json}: {err}");

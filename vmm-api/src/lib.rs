@@ -11,5 +11,7 @@ pub mod config;
 pub mod exit;
 pub mod platform;
 
-pub use config::{BootProtocol, ConfigError, SerialOutput, VmConfig};
+pub use config::{
+    BackingConfig, BootProtocol, ConfigError, DiskConfig, DiskFormat, SerialOutput, VmConfig,
+};
 pub use exit::{ExitReason, ExitReport, VcpuRegs};

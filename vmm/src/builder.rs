@@ -14,7 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::{boot, layout, regs::EntryMode};
-use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, PioBus};
+use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
+use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, Bus};
 use crate::loader::{self, LoaderError};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{StopEvent, Vcpu, VcpuError};
@@ -57,6 +59,27 @@ pub enum VmmError {
         /// Why.
         source: std::io::Error,
     },
+    /// A disk image could not be opened.
+    #[error("cannot open disk {path} as {format:?}: {source}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// The format the config named.
+        format: vmm_api::DiskFormat,
+        /// Why.
+        source: vhd::DiskError,
+    },
+    /// A block device could not be built.
+    #[error("disk {path}: {source}")]
+    Block {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        source: BlockError,
+    },
+    /// A virtio device could not be attached.
+    #[error(transparent)]
+    Devices(#[from] DeviceManagerError),
     /// Host resources (eventfd, irqfd, threads).
     #[error("host resource error ({what}): {source}")]
     Host {
@@ -71,7 +94,7 @@ pub enum VmmError {
 pub struct Vmm {
     start: Instant,
     timeout: Option<Duration>,
-    bus: Arc<PioBus>,
+    bus: Arc<Bus>,
     stops: Receiver<StopEvent>,
     first_run_us: Arc<AtomicU64>,
     // Kept alive until the process ends: KVM maps this memory.
@@ -111,7 +134,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     vm.register_memory(&mem)?;
     vm.create_irqchip()?;
 
-    // 3-6 run while another thread creates the PIT (a slow ioctl).
+    // 3-7 run while another thread creates the PIT (a slow ioctl).
     let (guest, pit) = std::thread::scope(|s| {
         let pit = s.spawn(|| vm.create_pit());
         let guest = load_and_attach(cfg, &vm, &mem, start);
@@ -128,7 +151,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
         }
     }
 
-    // 7. Run.
+    // 8. Run.
     let (tx, rx) = mpsc::channel();
     let first_run_us = Arc::new(AtomicU64::new(0));
     for vcpu in vcpus.into_iter().rev() {
@@ -166,13 +189,13 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     })
 }
 
-/// Steps 3 to 6 of the recipe: kernel, boot structures, ACPI, devices, vCPUs.
+/// Steps 3 to 7 of the recipe: kernel, devices, ACPI and boot structures, vCPUs.
 fn load_and_attach(
     cfg: &VmConfig,
     vm: &Vm,
     mem: &GuestMemoryMmap,
     start: Instant,
-) -> Result<(Arc<PioBus>, Vec<Vcpu>), VmmError> {
+) -> Result<(Arc<Bus>, Vec<Vcpu>), VmmError> {
     let mem_bytes = cfg.memory_bytes();
 
     // 3. Kernel, initrd, command line.
@@ -186,11 +209,25 @@ fn load_and_attach(
         source,
     })?;
 
-    // 4. ACPI tables and the boot structures that point at them.
-    let rsdp = acpi::write_tables(mem, cfg.vcpus, &[])?;
+    // 4. Virtio devices: one block device per disk, each in its own window.
+    let mut mmio = MmioDeviceManager::default();
+    for disk in &cfg.disks {
+        let image = open_disk(disk)?;
+        let block = BlockDevice::new(image, disk.read_only, &disk.serial).map_err(|source| {
+            VmmError::Block {
+                path: disk.path.clone(),
+                source,
+            }
+        })?;
+        mmio.attach(&vm.fd, mem, Box::new(block))?;
+    }
+
+    // 5. ACPI tables (with the virtio devices in the DSDT) and the boot
+    //    structures that point at them.
+    let rsdp = acpi::write_tables(mem, cfg.vcpus, &mmio.infos())?;
     write_boot_info(mem, mem_bytes, &kernel, cfg.cmdline.len() + 1, rsdp, initrd)?;
 
-    // 5. Devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
+    // 6. Legacy devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
         what: "serial eventfd",
         source,
@@ -202,9 +239,9 @@ fn load_and_attach(
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
     let serial = SerialDevice::new(serial_irq, serial_sink(&cfg.serial)?);
-    let bus = Arc::new(PioBus::new(serial, BootTimer::new(start)));
+    let bus = Arc::new(Bus::new(serial, BootTimer::new(start), mmio));
 
-    // 6. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
+    // 7. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
     let mut vcpus = Vec::with_capacity(usize::from(cfg.vcpus));
     for index in 0..cfg.vcpus {
         let vcpu = Vcpu::new(vm, index)?;
@@ -213,6 +250,40 @@ fn load_and_attach(
         vcpus.push(vcpu);
     }
     Ok((bus, vcpus))
+}
+
+/// Opens a disk in the format the config names (never guessed). An overlay's
+/// backing image is opened read-only from the path the config gives, never from
+/// the name recorded inside the (guest-writable) overlay.
+fn open_disk(disk: &vmm_api::DiskConfig) -> Result<Arc<dyn vhd::DiskImage>, VmmError> {
+    let mut opts = if disk.read_only {
+        vhd::OpenOptions::read_only()
+    } else {
+        vhd::OpenOptions::read_write()
+    };
+    if let Some(b) = &disk.backing {
+        let base = vhd::open(&b.path, format_of(b.format), vhd::OpenOptions::read_only()).map_err(
+            |source| VmmError::Disk {
+                path: b.path.clone(),
+                format: b.format,
+                source,
+            },
+        )?;
+        opts = opts.with_backing(base);
+    }
+    vhd::open(&disk.path, format_of(disk.format), opts).map_err(|source| VmmError::Disk {
+        path: disk.path.clone(),
+        format: disk.format,
+        source,
+    })
+}
+
+fn format_of(f: vmm_api::DiskFormat) -> vhd::Format {
+    match f {
+        vmm_api::DiskFormat::Raw => vhd::Format::Raw,
+        vmm_api::DiskFormat::Qcow2 => vhd::Format::Qcow2,
+        vmm_api::DiskFormat::Vhd => vhd::Format::Vhd,
+    }
 }
 
 fn write_boot_info(

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm_api::{BootProtocol, SerialOutput, VmConfig};
+use vmm_api::{BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig};
 
 /// Boot one VM. Flags override the config file's fields.
 #[derive(Parser, Debug)]
@@ -36,6 +36,10 @@ struct Args {
     /// Serial console: "stdout", "null" or a file path.
     #[arg(long)]
     serial: Option<String>,
+    /// A virtio-blk disk: `path=IMG,format=raw|qcow2|vhd[,backing=BASE,backing_format=F][,ro][,serial=ID]`.
+    /// Repeat for more disks.
+    #[arg(long, value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
     /// Wall-clock limit in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -53,6 +57,46 @@ fn parse_protocol(s: &str) -> Result<BootProtocol, String> {
             "unknown boot protocol {other:?}; use auto, pvh or linux64"
         )),
     }
+}
+
+fn parse_format(s: &str) -> Result<DiskFormat, String> {
+    match s {
+        "raw" => Ok(DiskFormat::Raw),
+        "qcow2" => Ok(DiskFormat::Qcow2),
+        "vhd" => Ok(DiskFormat::Vhd),
+        other => Err(format!(
+            "unknown disk format {other:?}; use raw, qcow2 or vhd"
+        )),
+    }
+}
+
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (mut path, mut format, mut backing, mut backing_format) = (None, None, None, None);
+    let (mut read_only, mut serial) = (false, String::new());
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("path", v)) => path = Some(PathBuf::from(v)),
+            Some(("format", v)) => format = Some(parse_format(v)?),
+            Some(("backing", v)) => backing = Some(PathBuf::from(v)),
+            Some(("backing_format", v)) => backing_format = Some(parse_format(v)?),
+            Some(("serial", v)) => serial = v.to_owned(),
+            None if part == "ro" => read_only = true,
+            _ => return Err(format!("unknown disk option {part:?}")),
+        }
+    }
+    let backing = match (backing, backing_format) {
+        (Some(path), Some(format)) => Some(BackingConfig { path, format }),
+        (None, None) => None,
+        _ => return Err("backing= and backing_format= go together".into()),
+    };
+    Ok(DiskConfig {
+        path: path.ok_or("a disk needs path=")?,
+        format: format
+            .ok_or("a disk needs format= (raw, qcow2 or vhd): formats are never guessed")?,
+        backing,
+        read_only,
+        serial,
+    })
 }
 
 fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
@@ -86,6 +130,7 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
             path => SerialOutput::File(path.into()),
         };
     }
+    cfg.disks.extend(args.disk.iter().cloned());
     if let Some(t) = args.timeout_ms {
         cfg.timeout_ms = Some(t);
     }

@@ -280,3 +280,43 @@ fn config_file_drives_the_vm_and_serial_can_go_to_a_file() {
         serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
     assert_eq!(report.reason, ExitReason::PowerOff);
 }
+
+#[test]
+fn disks_attach_and_bad_disks_are_clear_errors() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write");
+    let k = test_guest::elf_path().to_str().expect("utf-8");
+    let disk = format!("path={},format=raw,serial=reddog-os", raw.display());
+    let ro = format!("path={},format=raw,ro,serial=reddog-role", raw.display());
+    let run = vmm(&[
+        "--kernel",
+        k,
+        "--cmdline",
+        "exit=acpi smp=0",
+        "--disk",
+        &disk,
+        "--disk",
+        &ro,
+    ]);
+    assert_eq!(run.status, 0, "{}", run.describe());
+
+    // A raw file opened as qcow2 (formats are never guessed): a clear error.
+    let wrong = format!("path={},format=qcow2", raw.display());
+    let run = vmm(&["--kernel", k, "--disk", &wrong]);
+    assert_eq!(run.status, 1, "{}", run.describe());
+    assert!(
+        run.stderr.contains("cannot open disk"),
+        "{}",
+        run.describe()
+    );
+
+    let missing = format!("path={}/nope,format=raw", dir.path().display());
+    let run = vmm(&["--kernel", k, "--disk", &missing]);
+    assert_eq!(run.status, 1, "{}", run.describe());
+
+    let run = vmm(&["--kernel", k, "--disk", &format!("path={}", raw.display())]);
+    assert_eq!(run.status, 2, "no format: usage error: {}", run.describe());
+    assert!(run.stderr.contains("never guessed"), "{}", run.describe());
+}

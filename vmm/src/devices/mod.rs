@@ -1,10 +1,11 @@
-//! Emulated devices and the port-I/O bus that routes guest `in`/`out` to them.
+//! Emulated devices and the [`Bus`] that routes guest port I/O and MMIO to them.
 //!
 //! Every access comes from the guest and is hostile: offsets and lengths are
 //! checked, unknown ports read as all-ones and ignore writes, nothing panics.
 
 pub mod boot_timer;
 pub mod legacy;
+pub mod mmio_manager;
 pub mod serial;
 pub mod virtio;
 
@@ -21,22 +22,29 @@ pub enum BusAction {
     Stop(ExitReason, String),
 }
 
-/// The port-I/O bus: the fixed legacy devices of the reddog machine.
-pub struct PioBus {
+/// The guest's buses: the fixed legacy devices on port I/O, and the
+/// virtio-mmio devices.
+pub struct Bus {
     serial: Mutex<serial::SerialDevice>,
     i8042: legacy::I8042,
     acpi: legacy::AcpiPm,
     boot_timer: boot_timer::BootTimer,
+    mmio: mmio_manager::MmioDeviceManager,
 }
 
-impl PioBus {
+impl Bus {
     /// A bus with these devices.
-    pub fn new(serial: serial::SerialDevice, boot_timer: boot_timer::BootTimer) -> Self {
+    pub fn new(
+        serial: serial::SerialDevice,
+        boot_timer: boot_timer::BootTimer,
+        mmio: mmio_manager::MmioDeviceManager,
+    ) -> Self {
         Self {
             serial: Mutex::new(serial),
             i8042: legacy::I8042,
             acpi: legacy::AcpiPm,
             boot_timer,
+            mmio,
         }
     }
 
@@ -53,7 +61,7 @@ impl PioBus {
     }
 
     /// Guest `in` from `port`: fills `data` (1, 2 or 4 bytes).
-    pub fn read(&self, port: u16, data: &mut [u8]) {
+    pub fn pio_read(&self, port: u16, data: &mut [u8]) {
         data.fill(0xff);
         let Some(first) = data.first_mut() else {
             return;
@@ -76,7 +84,7 @@ impl PioBus {
     }
 
     /// Guest `out` of `data` to `port`.
-    pub fn write(&self, port: u16, data: &[u8]) -> BusAction {
+    pub fn pio_write(&self, port: u16, data: &[u8]) -> BusAction {
         let Some(&value) = data.first() else {
             return BusAction::Continue;
         };
@@ -99,5 +107,16 @@ impl PioBus {
             }
             _ => BusAction::Continue,
         }
+    }
+
+    /// Guest MMIO read; false when nothing is mapped there (the caller then
+    /// returns all-ones).
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) -> bool {
+        self.mmio.read(addr, data)
+    }
+
+    /// Guest MMIO write; false when nothing is mapped there.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) -> bool {
+        self.mmio.write(addr, data)
     }
 }

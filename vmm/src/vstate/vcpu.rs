@@ -11,7 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_api::{ExitReason, VcpuRegs};
 
 use crate::arch::{cpuid, regs, regs::EntryMode, regs::RegsError};
-use crate::devices::{BusAction, PioBus};
+use crate::devices::{Bus, BusAction};
 
 use super::vm::{Vm, VmError};
 
@@ -115,7 +115,7 @@ impl Vcpu {
     /// `first_run_us` gets the time of the boot vCPU's first `KVM_RUN`.
     pub fn run(
         mut self,
-        bus: Arc<PioBus>,
+        bus: Arc<Bus>,
         stop: Sender<StopEvent>,
         start: Instant,
         first_run_us: Arc<AtomicU64>,
@@ -128,26 +128,30 @@ impl Vcpu {
         let _ = stop.send(event);
     }
 
-    fn run_until_stop(&mut self, bus: &PioBus) -> StopEvent {
+    fn run_until_stop(&mut self, bus: &Bus) -> StopEvent {
         let mut unknown_mmio_logged = 0u32;
         loop {
             let outcome: Option<(ExitReason, String, bool)> = match self.fd.run() {
                 Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => match bus.write(port, data) {
+                    VcpuExit::IoOut(port, data) => match bus.pio_write(port, data) {
                         BusAction::Continue => None,
                         BusAction::Stop(reason, detail) => Some((reason, detail, false)),
                     },
                     VcpuExit::IoIn(port, data) => {
-                        bus.read(port, data);
+                        bus.pio_read(port, data);
                         None
                     }
                     VcpuExit::MmioRead(addr, data) => {
-                        data.fill(0xff);
-                        log_unknown_mmio(&mut unknown_mmio_logged, addr, "read");
+                        if !bus.mmio_read(addr, data) {
+                            data.fill(0xff);
+                            log_unknown_mmio(&mut unknown_mmio_logged, addr, "read");
+                        }
                         None
                     }
-                    VcpuExit::MmioWrite(addr, _) => {
-                        log_unknown_mmio(&mut unknown_mmio_logged, addr, "write");
+                    VcpuExit::MmioWrite(addr, data) => {
+                        if !bus.mmio_write(addr, data) {
+                            log_unknown_mmio(&mut unknown_mmio_logged, addr, "write");
+                        }
                         None
                     }
                     VcpuExit::Hlt => None,

@@ -78,7 +78,9 @@ impl MmioTransport {
         let mut queue_events = Vec::new();
         for &max in device.queue_max_sizes() {
             queues.push(Queue::new(max).map_err(MmioError::QueueSize)?);
-            queue_events.push(Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd)?));
+            queue_events.push(Arc::new(
+                EventFd::new(libc::EFD_NONBLOCK).map_err(MmioError::EventFd)?,
+            ));
         }
         Ok(Self {
             device,
@@ -126,7 +128,7 @@ impl MmioTransport {
             return;
         }
         data.fill(0);
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             return;
         }
         let v: u32 = match offset {
@@ -169,24 +171,20 @@ impl MmioTransport {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             return;
         }
         let v = u32::from_le_bytes(bytes);
         match offset {
             0x014 => self.device_features_sel = v,
-            0x020 => {
-                if self.status & status::FEATURES_OK == 0 {
-                    match self.driver_features_sel {
-                        0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
-                        1 => {
-                            self.driver_features =
-                                (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
-                        }
-                        _ => {}
-                    }
+            0x020 if self.status & status::FEATURES_OK == 0 => match self.driver_features_sel {
+                0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(v),
+                1 => {
+                    self.driver_features =
+                        (self.driver_features & 0xffff_ffff) | (u64::from(v) << 32)
                 }
-            }
+                _ => {}
+            },
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 => {
@@ -231,7 +229,8 @@ impl MmioTransport {
         let newly = v & !self.status;
         if newly & status::FEATURES_OK != 0 {
             let offered = self.device.features();
-            let ok = self.driver_features & !offered == 0 && self.driver_features & VIRTIO_F_VERSION_1 != 0;
+            let ok = self.driver_features & !offered == 0
+                && self.driver_features & VIRTIO_F_VERSION_1 != 0;
             if !ok {
                 // Leave FEATURES_OK clear: the driver reads it back and gives up.
                 self.status = v & !status::FEATURES_OK;
@@ -279,7 +278,10 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::warn!(device_type = self.device.device_type(), "virtio device not activated: {why}");
+        tracing::warn!(
+            device_type = self.device.device_type(),
+            "virtio device not activated: {why}"
+        );
         self.status |= status::DEVICE_NEEDS_RESET;
         self.interrupt.trigger(INT_CONFIG);
     }
@@ -325,7 +327,11 @@ mod tests {
         fn read_config(&self, offset: u64, data: &mut [u8]) {
             super::super::read_config_bytes(&[0xaa, 0xbb], offset, data);
         }
-        fn activate(&mut self, features: u64, _q: ActiveQueues) -> Result<(), super::super::ActivateError> {
+        fn activate(
+            &mut self,
+            features: u64,
+            _q: ActiveQueues,
+        ) -> Result<(), super::super::ActivateError> {
             *self.activated.lock().expect("lock") = Some(features);
             Ok(())
         }
@@ -338,8 +344,17 @@ mod tests {
     fn transport() -> (MmioTransport, Arc<Mutex<Option<u64>>>) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
         let activated = Arc::new(Mutex::new(None));
-        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
-        let t = MmioTransport::new(Box::new(Dummy { activated: activated.clone() }), mem, irq).expect("transport");
+        let irq = Arc::new(Interrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ));
+        let t = MmioTransport::new(
+            Box::new(Dummy {
+                activated: activated.clone(),
+            }),
+            mem,
+            irq,
+        )
+        .expect("transport");
         (t, activated)
     }
 
@@ -393,12 +408,23 @@ mod tests {
         wr(&mut t, 0x020, 1); // VERSION_1
         wr(&mut t, 0x024, 0);
         wr(&mut t, 0x020, 1);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_ne!(rd(&mut t, 0x070) & status::FEATURES_OK, 0);
         setup_queue(&mut t, 0, 0x10000);
         setup_queue(&mut t, 1, 0x20000);
-        wr(&mut t, 0x070, 0xf & !0);
-        assert_eq!(*activated.lock().expect("lock"), Some(VIRTIO_F_VERSION_1 | 1));
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(
+            *activated.lock().expect("lock"),
+            Some(VIRTIO_F_VERSION_1 | 1)
+        );
         // Queue registers are frozen once active.
         wr(&mut t, 0x030, 0);
         wr(&mut t, 0x038, 4);
@@ -415,7 +441,11 @@ mod tests {
         wr(&mut t, 0x020, 1 | 2); // bit 1 is not offered
         wr(&mut t, 0x024, 1);
         wr(&mut t, 0x020, 1);
-        wr(&mut t, 0x070, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
+        wr(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+        );
         assert_eq!(rd(&mut t, 0x070) & status::FEATURES_OK, 0);
         // Legacy drivers (no VERSION_1) are refused too.
         let (mut t, _) = transport();

@@ -55,18 +55,23 @@ pub struct BlockDevice {
 impl BlockDevice {
     /// A device over `disk`; `read_only` also refuses guest writes when the
     /// image itself is writable.
-    pub fn new(disk: Arc<dyn DiskImage>, read_only: bool, serial: &str) -> Result<Self, BlockError> {
+    pub fn new(
+        disk: Arc<dyn DiskImage>,
+        read_only: bool,
+        serial: &str,
+    ) -> Result<Self, BlockError> {
         if serial.len() > SERIAL_LEN {
             return Err(BlockError::SerialTooLong(serial.into()));
         }
         let size = disk.size();
-        if size % SECTOR != 0 {
+        if !size.is_multiple_of(SECTOR) {
             return Err(BlockError::Size(size));
         }
         let read_only = read_only || disk.read_only();
         let mut id = [0u8; SERIAL_LEN];
         id[..serial.len()].copy_from_slice(serial.as_bytes());
-        let mut features = VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
+        let mut features =
+            VIRTIO_F_VERSION_1 | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE | VIRTIO_BLK_F_FLUSH;
         if read_only {
             features |= VIRTIO_BLK_F_RO;
         } else {
@@ -221,7 +226,9 @@ impl Worker {
                     }
                 }
                 if self.queue.add_used(&self.mem, head, len).is_err() {
-                    tracing::warn!("virtio-blk: the used ring is not writable; the guest broke its queue");
+                    tracing::warn!(
+                        "virtio-blk: the used ring is not writable; the guest broke its queue"
+                    );
                     return;
                 }
                 used_any = true;

@@ -6,7 +6,7 @@
 //! sees (never a host panic).
 
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
-use vm_memory::{Bytes, GuestAddress, GuestMemory};
+use vm_memory::{Bytes, GuestMemory};
 
 use vhd::{DiskImage, ErrorKind};
 
@@ -92,7 +92,10 @@ pub struct Target<'a> {
 /// Processes one chain: returns the number of bytes written into guest memory
 /// (for the used ring) and the error, if any, that the status byte reported.
 /// A chain without a writable status byte gets no status and a used length of 0.
-pub fn process_chain<M>(chain: DescriptorChain<M>, target: &Target<'_>) -> (u32, Option<RequestError>)
+pub fn process_chain<M>(
+    chain: DescriptorChain<M>,
+    target: &Target<'_>,
+) -> (u32, Option<RequestError>)
 where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemory,
@@ -110,7 +113,9 @@ where
         Ok(n) => (None, n),
         Err(e) => (Some(e), 0),
     };
-    let status = result.as_ref().map_or(VIRTIO_BLK_S_OK, RequestError::status);
+    let status = result
+        .as_ref()
+        .map_or(VIRTIO_BLK_S_OK, RequestError::status);
     if mem.write_obj(status, status_desc.addr()).is_err() {
         return (0, Some(RequestError::Memory(status_desc.addr().0)));
     }
@@ -126,19 +131,25 @@ fn execute<M: GuestMemory + ?Sized>(
         .split_first()
         .ok_or(RequestError::Malformed("no header"))?;
     if header.is_write_only() || header.len() < 16 {
-        return Err(RequestError::Malformed("header must be a readable 16-byte buffer"));
+        return Err(RequestError::Malformed(
+            "header must be a readable 16-byte buffer",
+        ));
     }
     let mut hdr = [0u8; 16];
     mem.read_slice(&mut hdr, header.addr())
         .map_err(|_| RequestError::Memory(header.addr().0))?;
     let kind = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15]]);
+    let sector = u64::from_le_bytes([
+        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+    ]);
 
     let total: u64 = data.iter().map(|d| u64::from(d.len())).sum();
     match kind {
         VIRTIO_BLK_T_IN => {
             if data.iter().any(|d| !d.is_write_only()) {
-                return Err(RequestError::Malformed("read into a device-readable buffer"));
+                return Err(RequestError::Malformed(
+                    "read into a device-readable buffer",
+                ));
             }
             let offset = range_check(sector, total, target.disk.size())?;
             let mut buf = vec![0u8; total as usize];
@@ -157,7 +168,9 @@ fn execute<M: GuestMemory + ?Sized>(
                 return Err(RequestError::ReadOnly);
             }
             if data.iter().any(|d| d.is_write_only()) {
-                return Err(RequestError::Malformed("write from a device-writable buffer"));
+                return Err(RequestError::Malformed(
+                    "write from a device-writable buffer",
+                ));
             }
             let offset = range_check(sector, total, target.disk.size())?;
             let buf = gather(mem, data, total)?;
@@ -182,20 +195,33 @@ fn execute<M: GuestMemory + ?Sized>(
             if target.read_only {
                 return Err(RequestError::ReadOnly);
             }
-            if data.iter().any(|d| d.is_write_only()) || total % 16 != 0 || total == 0 {
-                return Err(RequestError::Malformed("discard segments must be readable 16-byte records"));
+            if data.iter().any(|d| d.is_write_only()) || !total.is_multiple_of(16) || total == 0 {
+                return Err(RequestError::Malformed(
+                    "discard segments must be readable 16-byte records",
+                ));
             }
             if total / 16 > u64::from(MAX_DISCARD_SEGMENTS) {
                 return Err(RequestError::TooLarge(total));
             }
             let segs = gather(mem, data, total)?;
             for seg in segs.chunks_exact(16) {
-                let s = u64::from_le_bytes(seg[0..8].try_into().map_err(|_| RequestError::Malformed("segment"))?);
-                let n = u32::from_le_bytes(seg[8..12].try_into().map_err(|_| RequestError::Malformed("segment"))?);
+                let s = u64::from_le_bytes(
+                    seg[0..8]
+                        .try_into()
+                        .map_err(|_| RequestError::Malformed("segment"))?,
+                );
+                let n = u32::from_le_bytes(
+                    seg[8..12]
+                        .try_into()
+                        .map_err(|_| RequestError::Malformed("segment"))?,
+                );
                 let len = u64::from(n) * SECTOR;
                 let offset = s
                     .checked_mul(SECTOR)
-                    .filter(|o| o.checked_add(len).is_some_and(|end| end <= target.disk.size()))
+                    .filter(|o| {
+                        o.checked_add(len)
+                            .is_some_and(|end| end <= target.disk.size())
+                    })
                     .ok_or(RequestError::OutOfRange { sector: s, len })?;
                 if kind == VIRTIO_BLK_T_DISCARD {
                     target.disk.discard(offset, len).map_err(disk_err)?;
@@ -220,7 +246,11 @@ fn range_check(sector: u64, len: u64, disk_size: u64) -> Result<u64, RequestErro
         .ok_or(RequestError::OutOfRange { sector, len })
 }
 
-fn gather<M: GuestMemory + ?Sized>(mem: &M, data: &[Descriptor], total: u64) -> Result<Vec<u8>, RequestError> {
+fn gather<M: GuestMemory + ?Sized>(
+    mem: &M,
+    data: &[Descriptor],
+    total: u64,
+) -> Result<Vec<u8>, RequestError> {
     if total > MAX_REQUEST_BYTES {
         return Err(RequestError::TooLarge(total));
     }
@@ -235,12 +265,6 @@ fn gather<M: GuestMemory + ?Sized>(mem: &M, data: &[Descriptor], total: u64) -> 
     Ok(buf)
 }
 
-/// The status address of a chain, for tests.
-#[cfg(test)]
-pub(crate) fn status_at<M: GuestMemory>(mem: &M, addr: GuestAddress) -> u8 {
-    mem.read_obj(addr).unwrap_or(0xff)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,7 +272,11 @@ mod tests {
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueT};
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    fn status_at<M: GuestMemory>(mem: &M, addr: GuestAddress) -> u8 {
+        mem.read_obj(addr).unwrap_or(0xff)
+    }
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;
@@ -303,7 +331,9 @@ mod tests {
     impl Setup {
         fn new() -> Self {
             let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).expect("mem");
-            let disk = MemDisk(Mutex::new((0..64 * 1024).map(|i| (i % 251) as u8).collect()));
+            let disk = MemDisk(Mutex::new(
+                (0..64 * 1024).map(|i| (i % 251) as u8).collect(),
+            ));
             Self { mem, disk }
         }
 
@@ -317,14 +347,26 @@ mod tests {
         }
 
         /// Runs a chain of (addr, len, flags) descriptors; returns (used len, error, status).
-        fn run(&self, descs: &[(u64, u32, u16)], read_only: bool) -> (u32, Option<RequestError>, u8) {
+        fn run(
+            &self,
+            descs: &[(u64, u32, u16)],
+            read_only: bool,
+        ) -> (u32, Option<RequestError>, u8) {
             let q = MockSplitQueue::new(&self.mem, 16);
             let raw: Vec<RawDescriptor> = descs
                 .iter()
                 .enumerate()
                 .map(|(i, (addr, len, flags))| {
-                    let next = if i + 1 < descs.len() { (i + 1) as u16 } else { 0 };
-                    let flags = if i + 1 < descs.len() { flags | F_NEXT } else { *flags };
+                    let next = if i + 1 < descs.len() {
+                        (i + 1) as u16
+                    } else {
+                        0
+                    };
+                    let flags = if i + 1 < descs.len() {
+                        flags | F_NEXT
+                    } else {
+                        *flags
+                    };
                     RawDescriptor::from(SplitDescriptor::new(*addr, *len, flags, next))
                 })
                 .collect();
@@ -337,7 +379,9 @@ mod tests {
                 serial: &SERIAL,
             };
             let (used, err) = process_chain(chain, &target);
-            let status = descs.last().map_or(0xff, |d| status_at(&self.mem, GuestAddress(d.0)));
+            let status = descs
+                .last()
+                .map_or(0xff, |d| status_at(&self.mem, GuestAddress(d.0)));
             (used, err, status)
         }
     }
@@ -350,10 +394,20 @@ mod tests {
     fn read_spanning_two_buffers() {
         let s = Setup::new();
         let h = s.header(VIRTIO_BLK_T_IN, 2);
-        let (used, err, status) = s.run(&[(h.0, 16, 0), (DATA, 512, F_WRITE), (DATA2, 1024, F_WRITE), (STATUS, 1, F_WRITE)], false);
+        let (used, err, status) = s.run(
+            &[
+                (h.0, 16, 0),
+                (DATA, 512, F_WRITE),
+                (DATA2, 1024, F_WRITE),
+                (STATUS, 1, F_WRITE),
+            ],
+            false,
+        );
         assert_eq!((used, err, status), (1537, None, VIRTIO_BLK_S_OK));
         let mut got = vec![0u8; 1024];
-        s.mem.read_slice(&mut got, GuestAddress(DATA2)).expect("read");
+        s.mem
+            .read_slice(&mut got, GuestAddress(DATA2))
+            .expect("read");
         let want: Vec<u8> = (1536..2560).map(|i| (i % 251) as u8).collect();
         assert_eq!(got, want);
     }
@@ -361,21 +415,34 @@ mod tests {
     #[test]
     fn write_then_flush() {
         let s = Setup::new();
-        s.mem.write_slice(&[7u8; 512], GuestAddress(DATA)).expect("fill");
+        s.mem
+            .write_slice(&[7u8; 512], GuestAddress(DATA))
+            .expect("fill");
         let h = s.header(VIRTIO_BLK_T_OUT, 1);
-        let (used, err, status) = s.run(&[(h.0, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)], false);
+        let (used, err, status) =
+            s.run(&[(h.0, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)], false);
         assert_eq!((used, err, status), (1, None, VIRTIO_BLK_S_OK));
-        assert!(s.disk.0.lock().expect("lock")[512..1024].iter().all(|b| *b == 7));
+        assert!(s.disk.0.lock().expect("lock")[512..1024]
+            .iter()
+            .all(|b| *b == 7));
         let h = s.header(VIRTIO_BLK_T_FLUSH, 0);
-        assert_eq!(s.run(&[(h.0, 16, 0), (STATUS, 1, F_WRITE)], false).2, VIRTIO_BLK_S_OK);
+        assert_eq!(
+            s.run(&[(h.0, 16, 0), (STATUS, 1, F_WRITE)], false).2,
+            VIRTIO_BLK_S_OK
+        );
     }
 
     #[test]
     fn read_only_disks_refuse_writes_with_ioerr() {
         let s = Setup::new();
-        for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+        for kind in [
+            VIRTIO_BLK_T_OUT,
+            VIRTIO_BLK_T_DISCARD,
+            VIRTIO_BLK_T_WRITE_ZEROES,
+        ] {
             let h = s.header(kind, 0);
-            let (_, err, status) = s.run(&[(h.0, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)], true);
+            let (_, err, status) =
+                s.run(&[(h.0, 16, 0), (DATA, 512, 0), (STATUS, 1, F_WRITE)], true);
             assert_eq!(err, Some(RequestError::ReadOnly));
             assert_eq!(status, VIRTIO_BLK_S_IOERR);
         }
@@ -387,7 +454,10 @@ mod tests {
     fn get_id_returns_the_serial() {
         let s = Setup::new();
         let h = s.header(VIRTIO_BLK_T_GET_ID, 0);
-        let (used, err, status) = s.run(&[(h.0, 16, 0), (DATA, 20, F_WRITE), (STATUS, 1, F_WRITE)], true);
+        let (used, err, status) = s.run(
+            &[(h.0, 16, 0), (DATA, 20, F_WRITE), (STATUS, 1, F_WRITE)],
+            true,
+        );
         assert_eq!((used, err, status), (21, None, VIRTIO_BLK_S_OK));
         let mut id = [0u8; 20];
         s.mem.read_slice(&mut id, GuestAddress(DATA)).expect("read");
@@ -403,7 +473,8 @@ mod tests {
             seg[8..12].copy_from_slice(&2u32.to_le_bytes());
             s.mem.write_slice(&seg, GuestAddress(DATA)).expect("seg");
             let h = s.header(kind, 0);
-            let (_, err, status) = s.run(&[(h.0, 16, 0), (DATA, 16, 0), (STATUS, 1, F_WRITE)], false);
+            let (_, err, status) =
+                s.run(&[(h.0, 16, 0), (DATA, 16, 0), (STATUS, 1, F_WRITE)], false);
             assert_eq!((err, status), (None, VIRTIO_BLK_S_OK));
             let d = s.disk.0.lock().expect("lock");
             assert!(d[2048..3072].iter().all(|b| *b == 0));
@@ -415,13 +486,29 @@ mod tests {
     fn hostile_requests_get_error_statuses() {
         let s = Setup::new();
         let size_sectors = 64 * 1024 / 512;
-        let cases: Vec<(u32, u64, Vec<(u64, u32, u16)>, u8)> = vec![
+        type Case = (u32, u64, Vec<(u64, u32, u16)>, u8);
+        let cases: Vec<Case> = vec![
             // Past the end of the disk, and a sector number that overflows.
-            (VIRTIO_BLK_T_IN, size_sectors, vec![(DATA, 512, F_WRITE)], VIRTIO_BLK_S_IOERR),
-            (VIRTIO_BLK_T_IN, u64::MAX / 2, vec![(DATA, 512, F_WRITE)], VIRTIO_BLK_S_IOERR),
+            (
+                VIRTIO_BLK_T_IN,
+                size_sectors,
+                vec![(DATA, 512, F_WRITE)],
+                VIRTIO_BLK_S_IOERR,
+            ),
+            (
+                VIRTIO_BLK_T_IN,
+                u64::MAX / 2,
+                vec![(DATA, 512, F_WRITE)],
+                VIRTIO_BLK_S_IOERR,
+            ),
             // Wrong buffer directions.
             (VIRTIO_BLK_T_IN, 0, vec![(DATA, 512, 0)], VIRTIO_BLK_S_IOERR),
-            (VIRTIO_BLK_T_OUT, 0, vec![(DATA, 512, F_WRITE)], VIRTIO_BLK_S_IOERR),
+            (
+                VIRTIO_BLK_T_OUT,
+                0,
+                vec![(DATA, 512, F_WRITE)],
+                VIRTIO_BLK_S_IOERR,
+            ),
             // Too much data (several buffers adding up past the limit).
             (
                 VIRTIO_BLK_T_IN,
@@ -432,7 +519,12 @@ mod tests {
             // Unknown type.
             (99, 0, vec![], VIRTIO_BLK_S_UNSUPP),
             // Discard with a bad segment length.
-            (VIRTIO_BLK_T_DISCARD, 0, vec![(DATA, 15, 0)], VIRTIO_BLK_S_IOERR),
+            (
+                VIRTIO_BLK_T_DISCARD,
+                0,
+                vec![(DATA, 15, 0)],
+                VIRTIO_BLK_S_IOERR,
+            ),
         ];
         for (kind, sector, data, want) in cases {
             let h = s.header(kind, sector);
@@ -448,10 +540,15 @@ mod tests {
         // when the chain still reaches its status byte, that says IOERR.
         let h = s.header(VIRTIO_BLK_T_IN, 0);
         for bad in [(0xffff_0000_0000, 512, F_WRITE), (DATA, u32::MAX, F_WRITE)] {
-            s.mem.write_obj(0xaau8, GuestAddress(STATUS)).expect("reset status");
+            s.mem
+                .write_obj(0xaau8, GuestAddress(STATUS))
+                .expect("reset status");
             let (used, err, status) = s.run(&[(h.0, 16, 0), bad, (STATUS, 1, F_WRITE)], false);
             assert!(err.is_some(), "{bad:?}");
-            assert!(used == 0 || (used == 1 && status == VIRTIO_BLK_S_IOERR), "{bad:?}: {used} {status}");
+            assert!(
+                used == 0 || (used == 1 && status == VIRTIO_BLK_S_IOERR),
+                "{bad:?}: {used} {status}"
+            );
         }
         // The last buffer is not writable: no status byte to report into.
         let h = s.header(VIRTIO_BLK_T_OUT, 0);
