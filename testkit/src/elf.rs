@@ -81,8 +81,8 @@ impl<'a> Elf<'a> {
                 .checked_add(i * usize::from(phentsize))
                 .ok_or(oob("program header"))?;
             let kind = u32_at(b, at).ok_or(oob("p_type"))?;
-            let offset = u64_at(b, at + 8).ok_or(oob("p_offset"))?;
-            let filesz = u64_at(b, at + 32).ok_or(oob("p_filesz"))?;
+            let offset = u64_at(b, at.saturating_add(8)).ok_or(oob("p_offset"))?;
+            let filesz = u64_at(b, at.saturating_add(32)).ok_or(oob("p_filesz"))?;
             out.push(Phdr {
                 kind,
                 offset: usize::try_from(offset).map_err(|_| oob("p_offset"))?,
@@ -104,11 +104,11 @@ impl<'a> Elf<'a> {
             let end = p.offset.checked_add(p.filesz).ok_or(oob("note segment"))?;
             let notes = self.bytes.get(p.offset..end).ok_or(oob("note segment"))?;
             let mut at = 0usize;
-            while at + 12 <= notes.len() {
+            while at.saturating_add(12) <= notes.len() {
                 let namesz = u32_at(notes, at).ok_or(oob("note"))? as usize;
-                let descsz = u32_at(notes, at + 4).ok_or(oob("note"))? as usize;
-                let kind = u32_at(notes, at + 8).ok_or(oob("note"))?;
-                let name_at = at + 12;
+                let descsz = u32_at(notes, at.saturating_add(4)).ok_or(oob("note"))? as usize;
+                let kind = u32_at(notes, at.saturating_add(8)).ok_or(oob("note"))?;
+                let name_at = at.saturating_add(12);
                 let name = notes
                     .get(name_at..name_at.checked_add(namesz).ok_or(oob("note name"))?)
                     .ok_or(oob("note name"))?;
@@ -136,8 +136,8 @@ impl<'a> Elf<'a> {
                 .checked_add(i.checked_mul(shentsize).ok_or(oob("section header"))?)
                 .ok_or(oob("section header"))?;
             let name = u32_at(b, at).ok_or(oob("sh_name"))?;
-            let offset = u64_at(b, at + 24).ok_or(oob("sh_offset"))?;
-            let size = u64_at(b, at + 32).ok_or(oob("sh_size"))?;
+            let offset = u64_at(b, at.saturating_add(24)).ok_or(oob("sh_offset"))?;
+            let size = u64_at(b, at.saturating_add(32)).ok_or(oob("sh_size"))?;
             Ok((
                 name,
                 usize::try_from(offset).map_err(|_| oob("sh_offset"))?,

@@ -255,3 +255,69 @@ fn our_overlay_64k_crossing_l2_boundary() {
     c.ops = 25;
     run_case(c);
 }
+
+/// 32 threads write concurrently into the same few clusters (distinct 512-byte pieces)
+/// of overlays over one shared base; then many more overlays are made and written. The
+/// base's bytes never change.
+#[test]
+fn concurrent_writes_and_shared_base() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (base_path, base_fmt, content) = make_base(dir.path(), BaseKind::Qcow2, 4 * MIB, 77);
+    let base_hash = hash_file(&base_path);
+    let base = open_base(&base_path, base_fmt);
+    for (i, cluster) in [4096u64, 65536].into_iter().enumerate() {
+        let ov = dir.path().join(format!("c{i}.qcow2"));
+        let b = BaseRef {
+            image: Arc::clone(&base),
+            name: "base.qcow2".into(),
+        };
+        vhd::create_diff(&ov, Format::Qcow2, &b, None, Some(cluster as u32)).expect("create");
+        let img = open_overlay(&ov, &base);
+        let expected = dir.path().join(format!("e{i}.raw"));
+        std::fs::copy(&content, &expected).expect("copy");
+        // Pieces of 3 clusters straddling a cluster boundary, one per thread.
+        let start = 5 * cluster - 16 * 512;
+        std::thread::scope(|s| {
+            for t in 0..32u64 {
+                let img = Arc::clone(&img);
+                s.spawn(move || {
+                    let buf = vec![t as u8 + 1; 512];
+                    for round in 0..4u64 {
+                        let off = start + (t + 32 * round) * 512;
+                        img.write_at(&buf, off).expect("concurrent write");
+                    }
+                });
+            }
+        });
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&expected)
+            .expect("expected");
+        for t in 0..32u64 {
+            for round in 0..4u64 {
+                let off = start + (t + 32 * round) * 512;
+                std::os::unix::fs::FileExt::write_all_at(&f, &[t as u8 + 1; 512], off)
+                    .expect("mirror");
+            }
+        }
+        img.flush().expect("flush");
+        drop(img);
+        assert_check_clean(&ov, "qcow2");
+        assert_compare(&ov, "qcow2", &expected);
+    }
+    for i in 0..20 {
+        let ov = dir.path().join(format!("many{i}.qcow2"));
+        let b = BaseRef {
+            image: Arc::clone(&base),
+            name: "base.qcow2".into(),
+        };
+        vhd::create_diff(&ov, Format::Qcow2, &b, None, None).expect("create");
+        let img = open_overlay(&ov, &base);
+        img.write_at(&[i as u8; 70_000], (i as u64) * 100_000)
+            .expect("write");
+        img.discard(0, 65536).expect("discard");
+        img.flush().expect("flush");
+    }
+    drop(base);
+    assert_eq!(hash_file(&base_path), base_hash, "the shared base changed");
+}

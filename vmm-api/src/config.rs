@@ -47,6 +47,9 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// A bad vsock setting.
+    #[error("vsock: {0}")]
+    Vsock(String),
     /// A timeout of zero.
     #[error("timeout_ms must be positive when set; leave it out for no limit")]
     Timeout,
@@ -112,6 +115,21 @@ pub struct DiskConfig {
     pub serial: String,
 }
 
+/// Smallest guest CID (0-2 are reserved: hypervisor, local, host).
+pub const MIN_GUEST_CID: u32 = 3;
+
+/// A virtio-vsock device with Firecracker's hybrid convention: the host connects
+/// to `uds_path` and writes `CONNECT <port>\n`; a guest connection to the host
+/// (CID 2) port P goes to the unix socket `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub guest_cid: u32,
+    /// The unix socket the VMM listens on for host-initiated connections.
+    pub uds_path: PathBuf,
+}
+
 /// How the kernel is entered.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -154,6 +172,9 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest enumerates them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// An optional virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
     /// Wall-clock limit for the whole VM run, from process start; the VM is
     /// stopped with [`crate::ExitReason::Timeout`] when it passes.
     #[serde(default)]
@@ -180,6 +201,7 @@ impl VmConfig {
             memory_mib: default_memory_mib(),
             serial: SerialOutput::Stdout,
             disks: Vec::new(),
+            vsock: None,
             timeout_ms: None,
         }
     }
@@ -226,6 +248,17 @@ impl VmConfig {
                         d.serial
                     ),
                 });
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.guest_cid < MIN_GUEST_CID {
+                return Err(ConfigError::Vsock(format!(
+                    "guest_cid must be {MIN_GUEST_CID} or more, got {}",
+                    v.guest_cid
+                )));
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(ConfigError::Vsock("uds_path must not be empty".into()));
             }
         }
         if self.timeout_ms == Some(0) {

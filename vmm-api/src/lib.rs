@@ -13,5 +13,6 @@ pub mod platform;
 
 pub use config::{
     BackingConfig, BootProtocol, ConfigError, DiskConfig, DiskFormat, SerialOutput, VmConfig,
+    VsockConfig,
 };
 pub use exit::{ExitReason, ExitReport, VcpuRegs};
