@@ -1,0 +1,181 @@
+//! The few system calls std does not wrap: mount, finit_module, AF_VSOCK
+//! sockets, reboot. Each unsafe block states why it is sound.
+
+// Raw system calls for PID 1.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::time::Duration;
+
+/// Errors from the system layer.
+#[derive(Debug, thiserror::Error)]
+pub enum SysError {
+    /// A system call failed.
+    #[error("{call} failed: {source}")]
+    Call {
+        /// Which call.
+        call: &'static str,
+        /// errno.
+        source: io::Error,
+    },
+    /// A path or argument held a NUL byte.
+    #[error("argument holds a NUL byte")]
+    Nul,
+}
+
+fn check(call: &'static str, r: libc::c_long) -> Result<libc::c_long, SysError> {
+    if r < 0 {
+        Err(SysError::Call {
+            call,
+            source: io::Error::last_os_error(),
+        })
+    } else {
+        Ok(r)
+    }
+}
+
+fn cstr(s: &str) -> Result<CString, SysError> {
+    CString::new(s).map_err(|_| SysError::Nul)
+}
+
+/// `mount(source, target, fstype, flags, data)`.
+pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), SysError> {
+    let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
+    // SAFETY: all four pointers are NUL-terminated strings that live across the call.
+    let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
+    check("mount", r.into()).map(|_| ())
+}
+
+/// Loads a kernel module from its file (`finit_module`).
+pub fn load_module(path: &Path) -> Result<(), SysError> {
+    let f = File::open(path).map_err(|source| SysError::Call {
+        call: "open module",
+        source,
+    })?;
+    let params = cstr("")?;
+    // SAFETY: `f` is an open file descriptor and `params` a NUL-terminated string,
+    // both alive for the call; finit_module reads them and keeps neither.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, f.as_raw_fd(), params.as_ptr(), 0) };
+    match check("finit_module", r) {
+        Err(SysError::Call { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+/// Powers the machine off (after syncing). Returns only on failure.
+pub fn power_off() -> SysError {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    // SAFETY: reboot with a valid command; on success it does not return.
+    let r = unsafe { libc::reboot(libc::RB_POWER_OFF) };
+    match check("reboot", r.into()) {
+        Err(e) => e,
+        Ok(_) => SysError::Call {
+            call: "reboot",
+            source: io::Error::other("returned"),
+        },
+    }
+}
+
+/// The host's context ID.
+pub const VMADDR_CID_HOST: u32 = 2;
+/// Any CID (for bind).
+pub const VMADDR_CID_ANY: u32 = u32::MAX;
+
+fn sockaddr_vm(cid: u32, port: u32) -> libc::sockaddr_vm {
+    // SAFETY: sockaddr_vm is a plain C struct for which all-zero is valid.
+    let mut a: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    a.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    a.svm_cid = cid;
+    a.svm_port = port;
+    a
+}
+
+fn vsock_socket() -> Result<OwnedFd, SysError> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    check("socket(AF_VSOCK)", fd.into())?;
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_timeouts(fd: &OwnedFd, t: Duration) -> Result<(), SysError> {
+    let tv = libc::timeval {
+        tv_sec: t.as_secs() as libc::time_t,
+        tv_usec: t.subsec_micros() as libc::suseconds_t,
+    };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: `tv` is a valid timeval for the duration of the call and the
+        // length passed is its size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        check("setsockopt", r.into())?;
+    }
+    Ok(())
+}
+
+/// Connects to `cid:port` over vsock; reads and writes time out after `timeout`.
+pub fn vsock_connect(cid: u32, port: u32, timeout: Duration) -> Result<File, SysError> {
+    let fd = vsock_socket()?;
+    set_timeouts(&fd, timeout)?;
+    let addr = sockaddr_vm(cid, port);
+    // SAFETY: `addr` is a valid sockaddr_vm and the length is its size.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    check("connect(vsock)", r.into())?;
+    Ok(File::from(fd))
+}
+
+/// Listens on vsock `port` and accepts one connection, waiting at most `timeout`.
+pub fn vsock_accept_one(port: u32, timeout: Duration) -> Result<File, SysError> {
+    let fd = vsock_socket()?;
+    let addr = sockaddr_vm(VMADDR_CID_ANY, port);
+    // SAFETY: `addr` is a valid sockaddr_vm and the length is its size.
+    let r = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    check("bind(vsock)", r.into())?;
+    // SAFETY: listen on a bound socket we own.
+    check("listen", unsafe { libc::listen(fd.as_raw_fd(), 1) }.into())?;
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd, count 1.
+    let n = check("poll", unsafe { libc::poll(&mut pfd, 1, ms) }.into())?;
+    if n == 0 {
+        return Err(SysError::Call {
+            call: "accept(vsock)",
+            source: io::Error::from(io::ErrorKind::TimedOut),
+        });
+    }
+    // SAFETY: accept on our listening socket; we do not ask for the peer address.
+    let c = unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    check("accept(vsock)", c.into())?;
+    // SAFETY: `c` was just returned by accept4 and is owned by nobody else.
+    let conn = unsafe { OwnedFd::from_raw_fd(c) };
+    set_timeouts(&conn, timeout)?;
+    Ok(File::from(conn))
+}
