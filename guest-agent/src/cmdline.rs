@@ -47,7 +47,10 @@ mod tests {
             "console=ttyS0 reddog.vsock_connect=1024 reddog.vsock_listen=5000 reddog.write_test=role,os reddog.wait=3 reddog.bogus=1 reddog.vsock_listen=x",
         );
         assert_eq!(o.vsock_connect, Some(1024));
-        assert_eq!(o.vsock_listen, None, "the later bad value wins and is dropped");
+        assert_eq!(
+            o.vsock_listen, None,
+            "the later bad value wins and is dropped"
+        );
         assert_eq!(o.write_test, vec!["role", "os"]);
         assert_eq!(o.wait_secs, 3);
         assert_eq!(notes, vec!["unknown option reddog.bogus"]);

@@ -43,7 +43,13 @@ fn cstr(s: &str) -> Result<CString, SysError> {
 }
 
 /// `mount(source, target, fstype, flags, data)`.
-pub fn mount(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: &str) -> Result<(), SysError> {
+pub fn mount(
+    source: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> Result<(), SysError> {
     let (s, t, f, d) = (cstr(source)?, cstr(target)?, cstr(fstype)?, cstr(data)?);
     // SAFETY: all four pointers are NUL-terminated strings that live across the call.
     let r = unsafe { libc::mount(s.as_ptr(), t.as_ptr(), f.as_ptr(), flags, d.as_ptr().cast()) };
@@ -172,7 +178,14 @@ pub fn vsock_accept_one(port: u32, timeout: Duration) -> Result<File, SysError> 
         });
     }
     // SAFETY: accept on our listening socket; we do not ask for the peer address.
-    let c = unsafe { libc::accept4(fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+    let c = unsafe {
+        libc::accept4(
+            fd.as_raw_fd(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
     check("accept(vsock)", c.into())?;
     // SAFETY: `c` was just returned by accept4 and is owned by nobody else.
     let conn = unsafe { OwnedFd::from_raw_fd(c) };

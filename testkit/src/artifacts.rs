@@ -29,7 +29,9 @@ const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
 #[derive(Debug, Error)]
 pub enum ArtifactError {
-    #[error("neither REDDOG_CACHE nor HOME is set: set REDDOG_CACHE to a directory for test artifacts")]
+    #[error(
+        "neither REDDOG_CACHE nor HOME is set: set REDDOG_CACHE to a directory for test artifacts"
+    )]
     NoCacheDir,
     #[error("could not run `{cmd}`: {source}. Install it (see .ci/install-deps)")]
     Spawn {
@@ -399,11 +401,10 @@ fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<KernelArtifacts, Artifact
         )));
     }
     let bz = fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
-    let vmlinux_bytes =
-        bzimage::extract_vmlinux(&bz).map_err(|source| ArtifactError::BzImage {
-            path: vmlinuz.clone(),
-            source,
-        })?;
+    let vmlinux_bytes = bzimage::extract_vmlinux(&bz).map_err(|source| ArtifactError::BzImage {
+        path: vmlinuz.clone(),
+        source,
+    })?;
     let vmlinux = tmp.join("vmlinux");
     fs::write(&vmlinux, vmlinux_bytes).map_err(io_err(&vmlinux))?;
     let k = KernelArtifacts {
@@ -532,7 +533,15 @@ pub fn static_vmm() -> Result<PathBuf, ArtifactError> {
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
-        .args(["build", "--release", "-q", "-p", "vmm", "--bin", "reddog-vmm"])
+        .args([
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "vmm",
+            "--bin",
+            "reddog-vmm",
+        ])
         .args(["--target", STATIC_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -542,7 +551,10 @@ pub fn static_vmm() -> Result<PathBuf, ArtifactError> {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET"))?;
     let bin = target_dir.join(STATIC_TARGET).join("release/reddog-vmm");
-    require_static(&bin, "the static build produced a dynamic binary: check RUSTFLAGS")?;
+    require_static(
+        &bin,
+        "the static build produced a dynamic binary: check RUSTFLAGS",
+    )?;
     Ok(bin)
 }
 
@@ -552,9 +564,15 @@ mod tests {
 
     #[test]
     fn module_names_are_normalised() {
-        assert_eq!(module_name(OsStr::new("kvm-amd.ko")).as_deref(), Some("kvm_amd"));
+        assert_eq!(
+            module_name(OsStr::new("kvm-amd.ko")).as_deref(),
+            Some("kvm_amd")
+        );
         assert_eq!(module_name(OsStr::new("kvm.ko.xz")).as_deref(), Some("kvm"));
-        assert_eq!(module_name(OsStr::new("irqbypass.ko.zst")).as_deref(), Some("irqbypass"));
+        assert_eq!(
+            module_name(OsStr::new("irqbypass.ko.zst")).as_deref(),
+            Some("irqbypass")
+        );
         assert_eq!(module_name(OsStr::new("modules.dep")), None);
     }
 

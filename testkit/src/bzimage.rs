@@ -29,7 +29,9 @@ const MAX_VMLINUX: usize = 1 << 30;
 pub enum BzImageError {
     #[error("not a bzImage (no \"HdrS\" setup header at 0x202): pass a Linux bzImage")]
     NotBzImage,
-    #[error("boot protocol {0:#06x} is older than 2.08 and has no payload fields: use a newer kernel")]
+    #[error(
+        "boot protocol {0:#06x} is older than 2.08 and has no payload fields: use a newer kernel"
+    )]
     OldProtocol(u16),
     #[error("the payload (offset {offset:#x}, length {length:#x}) lies outside the {size}-byte file: the image is truncated or corrupt; fetch it again")]
     PayloadOutOfBounds {
@@ -54,7 +56,9 @@ fn u16_at(b: &[u8], off: usize) -> Option<u16> {
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 /// The compressed payload inside a bzImage.

@@ -190,8 +190,10 @@ mod tests {
 
     fn sample() -> Vec<u8> {
         let mut w = CpioWriter::new(Vec::new());
-        w.file("/init", 0o755, b"#!/bin/sh\necho hi\n").expect("init");
-        w.file("bin/busybox", 0o755, b"\x7fELF...").expect("busybox");
+        w.file("/init", 0o755, b"#!/bin/sh\necho hi\n")
+            .expect("init");
+        w.file("bin/busybox", 0o755, b"\x7fELF...")
+            .expect("busybox");
         w.symlink("bin/sh", "busybox").expect("symlink");
         w.dir("/proc", 0o555).expect("proc");
         w.dir("bin", 0o755).expect("bin again is a no-op");
@@ -207,7 +209,16 @@ mod tests {
         let names: Vec<&str> = entries.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
             names,
-            ["init", "bin", "bin/busybox", "bin/sh", "proc", "a", "a/b", "a/b/c.txt"]
+            [
+                "init",
+                "bin",
+                "bin/busybox",
+                "bin/sh",
+                "proc",
+                "a",
+                "a/b",
+                "a/b/c.txt"
+            ]
         );
         let get = |n: &str| entries.iter().find(|e| e.0 == n).expect("entry");
         assert_eq!(get("init").1, 0o100_755);
@@ -264,7 +275,16 @@ mod tests {
         let listed: Vec<&str> = listed.lines().collect();
         assert_eq!(
             listed,
-            ["init", "bin", "bin/busybox", "bin/sh", "proc", "a", "a/b", "a/b/c.txt"]
+            [
+                "init",
+                "bin",
+                "bin/busybox",
+                "bin/sh",
+                "proc",
+                "a",
+                "a/b",
+                "a/b/c.txt"
+            ]
         );
         // And extracts it with the right contents and link.
         let x = dir.path().join("x");
@@ -277,10 +297,7 @@ mod tests {
             .status()
             .expect("extract");
         assert!(status.success());
-        assert_eq!(
-            std::fs::read(x.join("a/b/c.txt")).expect("read"),
-            b"abc"
-        );
+        assert_eq!(std::fs::read(x.join("a/b/c.txt")).expect("read"), b"abc");
         assert_eq!(
             std::fs::read_link(x.join("bin/sh")).expect("readlink"),
             std::path::Path::new("busybox")

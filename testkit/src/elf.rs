@@ -19,15 +19,21 @@ pub enum ElfError {
 }
 
 fn u16_at(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 fn u32_at(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 fn u64_at(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 fn oob(what: &'static str) -> ElfError {
@@ -214,7 +220,11 @@ mod tests {
         let bytes = std::fs::read(exe).expect("read current exe");
         let elf = Elf::parse(&bytes).expect("ELF");
         assert!(!elf.program_headers().expect("phdrs").is_empty());
-        assert!(elf.sections().expect("sections").iter().any(|s| s.name == ".text"));
+        assert!(elf
+            .sections()
+            .expect("sections")
+            .iter()
+            .any(|s| s.name == ".text"));
         assert!(!elf.has_pvh_note().expect("notes"));
     }
 

@@ -42,6 +42,9 @@ pub const KVM_MODULES: &[&str] = &["kvm-amd"];
 /// Default hard wall-clock limit for one outer machine.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// Serialises outer machines within a process.
+static ONE_MACHINE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 const DONE_MARKER: &str = "NESTED-DONE rc=";
 const BEGIN_MARKER: &str = "REDDOG-BEGIN ";
 const END_MARKER: &str = "REDDOG-END ";
@@ -108,7 +111,9 @@ pub fn host_tsc_khz() -> Option<u64> {
                 mhz_to_khz(rest.trim().split_whitespace().next()?)
             })
         };
-        if let Some(k) = find("Refined TSC clocksource calibration:").or_else(|| find("tsc: Detected")) {
+        if let Some(k) =
+            find("Refined TSC clocksource calibration:").or_else(|| find("tsc: Detected"))
+        {
             return Some(k);
         }
     }
@@ -269,7 +274,8 @@ impl OuterMachine {
 
     /// Puts `bytes` at `dest` in the outer machine.
     pub fn file(mut self, dest: &str, mode: u32, bytes: Vec<u8>) -> Self {
-        self.files.push((dest.to_owned(), mode, FileData::Bytes(bytes)));
+        self.files
+            .push((dest.to_owned(), mode, FileData::Bytes(bytes)));
         self
     }
 
@@ -308,7 +314,11 @@ impl OuterMachine {
         w.symlink("bin/sh", "busybox")?;
         w.file("bin/reddog-vmm", 0o755, &vmm)?;
         let order: Vec<&str> = modules.iter().map(|m| m.name.as_str()).collect();
-        w.file("lib/kvm/order", 0o644, format!("{}\n", order.join("\n")).as_bytes())?;
+        w.file(
+            "lib/kvm/order",
+            0o644,
+            format!("{}\n", order.join("\n")).as_bytes(),
+        )?;
         for m in &modules {
             w.file(&format!("lib/kvm/{}.ko", m.name), 0o644, &m.bytes)?;
         }
@@ -329,8 +339,13 @@ impl OuterMachine {
     }
 
     /// Builds the initramfs, boots the outer machine and waits (at most the
-    /// limit) for it to power off.
+    /// limit) for it to power off. Outer machines of one process run one at a
+    /// time: each keeps two host CPUs busy, and the limit should measure the
+    /// machine, not the queue.
     pub fn run(&self) -> Result<NestedReport, NestedError> {
+        let _one_at_a_time = ONE_MACHINE
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let tmp = tempfile::tempdir().map_err(io("creating a temporary directory"))?;
         let initrd = tmp.path().join("outer.cpio");
         self.initramfs(&initrd)?;
@@ -349,7 +364,13 @@ impl OuterMachine {
         }
         cmd.args(["-accel", "tcg,thread=multi", "-cpu", OUTER_CPU])
             .args(["-m", &OUTER_MEMORY_MIB.to_string(), "-smp", "2"])
-            .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
             .arg("-kernel")
             .arg(&self.kernel.vmlinuz)
             .arg("-initrd")
@@ -547,7 +568,9 @@ pub fn run_vmm(kernel: &KernelArtifacts, vm: &InnerVm) -> Result<InnerRun, Neste
         m = m.file("guest/initrd", 0o644, initrd.clone());
     }
     let outer = m.run()?;
-    let status = outer.section("vmm-status").and_then(|s| s.trim().parse().ok());
+    let status = outer
+        .section("vmm-status")
+        .and_then(|s| s.trim().parse().ok());
     let report = outer
         .section("report.json")
         .and_then(|s| serde_json::from_str(s.trim()).ok());
