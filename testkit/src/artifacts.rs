@@ -128,7 +128,7 @@ pub fn cache_root() -> Result<PathBuf, ArtifactError> {
 }
 
 /// Debian's stock cloud kernel, extracted.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone)]
 pub struct KernelArtifacts {
     /// The Debian package, e.g. `linux-image-6.1.0-56-cloud-amd64-unsigned`.
     pub package: String,
@@ -331,21 +331,31 @@ fn unique_suffix() -> String {
 
 const METADATA: &str = "kernel.json";
 
+/// What `kernel.json` records; paths are derived from the entry's directory.
+#[derive(Serialize, Deserialize)]
+struct CacheMeta {
+    package: String,
+    version: String,
+    release: String,
+    deb_sha256: String,
+}
+
 fn load_entry(dir: &Path) -> Result<KernelArtifacts, ArtifactError> {
     let meta = dir.join(METADATA);
     let text = fs::read_to_string(&meta).map_err(io_err(&meta))?;
-    let k: KernelArtifacts =
-        serde_json::from_str(&text).map_err(|e| ArtifactError::BadCacheEntry {
-            path: dir.to_owned(),
-            what: e.to_string(),
-        })?;
-    // The entry may have been moved: re-root the paths at `dir`.
+    let m: CacheMeta = serde_json::from_str(&text).map_err(|e| ArtifactError::BadCacheEntry {
+        path: dir.to_owned(),
+        what: e.to_string(),
+    })?;
     let k = KernelArtifacts {
         dir: dir.to_owned(),
-        vmlinuz: dir.join("root/boot").join(format!("vmlinuz-{}", k.release)),
+        vmlinuz: dir.join("root/boot").join(format!("vmlinuz-{}", m.release)),
         vmlinux: dir.join("vmlinux"),
-        modules_dir: dir.join("root/lib/modules").join(&k.release),
-        ..k
+        modules_dir: dir.join("root/lib/modules").join(&m.release),
+        package: m.package,
+        version: m.version,
+        release: m.release,
+        deb_sha256: m.deb_sha256,
     };
     for p in [&k.vmlinuz, &k.vmlinux, &k.modules_dir] {
         if !p.exists() {
@@ -359,7 +369,7 @@ fn load_entry(dir: &Path) -> Result<KernelArtifacts, ArtifactError> {
 }
 
 /// Builds a cache entry for `pkg` in `tmp` (which the caller renames into place).
-fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<KernelArtifacts, ArtifactError> {
+fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<(), ArtifactError> {
     let spec = format!("{}={}", pkg.name, pkg.version);
     run(Command::new("apt-get")
         .args(["download", "-q", &spec])
@@ -407,23 +417,19 @@ fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<KernelArtifacts, Artifact
     })?;
     let vmlinux = tmp.join("vmlinux");
     fs::write(&vmlinux, vmlinux_bytes).map_err(io_err(&vmlinux))?;
-    let k = KernelArtifacts {
+    let m = CacheMeta {
         package: pkg.name.clone(),
         version: pkg.version.clone(),
         release,
         deb_sha256: actual,
-        dir: tmp.to_owned(),
-        vmlinuz,
-        vmlinux,
-        modules_dir,
     };
     let meta = tmp.join(METADATA);
-    let json = serde_json::to_string_pretty(&k).map_err(|e| ArtifactError::BadCacheEntry {
+    let json = serde_json::to_string_pretty(&m).map_err(|e| ArtifactError::BadCacheEntry {
         path: meta.clone(),
         what: e.to_string(),
     })?;
     fs::write(&meta, json).map_err(io_err(&meta))?;
-    Ok(k)
+    Ok(())
 }
 
 /// Fetches (once) and returns Debian 12's current stock cloud kernel: the
@@ -441,8 +447,7 @@ pub fn debian_kernel() -> Result<KernelArtifacts, ArtifactError> {
     fs::create_dir_all(&kernels).map_err(io_err(&kernels))?;
     let tmp = kernels.join(format!(".tmp-{}", unique_suffix()));
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    let built = build_entry(&pkg, &tmp);
-    if let Err(e) = built {
+    if let Err(e) = build_entry(&pkg, &tmp) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }

@@ -58,9 +58,19 @@ fn test_guest_on_real_kvm_with_two_vcpus() {
     vm.timeout_ms = 60_000;
     let run = run("test guest, 2 vCPUs", &k, &vm);
     assert_powered_off(&run);
-    assert_eq!(run.line("reddog-test-guest"), Some("hello"), "{}", run.describe());
+    assert_eq!(
+        run.line("reddog-test-guest"),
+        Some("hello"),
+        "{}",
+        run.describe()
+    );
     assert_eq!(run.line("boot-protocol"), Some("pvh"), "{}", run.describe());
-    assert_eq!(run.line("cpus"), Some("madt=2 online=2"), "{}", run.describe());
+    assert_eq!(
+        run.line("cpus"),
+        Some("madt=2 online=2"),
+        "{}",
+        run.describe()
+    );
     assert_eq!(run.line("exit"), Some("acpi"), "{}", run.describe());
 }
 
@@ -85,7 +95,12 @@ fn boot_debian(what: &str, k: &KernelArtifacts, image: &Path) {
     vm.memory_mib = 512;
     vm.initrd = Some(nested::busybox_initramfs(INNER_INIT).expect("inner initramfs"));
     let run = run(what, k, &vm);
-    assert_eq!(run.line("reddog-inner"), Some("init ok"), "{}", run.describe());
+    assert_eq!(
+        run.line("reddog-inner"),
+        Some("init ok"),
+        "{}",
+        run.describe()
+    );
     let uname = format!("uname {}", k.release);
     let cmdline = format!("cmdline {INNER_CMDLINE}");
     let lines = run.lines("reddog-inner");

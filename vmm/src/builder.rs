@@ -2,7 +2,7 @@
 //! devices, vCPUs, run; then wait for the VM to stop.
 
 use std::fs::OpenOptions;
-use std::io::{LineWriter, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
@@ -115,7 +115,7 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
                     path: path.clone(),
                     source,
                 })?;
-            Box::new(LineWriter::new(f))
+            Box::new(f)
         }
     })
 }
