@@ -437,7 +437,23 @@ fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<(), ArtifactError> {
 /// depends on, downloaded by apt (which checks the archive signatures and hash),
 /// checked again against apt's sha256, extracted with `dpkg-deb -x`, and its
 /// `vmlinux` decompressed from the bzImage.
+///
+/// Within one process the answer is remembered; across processes the cache
+/// entry appears atomically (see the module documentation).
 pub fn debian_kernel() -> Result<KernelArtifacts, ArtifactError> {
+    static KERNEL: std::sync::Mutex<Option<KernelArtifacts>> = std::sync::Mutex::new(None);
+    let mut known = KERNEL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(k) = known.as_ref() {
+        return Ok(k.clone());
+    }
+    let k = fetch_debian_kernel()?;
+    *known = Some(k.clone());
+    Ok(k)
+}
+
+fn fetch_debian_kernel() -> Result<KernelArtifacts, ArtifactError> {
     let pkg = resolve_kernel_package()?;
     let kernels = cache_root()?.join("kernels");
     let final_dir = kernels.join(&pkg.sha256);
@@ -520,6 +536,20 @@ pub fn workspace_root() -> PathBuf {
 /// (`REDDOG_STATIC_TARGET_DIR`, default `<target dir>/nested-static`), so it never
 /// waits on the lock of the `cargo test` that runs us.
 pub fn static_vmm() -> Result<PathBuf, ArtifactError> {
+    // One build per process: later callers reuse a successful one.
+    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(p) = built.as_ref() {
+        return Ok(p.clone());
+    }
+    let p = build_static_vmm()?;
+    *built = Some(p.clone());
+    Ok(p)
+}
+
+fn build_static_vmm() -> Result<PathBuf, ArtifactError> {
     if let Some(p) = std::env::var_os("REDDOG_VMM_STATIC").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
         require_static(&p, "REDDOG_VMM_STATIC must name a +crt-static build")?;

@@ -33,7 +33,8 @@ use vmm_api::ExitReport;
 use crate::artifacts::{self, ArtifactError, KernelArtifacts};
 use crate::cpio::{CpioError, CpioWriter};
 
-/// The QEMU CPU model of the outer machine (see the module documentation).
+/// The QEMU CPU model of the outer machine (see the module documentation);
+/// `REDDOG_NESTED_CPU` overrides it, e.g. to recheck XSAVE on a newer QEMU.
 pub const OUTER_CPU: &str = "max,-avx,-avx2,-mpx,-pku,-xsave";
 /// Outer machine memory.
 pub const OUTER_MEMORY_MIB: u32 = 2048;
@@ -108,7 +109,7 @@ pub fn host_tsc_khz() -> Option<u64> {
         let find = |key: &str| {
             log.lines().rev().find_map(|l| {
                 let rest = &l[l.find(key)? + key.len()..];
-                mhz_to_khz(rest.trim().split_whitespace().next()?)
+                mhz_to_khz(rest.split_whitespace().next()?)
             })
         };
         if let Some(k) =
@@ -362,7 +363,8 @@ impl OuterMachine {
                 cmd.args(["-M", "q35"]);
             }
         }
-        cmd.args(["-accel", "tcg,thread=multi", "-cpu", OUTER_CPU])
+        let cpu = std::env::var("REDDOG_NESTED_CPU").unwrap_or_else(|_| OUTER_CPU.to_owned());
+        cmd.args(["-accel", "tcg,thread=multi", "-cpu", &cpu])
             .args(["-m", &OUTER_MEMORY_MIB.to_string(), "-smp", "2"])
             .args([
                 "-nographic",

@@ -106,7 +106,7 @@ fn check_qcow2(path: &Path) -> Result<CheckReport> {
         if off == 0 {
             continue;
         }
-        if off + cs > h.file_len {
+        if off.checked_add(cs).is_none_or(|e| e > h.file_len) {
             rep.corruptions.push(format!(
                 "refcount block {i} at {off:#x} lies past the end of the file"
             ));
@@ -123,7 +123,7 @@ fn check_qcow2(path: &Path) -> Result<CheckReport> {
         if l2_off == 0 {
             continue;
         }
-        if l2_off % cs != 0 || l2_off + cs > h.file_len {
+        if l2_off % cs != 0 || l2_off.checked_add(cs).is_none_or(|e| e > h.file_len) {
             rep.corruptions.push(format!(
                 "L1 entry {i}: L2 table at {l2_off:#x} is unaligned or past the end of the file"
             ));

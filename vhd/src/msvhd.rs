@@ -2,9 +2,9 @@
 //! differencing images, implemented natively.
 //!
 //! Crash-safe write order when a block is allocated (see `docs/disks.md`): the footer is
-//! first rewritten past the new block (so the last 512 bytes are always a valid footer),
-//! then the block's bitmap and data are written and synced, and only then is the BAT entry
-//! pointed at the block. A crash before the BAT write leaves an unreferenced block, which
+//! first rewritten past the new block and synced (so the last 512 bytes are always a valid
+//! footer, even after a power loss), then the block's bitmap is written and synced, and
+//! only then is the BAT entry pointed at the block. A crash before the BAT write leaves an unreferenced block, which
 //! every reader ignores. In differencing images a sector's bitmap bit is set only after its
 //! data is written.
 
@@ -525,6 +525,20 @@ pub struct VhdDisk {
     /// Serialises writes (block allocation and bitmap updates).
     wstate: Mutex<WriteState>,
     parent: Option<Arc<dyn DiskImage>>,
+    /// Unit tests only: every file write and sync, in order, once started.
+    #[cfg(test)]
+    journal: Mutex<Option<Vec<IoEvent>>>,
+}
+
+/// A write to the image file or a sync of it (recorded by unit tests, which replay them to
+/// simulate a power loss).
+#[cfg(test)]
+#[derive(Debug, Clone)]
+pub(crate) enum IoEvent {
+    /// `pwrite(data, offset)`.
+    Write(u64, Vec<u8>),
+    /// `fdatasync`.
+    Sync,
 }
 
 impl std::fmt::Debug for VhdDisk {
@@ -596,7 +610,52 @@ impl VhdDisk {
             footer: p.footer,
             header: p.header,
             parent,
+            #[cfg(test)]
+            journal: Mutex::new(None),
         })
+    }
+
+    /// Starts recording every write and sync made to the file (unit tests).
+    #[cfg(test)]
+    pub(crate) fn start_journal(&self) {
+        *self.journal.lock().unwrap_or_else(|e| e.into_inner()) = Some(Vec::new());
+    }
+
+    /// Takes the events recorded so far (unit tests).
+    #[cfg(test)]
+    pub(crate) fn take_journal(&self) -> Vec<IoEvent> {
+        self.journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    #[cfg(test)]
+    fn record(&self, ev: impl FnOnce() -> IoEvent) {
+        if let Some(j) = self
+            .journal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_mut()
+        {
+            j.push(ev());
+        }
+    }
+
+    /// Every write to the image file goes through here.
+    fn pwrite(&self, buf: &[u8], off: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        self.record(|| IoEvent::Write(off, buf.to_vec()));
+        self.file.write_all_at(buf, off)
+    }
+
+    /// Every sync of the image file goes through here.
+    fn fdatasync(&self) -> std::io::Result<()> {
+        #[cfg(test)]
+        self.record(|| IoEvent::Sync);
+        self.file.sync_data()
     }
 
     /// The footer.
@@ -736,8 +795,12 @@ impl VhdDisk {
                 )
             })?;
         let new_footer_pos = start + bmb + bs;
-        // 1. Footer past the new block: the file's last sector stays a valid footer.
-        write_all(&self.file, &self.footer.raw, new_footer_pos, op)?;
+        // 1. Footer past the new block: the file's last sector stays a valid footer. It must be
+        //    durable before the bitmap overwrites the old footer: after a power loss the
+        //    bitmap alone could otherwise be the file's last sector (no footer at all).
+        self.pwrite(&self.footer.raw, new_footer_pos)
+            .map_err(|e| DiskError::io(op, e).at(new_footer_pos))?;
+        self.fdatasync().ctx(op)?;
         // 2. Bitmap: all set for dynamic disks (the block's zeros are its data), all clear for
         //    differencing disks (sectors come from the parent until written). The data area
         //    stays a sparse hole that reads as zeros.
@@ -753,9 +816,10 @@ impl VhdDisk {
                 bm[(s / 8) as usize] |= 0x80 >> (s % 8);
             }
         }
-        write_all(&self.file, &bm, start, op)?;
+        self.pwrite(&bm, start)
+            .map_err(|e| DiskError::io(op, e).at(start))?;
         // (The bitmap, at least one sector, overwrites the old footer at `start`.)
-        self.file.sync_data().ctx(op)?;
+        self.fdatasync().ctx(op)?;
         // 3. Commit: the BAT entry.
         let hdr = self
             .header
@@ -763,7 +827,9 @@ impl VhdDisk {
             .ok_or_else(|| err(ErrorKind::Corrupt, op, "no dynamic header"))?;
         let mut e = [0u8; 4];
         put32(&mut e, 0, entry);
-        write_all(&self.file, &e, hdr.table_offset + block * 4, op)?;
+        let at = hdr.table_offset + block * 4;
+        self.pwrite(&e, at)
+            .map_err(|e| DiskError::io(op, e).at(at))?;
         if let Some(slot) = self
             .bat
             .write()
@@ -788,8 +854,7 @@ impl VhdDisk {
         };
         let data = start + self.bitmap_bytes();
         let in_block = offset % bs;
-        self.file
-            .write_all_at(buf, data + in_block)
+        self.pwrite(buf, data + in_block)
             .map_err(|e| DiskError::io("write", e).at(offset))?;
         if self.footer.disk_type == VhdType::Differencing {
             let mut bm = self.read_bitmap(start)?;
@@ -809,12 +874,9 @@ impl VhdDisk {
                 // Data before the bit: a crash in between leaves the parent's data visible.
                 let lo = (first / 8) as usize;
                 let hi = (((first + n - 1) / 8) as usize + 1).min(bm.len());
-                write_all(
-                    &self.file,
-                    &bm[lo..hi],
-                    start + lo as u64,
-                    "write vhd block bitmap",
-                )?;
+                let at = start + lo as u64;
+                self.pwrite(&bm[lo..hi], at)
+                    .map_err(|e| DiskError::io("write vhd block bitmap", e).at(at))?;
             }
         }
         Ok(())
@@ -823,8 +885,7 @@ impl VhdDisk {
     fn write_locked(&self, ws: &mut WriteState, buf: &[u8], offset: u64) -> Result<()> {
         if self.footer.disk_type == VhdType::Fixed {
             return self
-                .file
-                .write_all_at(buf, offset)
+                .pwrite(buf, offset)
                 .map_err(|e| DiskError::io("write", e).at(offset));
         }
         let bs = self.block_size();
@@ -949,7 +1010,7 @@ impl DiskImage for VhdDisk {
         if self.read_only {
             return Ok(());
         }
-        self.file.sync_data().ctx_path("flush", &self.path)
+        self.fdatasync().ctx_path("flush", &self.path)
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -1188,3 +1249,7 @@ pub fn create_differencing(path: &Path, base: &BaseRef, size: u64) -> Result<()>
     let r = write_dynamic(&f, VhdType::Differencing, size, &layout);
     finish_create(path, r)
 }
+
+#[cfg(test)]
+#[path = "msvhd_power_loss.rs"]
+mod power_loss_tests;

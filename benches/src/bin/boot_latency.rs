@@ -3,7 +3,8 @@
 //! its binary), and prints min / median / p90 / max of spawn -> console marker,
 //! spawn -> exit, and peak RSS, with reddog's ratio to each peer.
 //!
-//! Usage: `cargo build --release -p vmm -p benches && target/release/boot-latency [--runs N]`
+//! Usage: `cargo build --release -p vmm -p benches && target/release/boot-latency [--runs N] [--vmm PATH]`
+//! (`scripts/bench-boot` builds reddog-vmm statically linked and runs it).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -102,6 +103,7 @@ fn row(name: &str, what: &str, s: Summary, unit: &str) {
 
 fn main() -> Result<()> {
     let mut runs = 30usize;
+    let mut vmm_arg: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -112,17 +114,21 @@ fn main() -> Result<()> {
                     .parse()
                     .context("--runs needs a number")?
             }
-            other => bail!("unknown argument {other:?}; usage: boot-latency [--runs N]"),
+            "--vmm" => vmm_arg = Some(args.next().context("--vmm needs a path")?.into()),
+            other => bail!("unknown argument {other:?}; usage: boot-latency [--runs N] [--vmm PATH]"),
         }
     }
     if runs == 0 {
         bail!("--runs must be at least 1");
     }
-    let exe = std::env::current_exe().context("locating this binary")?;
-    let vmm = exe
-        .parent()
-        .context("binary has no parent directory")?
-        .join("reddog-vmm");
+    let vmm = match vmm_arg {
+        Some(p) => p,
+        None => std::env::current_exe()
+            .context("locating this binary")?
+            .parent()
+            .context("binary has no parent directory")?
+            .join("reddog-vmm"),
+    };
     if !vmm.exists() {
         bail!(
             "{} not found: build it first with `cargo build --release -p vmm -p benches`",
