@@ -9,6 +9,8 @@ pub struct Options {
     pub vsock_listen: Option<u32>,
     /// Disks (by serial) to try writing to; the result is reported.
     pub write_test: Vec<String>,
+    /// How many virtio disks to wait for.
+    pub disks: usize,
     /// Seconds to wait for devices and connections.
     pub wait_secs: u64,
 }
@@ -31,6 +33,7 @@ pub fn parse(cmdline: &str) -> (Options, Vec<String>) {
             "vsock_listen" => o.vsock_listen = port(),
             "write_test" => o.write_test.extend(value.split(',').map(str::to_owned)),
             "wait" => o.wait_secs = value.parse().unwrap_or(o.wait_secs).min(600),
+            "disks" => o.disks = value.parse().unwrap_or(0).min(16),
             _ => notes.push(format!("unknown option reddog.{key}")),
         }
     }
@@ -44,7 +47,7 @@ mod tests {
     #[test]
     fn reddog_options_only() {
         let (o, notes) = parse(
-            "console=ttyS0 reddog.vsock_connect=1024 reddog.vsock_listen=5000 reddog.write_test=role,os reddog.wait=3 reddog.bogus=1 reddog.vsock_listen=x",
+            "console=ttyS0 reddog.vsock_connect=1024 reddog.vsock_listen=5000 reddog.write_test=role,os reddog.wait=3 reddog.disks=3 reddog.bogus=1 reddog.vsock_listen=x",
         );
         assert_eq!(o.vsock_connect, Some(1024));
         assert_eq!(
@@ -53,6 +56,7 @@ mod tests {
         );
         assert_eq!(o.write_test, vec!["role", "os"]);
         assert_eq!(o.wait_secs, 3);
+        assert_eq!(o.disks, 3);
         assert_eq!(notes, vec!["unknown option reddog.bogus"]);
         assert_eq!(parse("").0.wait_secs, 10);
     }

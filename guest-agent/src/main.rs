@@ -8,15 +8,6 @@ use guest_agent::{cmdline, probe, probe::say, sys};
 
 /// Where the initramfs lists its modules, in load order.
 const MODULE_LIST: &str = "/etc/reddog/modules";
-/// How many disks to wait for (from `reddog.disks=N`, default 0).
-fn wanted_disks(cmdline: &str) -> usize {
-    cmdline
-        .split_whitespace()
-        .find_map(|t| t.strip_prefix("reddog.disks="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-        .min(16)
-}
 
 fn main() {
     probe::mount_kernel_filesystems();
@@ -30,7 +21,7 @@ fn main() {
     probe::load_modules(Path::new(MODULE_LIST));
 
     let wait = Duration::from_secs(opts.wait_secs);
-    let disks = probe::find_disks(wanted_disks(&cmdline), wait);
+    let disks = probe::find_disks(opts.disks, wait);
     for d in &disks {
         let dev = Path::new("/dev").join(&d.name);
         let first = probe::first_bytes(&dev, 32).unwrap_or_else(|e| format!("<read failed: {e}>"));

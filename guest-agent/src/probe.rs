@@ -30,15 +30,14 @@ pub fn mount_kernel_filesystems() {
     }
 }
 
-/// Writes the boot timer's magic byte through `/dev/port`.
+/// Writes the boot timer's magic byte to its I/O port.
 pub fn mark_boot_timer() {
-    let port = u64::from(vmm_platform::BOOT_TIMER_PORT);
-    match OpenOptions::new().write(true).open("/dev/port") {
-        Ok(f) => match f.write_at(&[vmm_platform::BOOT_TIMER_MAGIC], port) {
-            Ok(_) => say("boot-timer written"),
-            Err(e) => say(&format!("boot-timer failed: {e}")),
-        },
-        Err(e) => say(&format!("boot-timer failed: /dev/port: {e}")),
+    match sys::outb(
+        vmm_platform::BOOT_TIMER_PORT,
+        vmm_platform::BOOT_TIMER_MAGIC,
+    ) {
+        Ok(()) => say("boot-timer written"),
+        Err(e) => say(&format!("boot-timer failed: {e}")),
     }
 }
 

@@ -87,6 +87,21 @@ pub fn power_off() -> SysError {
     }
 }
 
+/// Writes one byte to an I/O port (`ioperm` for that port, then `out`).
+/// Only PID 1 (with CAP_SYS_RAWIO) on x86 can do this.
+#[cfg(target_arch = "x86_64")]
+pub fn outb(port: u16, value: u8) -> Result<(), SysError> {
+    // SAFETY: ioperm only changes this thread's I/O permission bitmap.
+    let r = unsafe { libc::ioperm(libc::c_ulong::from(port), 1, 1) };
+    check("ioperm", r.into())?;
+    // SAFETY: the port was just granted to this thread; writing a byte to it has
+    // no effect on this process's memory (the VMM handles the exit).
+    unsafe {
+        std::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
+    }
+    Ok(())
+}
+
 /// The host's context ID.
 pub const VMADDR_CID_HOST: u32 = 2;
 /// Any CID (for bind).

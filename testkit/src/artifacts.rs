@@ -530,31 +530,36 @@ pub fn workspace_root() -> PathBuf {
 
 /// A statically linked `reddog-vmm`, for machines without its libraries.
 ///
-/// `REDDOG_VMM_STATIC=<path>` uses a prebuilt one; otherwise it is built from the
-/// workspace with `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release
-/// -p vmm --target x86_64-unknown-linux-gnu` into its own target directory
-/// (`REDDOG_STATIC_TARGET_DIR`, default `<target dir>/nested-static`), so it never
-/// waits on the lock of the `cargo test` that runs us.
+/// `REDDOG_VMM_STATIC=<path>` uses a prebuilt one; otherwise it is built like
+/// [`static_bin`].
 pub fn static_vmm() -> Result<PathBuf, ArtifactError> {
-    // One build per process: later callers reuse a successful one.
-    static BUILT: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
-    let mut built = BUILT
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(p) = built.as_ref() {
-        return Ok(p.clone());
-    }
-    let p = build_static_vmm()?;
-    *built = Some(p.clone());
-    Ok(p)
-}
-
-fn build_static_vmm() -> Result<PathBuf, ArtifactError> {
     if let Some(p) = std::env::var_os("REDDOG_VMM_STATIC").filter(|v| !v.is_empty()) {
         let p = PathBuf::from(p);
         require_static(&p, "REDDOG_VMM_STATIC must name a +crt-static build")?;
         return Ok(p);
     }
+    static_bin("vmm", "reddog-vmm")
+}
+
+/// A statically linked binary `bin` of workspace package `package`, built with
+/// `RUSTFLAGS="-C target-feature=+crt-static" cargo build --release -p <package>
+/// --bin <bin> --target x86_64-unknown-linux-gnu` into its own target directory
+/// (`REDDOG_STATIC_TARGET_DIR`, default `<target dir>/nested-static`), so it never
+/// waits on the lock of the `cargo test` that runs us. Built once per process.
+pub fn static_bin(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, p)) = built.iter().find(|(b, _)| b == bin) {
+        return Ok(p.clone());
+    }
+    let p = build_static(package, bin)?;
+    built.push((bin.to_owned(), p.clone()));
+    Ok(p)
+}
+
+fn build_static(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
     let ws = workspace_root();
     let target_dir = match std::env::var_os("REDDOG_STATIC_TARGET_DIR").filter(|v| !v.is_empty()) {
         Some(d) => ws.join(d),
@@ -568,15 +573,7 @@ fn build_static_vmm() -> Result<PathBuf, ArtifactError> {
     };
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-q",
-            "-p",
-            "vmm",
-            "--bin",
-            "reddog-vmm",
-        ])
+        .args(["build", "--release", "-q", "-p", package, "--bin", bin])
         .args(["--target", STATIC_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)
@@ -585,12 +582,12 @@ fn build_static_vmm() -> Result<PathBuf, ArtifactError> {
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET"))?;
-    let bin = target_dir.join(STATIC_TARGET).join("release/reddog-vmm");
+    let path = target_dir.join(STATIC_TARGET).join("release").join(bin);
     require_static(
-        &bin,
+        &path,
         "the static build produced a dynamic binary: check RUSTFLAGS",
     )?;
-    Ok(bin)
+    Ok(path)
 }
 
 #[cfg(test)]

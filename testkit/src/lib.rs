@@ -12,6 +12,7 @@ pub mod artifacts;
 pub mod bzimage;
 pub mod cpio;
 pub mod elf;
+pub mod guest;
 pub mod nested;
 
 pub use artifacts::{debian_kernel, ArtifactError, KernelArtifacts};

@@ -478,6 +478,18 @@ pub struct InnerVm {
     pub memory_mib: u32,
     /// reddog-vmm's own wall-clock limit.
     pub timeout_ms: u64,
+    /// More reddog-vmm arguments (split on whitespace), e.g. `--disk ...`.
+    pub extra_args: Vec<String>,
+    /// Files put at `/guest/<name>` in the outer machine (disk images...).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Host binaries put at `/bin/<name>` in the outer machine (static only).
+    pub bins: Vec<(String, PathBuf)>,
+    /// Shell run (in the outer machine) before reddog-vmm starts; may start
+    /// background helpers. Output goes to `/out/before`.
+    pub before: Option<String>,
+    /// Shell run while reddog-vmm runs (it was started in the background).
+    /// Output goes to `/out/during`.
+    pub during: Option<String>,
 }
 
 impl InnerVm {
@@ -490,6 +502,11 @@ impl InnerVm {
             vcpus: 1,
             memory_mib: 256,
             timeout_ms: 120_000,
+            extra_args: Vec::new(),
+            files: Vec::new(),
+            bins: Vec::new(),
+            before: None,
+            during: None,
         }
     }
 }
@@ -545,8 +562,12 @@ impl InnerRun {
 const INNER_SCENARIO: &str = r#"set -u
 set -- --kernel /guest/kernel --cmdline "$(cat /guest/cmdline)" $(cat /guest/args)
 [ -f /guest/initrd ] && set -- "$@" --initrd /guest/initrd
+[ -f /guest/before.sh ] && sh /guest/before.sh > /out/before 2>&1
 echo "reddog-vmm $*"
-/bin/reddog-vmm "$@" --serial /out/console --exit-report /out/report.json 2> /out/vmm.log
+/bin/reddog-vmm "$@" --serial /out/console --exit-report /out/report.json 2> /out/vmm.log &
+vmm=$!
+[ -f /guest/during.sh ] && sh /guest/during.sh > /out/during 2>&1
+wait $vmm
 rc=$?
 echo $rc > /out/vmm-status
 echo "reddog-vmm exited $rc"
@@ -556,10 +577,14 @@ exit 0
 /// Boots `vm` with the static reddog-vmm on real KVM inside an outer machine
 /// running `kernel`. Guest console, VMM log and exit report come back apart.
 pub fn run_vmm(kernel: &KernelArtifacts, vm: &InnerVm) -> Result<InnerRun, NestedError> {
-    let args = format!(
+    let mut args = format!(
         "--vcpus {} --memory-mib {} --timeout-ms {}",
         vm.vcpus, vm.memory_mib, vm.timeout_ms
     );
+    for a in &vm.extra_args {
+        args.push(' ');
+        args.push_str(a);
+    }
     let mut m = OuterMachine::new(kernel)
         .host_file("guest/kernel", 0o644, &vm.kernel)
         .file("guest/cmdline", 0o644, vm.cmdline.clone().into_bytes())
@@ -568,6 +593,18 @@ pub fn run_vmm(kernel: &KernelArtifacts, vm: &InnerVm) -> Result<InnerRun, Neste
         .timeout(DEFAULT_TIMEOUT.max(Duration::from_millis(vm.timeout_ms + 120_000)));
     if let Some(initrd) = &vm.initrd {
         m = m.file("guest/initrd", 0o644, initrd.clone());
+    }
+    for (name, bytes) in &vm.files {
+        m = m.file(&format!("guest/{name}"), 0o644, bytes.clone());
+    }
+    for (name, path) in &vm.bins {
+        m = m.host_file(&format!("bin/{name}"), 0o755, path);
+    }
+    if let Some(sh) = &vm.before {
+        m = m.file("guest/before.sh", 0o755, sh.clone().into_bytes());
+    }
+    if let Some(sh) = &vm.during {
+        m = m.file("guest/during.sh", 0o755, sh.clone().into_bytes());
     }
     let outer = m.run()?;
     let status = outer

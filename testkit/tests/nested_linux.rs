@@ -74,50 +74,146 @@ fn test_guest_on_real_kvm_with_two_vcpus() {
     assert_eq!(run.line("exit"), Some("acpi"), "{}", run.describe());
 }
 
-/// The inner /init: prove userspace runs (fork, exec, signals), then power off.
-const INNER_INIT: &str = r#"#!/bin/busybox sh
-/bin/busybox mount -t proc proc /proc
-echo "reddog-inner: init ok"
-echo "reddog-inner: uname $(/bin/busybox uname -r)"
-echo "reddog-inner: cmdline $(/bin/busybox cat /proc/cmdline)"
-echo "reddog-inner: cpus $(/bin/busybox grep -c ^processor /proc/cpuinfo)"
-/bin/busybox poweroff -f
-"#;
+/// The stock kernel's command line on reddog-vmm: COM1 for the console, ACPI
+/// for reboot and S5, `panic=-1` so a panic resets the VM (exit status 10)
+/// instead of hanging until the limit; then what `reddog-guest` should check.
+const BASE_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 quiet reddog.disks=3 reddog.wait=30";
 
-/// What the stock kernel needs from reddog-vmm's platform: COM1 for the
-/// console, ACPI for reboot and S5, and `panic=-1` so a panic resets the VM
-/// (exit status 10) instead of hanging until the limit.
-const INNER_CMDLINE: &str = "console=ttyS0 reboot=acpi panic=-1 quiet";
+/// A raw disk image of `size` bytes that starts with `label`.
+fn disk(label: &str, size: usize) -> Vec<u8> {
+    let mut d = vec![0u8; size];
+    d[..label.len()].copy_from_slice(label.as_bytes());
+    d
+}
 
-fn boot_debian(what: &str, k: &KernelArtifacts, image: &Path) {
-    let mut vm = InnerVm::new(image, INNER_CMDLINE);
+/// A guest with reddog-guest as /init and three virtio disks: the OS disk,
+/// the resource disk (writable) and the role disk (read-only).
+fn linux_guest(k: &KernelArtifacts, image: &Path, cmdline: &str) -> InnerVm {
+    let (initrd, modules) = testkit::guest::initramfs(k).expect("guest initramfs");
+    eprintln!(
+        "guest initramfs: {} KiB, modules {modules:?}",
+        initrd.len() / 1024
+    );
+    let mut vm = InnerVm::new(image, cmdline);
     vm.vcpus = 2;
     vm.memory_mib = 512;
-    vm.initrd = Some(nested::busybox_initramfs(INNER_INIT).expect("inner initramfs"));
-    let run = run(what, k, &vm);
-    assert_eq!(
-        run.line("reddog-inner"),
-        Some("init ok"),
+    vm.initrd = Some(initrd);
+    vm.files = vec![
+        ("os.img".into(), disk("REDDOG-OS-DISK", 2 << 20)),
+        ("resource.img".into(), disk("REDDOG-RESOURCE-DISK", 1 << 20)),
+        ("role.img".into(), disk("REDDOG-ROLE-DISK", 1 << 20)),
+    ];
+    vm.extra_args = vec![
+        "--disk path=/guest/os.img,format=raw,serial=reddog-os".into(),
+        "--disk path=/guest/resource.img,format=raw,serial=reddog-resource".into(),
+        "--disk path=/guest/role.img,format=raw,ro,serial=reddog-role".into(),
+    ];
+    vm
+}
+
+fn assert_three_disks(run: &InnerRun) {
+    let lines = run.lines("reddog-guest");
+    for (dev, serial, sectors, label) in [
+        ("vda", "reddog-os", 4096, "REDDOG-OS-DISK"),
+        ("vdb", "reddog-resource", 2048, "REDDOG-RESOURCE-DISK"),
+        ("vdc", "reddog-role", 2048, "REDDOG-ROLE-DISK"),
+    ] {
+        let want = format!("disk {dev} serial={serial} sectors={sectors} first={label}");
+        assert!(
+            lines.iter().any(|l| l.starts_with(&want)),
+            "missing {want:?}\n{}",
+            run.describe()
+        );
+    }
+    for m in ["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"] {
+        let want = format!("module {m} ok");
+        assert!(
+            lines.contains(&want.as_str()),
+            "missing {want:?}\n{}",
+            run.describe()
+        );
+    }
+}
+
+fn print_phases(what: &str, run: &InnerRun) {
+    let r = run.report.as_ref().expect("exit report");
+    eprintln!(
+        "{what}: boot phases: VMM start 0 ms, first KVM_RUN {} ms, guest init (boot timer) {} ms, VM stopped {} ms",
+        r.first_run_us.map_or("?".into(), |u| (u / 1000).to_string()),
+        r.boot_time_us.map_or("?".into(), |u| (u / 1000).to_string()),
+        r.total_us / 1000
+    );
+}
+
+#[test]
+fn debian_pvh_guest_sees_its_disks_and_talks_vsock() {
+    let k = kernel();
+    let cmdline = format!(
+        "{BASE_CMDLINE} reddog.write_test=reddog-role,reddog-resource reddog.vsock_connect=1024 reddog.vsock_listen=5000"
+    );
+    let mut vm = linux_guest(&k, &k.vmlinux, &cmdline);
+    vm.extra_args.push("--vsock cid=3,uds=/tmp/vm.sock".into());
+    let probe = testkit::artifacts::static_bin("testkit", "vsock-probe").expect("vsock-probe");
+    vm.bins = vec![("vsock-probe".into(), probe)];
+    vm.before = Some(
+        "/bin/vsock-probe listen /tmp/vm.sock_1024 'welcome from host' > /out/probe-listen 2>&1 &\n"
+            .into(),
+    );
+    vm.during = Some("/bin/vsock-probe connect /tmp/vm.sock 5000 'ping from host'\n".into());
+    let run = run("Debian kernel, PVH vmlinux, reddog-guest", &k, &vm);
+    print_phases("PVH", &run);
+    assert_powered_off(&run);
+    assert_three_disks(&run);
+    let lines = run.lines("reddog-guest");
+    // The read-only role disk refuses the write; the resource disk takes it.
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("write-test reddog-role refused")),
         "{}",
         run.describe()
     );
-    let uname = format!("uname {}", k.release);
-    let cmdline = format!("cmdline {INNER_CMDLINE}");
-    let lines = run.lines("reddog-inner");
-    assert!(lines.contains(&uname.as_str()), "{}", run.describe());
-    assert!(lines.contains(&cmdline.as_str()), "{}", run.describe());
-    assert!(lines.contains(&"cpus 2"), "{}", run.describe());
+    assert!(
+        lines.contains(&"write-test reddog-resource ok"),
+        "{}",
+        run.describe()
+    );
+    // Guest -> host: the guest's line reached the host socket, and the answer came back.
+    assert!(
+        lines.contains(&"vsock-connect port=1024 reply=\"welcome from host\""),
+        "{}",
+        run.describe()
+    );
+    let listen = run.outer.section("probe-listen").unwrap_or("");
+    assert!(
+        listen.contains("got=hello from reddog-guest"),
+        "{listen}\n{}",
+        run.describe()
+    );
+    // Host -> guest: CONNECT 5000 reached the guest's listener.
+    assert!(
+        lines.contains(&"vsock-listen port=5000 got=\"ping from host\""),
+        "{}",
+        run.describe()
+    );
+    let during = run.outer.section("during").unwrap_or("");
+    assert!(
+        during.contains("reply=pong from reddog-guest"),
+        "{during}\n{}",
+        run.describe()
+    );
+    assert!(lines.contains(&"poweroff"), "{}", run.describe());
+    assert!(lines.contains(&"boot-timer written"), "{}", run.describe());
+    let report = run.report.as_ref().expect("exit report");
+    assert!(report.boot_time_us.is_some(), "{}", run.describe());
+}
+
+#[test]
+fn debian_bzimage_guest_sees_its_disks() {
+    let k = kernel();
+    let vm = linux_guest(&k, &k.vmlinuz, BASE_CMDLINE);
+    let run = run("Debian kernel, bzImage, reddog-guest", &k, &vm);
+    print_phases("bzImage", &run);
     assert_powered_off(&run);
-}
-
-#[test]
-fn debian_kernel_as_pvh_vmlinux() {
-    let k = kernel();
-    boot_debian("Debian kernel, PVH vmlinux", &k, &k.vmlinux);
-}
-
-#[test]
-fn debian_kernel_as_bzimage() {
-    let k = kernel();
-    boot_debian("Debian kernel, bzImage", &k, &k.vmlinuz);
+    assert_three_disks(&run);
 }

@@ -1030,7 +1030,8 @@ impl DiskImage for VhdDisk {
             self.block_size()
         };
         let parent_size = self.parent.as_ref().map_or(0, |p| p.size());
-        let zeros = vec![0u8; bs as usize];
+        // At most 1 MiB of zeros at a time, whatever the block size (up to 256 MiB).
+        let zeros = vec![0u8; bs.min(1 << 20) as usize];
         let mut o = offset;
         let end = offset + len;
         while o < end {
@@ -1041,8 +1042,13 @@ impl DiskImage for VhdDisk {
             let skip =
                 unallocated && (self.footer.disk_type == VhdType::Dynamic || o >= parent_size);
             if !skip {
-                self.write_locked(&mut ws, &zeros[..n as usize], o)
-                    .map_err(|e| self.fail(e, o))?;
+                let mut p = o;
+                while p < o + n {
+                    let m = (o + n - p).min(zeros.len() as u64);
+                    self.write_locked(&mut ws, &zeros[..m as usize], p)
+                        .map_err(|e| self.fail(e, p))?;
+                    p += m;
+                }
             }
             o += n;
         }

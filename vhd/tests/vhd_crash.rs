@@ -242,14 +242,7 @@ fn our_check(img: &Path, base: Option<&Path>) -> (i32, String) {
 /// Checks every sector of `got` (the image as read after the crash): the state after the
 /// last flush, or for sectors touched by later operations, the state before or after one of
 /// them.
-fn verify(
-    s: &Setup,
-    seed: u64,
-    flushed: Option<u64>,
-    started: Option<u64>,
-    got: &[u8],
-    who: &str,
-) {
+fn verify(s: &Setup, seed: u64, flushed: Option<u64>, started: Option<u64>, got: &[u8], who: &str) {
     let mut model = s.base_content.clone();
     let first_unflushed = flushed.map_or(0, |f| f + 1);
     for seq in 0..first_unflushed {
@@ -276,11 +269,7 @@ fn verify(
     }
     // `model` now holds the last state; for sectors in `alt`, any listed state will do.
     assert_eq!(got.len(), model.len(), "{who}: image size changed");
-    for (sec, (g, m)) in got
-        .chunks(SECTOR)
-        .zip(model.chunks(SECTOR))
-        .enumerate()
-    {
+    for (sec, (g, m)) in got.chunks(SECTOR).zip(model.chunks(SECTOR)).enumerate() {
         match alt.get(&sec) {
             None => assert!(
                 g == m,
@@ -364,7 +353,14 @@ fn vhd_crash_random_kills() {
         let mut ours = vec![0u8; SIZE as usize];
         img.read_at(&mut ours, 0).expect("read after crash");
         drop(img);
-        verify(&s, seed, flushed, started, &ours, &format!("{who}, our reader"));
+        verify(
+            &s,
+            seed,
+            flushed,
+            started,
+            &ours,
+            &format!("{who}, our reader"),
+        );
         let theirs = pyvhdi_read(&s.img, base);
         assert!(
             theirs == ours,

@@ -16,6 +16,7 @@ use crate::acpi::{self, AcpiError};
 use crate::arch::{boot, layout, regs::EntryMode};
 use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, Bus};
 use crate::loader::{self, LoaderError};
 use crate::vstate::memory::{self, MemoryError};
@@ -77,6 +78,9 @@ pub enum VmmError {
         /// Why.
         source: BlockError,
     },
+    /// The vsock device could not be built.
+    #[error("vsock: {0}")]
+    Vsock(#[from] VsockError),
     /// A virtio device could not be attached.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
@@ -209,7 +213,7 @@ fn load_and_attach(
         source,
     })?;
 
-    // 4. Virtio devices: one block device per disk, each in its own window.
+    // 4. Virtio devices: one block device per disk, then vsock, each in its own window.
     let mut mmio = MmioDeviceManager::default();
     for disk in &cfg.disks {
         let image = open_disk(disk)?;
@@ -220,6 +224,9 @@ fn load_and_attach(
             }
         })?;
         mmio.attach(&vm.fd, mem, Box::new(block))?;
+    }
+    if let Some(v) = &cfg.vsock {
+        mmio.attach(&vm.fd, mem, Box::new(VsockDevice::new(v)?))?;
     }
 
     // 5. ACPI tables (with the virtio devices in the DSDT) and the boot

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::Parser;
-use vmm_api::{BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig};
+use vmm_api::{
+    BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig, VsockConfig,
+};
 
 /// Boot one VM. Flags override the config file's fields.
 #[derive(Parser, Debug)]
@@ -40,6 +42,10 @@ struct Args {
     /// Repeat for more disks.
     #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// A virtio-vsock device: `cid=N,uds=PATH` (hybrid: host connects to PATH and
+    /// writes `CONNECT <port>`; guest connections to the host go to `PATH_<port>`).
+    #[arg(long, value_parser = parse_vsock)]
+    vsock: Option<VsockConfig>,
     /// Wall-clock limit in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -99,6 +105,21 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     })
 }
 
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for part in s.split(',') {
+        match part.split_once('=') {
+            Some(("cid", v)) => cid = Some(v.parse::<u32>().map_err(|e| format!("cid: {e}"))?),
+            Some(("uds", v)) => uds = Some(PathBuf::from(v)),
+            _ => return Err(format!("unknown vsock option {part:?}; use cid=N,uds=PATH")),
+        }
+    }
+    Ok(VsockConfig {
+        guest_cid: cid.ok_or("vsock needs cid=")?,
+        uds_path: uds.ok_or("vsock needs uds=")?,
+    })
+}
+
 fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     let mut cfg = match (&args.config, &args.kernel) {
         (Some(path), _) => VmConfig::from_file(path)?,
@@ -131,6 +152,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
         };
     }
     cfg.disks.extend(args.disk.iter().cloned());
+    if let Some(v) = &args.vsock {
+        cfg.vsock = Some(v.clone());
+    }
     if let Some(t) = args.timeout_ms {
         cfg.timeout_ms = Some(t);
     }

@@ -115,7 +115,9 @@ fn main() -> Result<()> {
                     .context("--runs needs a number")?
             }
             "--vmm" => vmm_arg = Some(args.next().context("--vmm needs a path")?.into()),
-            other => bail!("unknown argument {other:?}; usage: boot-latency [--runs N] [--vmm PATH]"),
+            other => {
+                bail!("unknown argument {other:?}; usage: boot-latency [--runs N] [--vmm PATH]")
+            }
         }
     }
     if runs == 0 {

@@ -32,7 +32,7 @@ pub mod packet;
 use std::path::PathBuf;
 
 pub use device::VsockDevice;
-pub use muxer::Muxer;
+pub use muxer::{port_path, Muxer};
 
 /// Largest payload of one packet, either way (Linux sends at most 64 KiB).
 pub const MAX_PAYLOAD: usize = 64 << 10;

@@ -326,10 +326,10 @@ mod tests {
     }
 
     /// Builds one chain from (addr, len, flags) and runs `f` on it.
-    fn with_chain<T>(
-        mem: &GuestMemoryMmap,
+    fn with_chain<'m, T>(
+        mem: &'m GuestMemoryMmap,
         descs: &[(u64, u32, u16)],
-        f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>) -> T,
+        f: impl FnOnce(DescriptorChain<&'m GuestMemoryMmap>) -> T,
     ) -> T {
         let q = MockSplitQueue::new(mem, 16);
         let raw: Vec<RawDescriptor> = descs
@@ -448,7 +448,7 @@ mod tests {
                 (0x20_0000, 16, F_WRITE),
                 (0x30_0000, 100, F_WRITE),
             ],
-            |c| RxChain::new(c),
+            RxChain::new,
         )
         .expect("rx chain");
         assert_eq!(rx.payload_capacity(), 146 - 44);
@@ -479,11 +479,11 @@ mod tests {
             vec![(0x10_0000, 44, F_WRITE), (0xffff_0000_0000, 10, F_WRITE)],
             vec![(0xfff_f000, 0x2000_0000, F_WRITE)],
         ] {
-            let r = with_chain(&m, &layout, |c| RxChain::new(c));
+            let r = with_chain(&m, &layout, RxChain::new);
             assert_eq!(r.err(), Some(PacketError::BadRxBuffer), "{layout:?}");
         }
         // Capacity is capped at the payload limit.
-        let rx = with_chain(&m, &[(0x10_0000, 1 << 20, F_WRITE)], |c| RxChain::new(c)).expect("rx");
+        let rx = with_chain(&m, &[(0x10_0000, 1 << 20, F_WRITE)], RxChain::new).expect("rx");
         assert_eq!(rx.payload_capacity(), MAX_PAYLOAD);
     }
 }
