@@ -14,7 +14,7 @@
 //! range-check first; a raw image would otherwise grow under a guest write).
 #![no_main]
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use libfuzzer_sys::fuzz_target;
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
@@ -110,20 +110,10 @@ impl Input<'_> {
     }
 }
 
-fn mem() -> &'static GuestMemoryMmap {
-    static MEM: OnceLock<GuestMemoryMmap> = OnceLock::new();
-    MEM.get_or_init(|| {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory")
-    })
-}
-
-fn disk() -> &'static Arc<MemDisk> {
-    static DISK: OnceLock<Arc<MemDisk>> = OnceLock::new();
-    DISK.get_or_init(|| Arc::new(MemDisk(Mutex::new(vec![0; DISK_SIZE as usize]))))
-}
-
 fuzz_target!(|data: &[u8]| {
-    let mem = mem();
+    // Fresh memory and disk per input: runs are reproducible (the anonymous
+    // mapping costs only the pages an input touches).
+    let mem = &GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
     let mut inp = Input(data);
     let read_only = inp.byte() & 1 != 0;
 
@@ -197,7 +187,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
 
-    let disk: Arc<dyn vhd::DiskImage> = disk().clone();
+    let disk: Arc<dyn vhd::DiskImage> =
+        Arc::new(MemDisk(Mutex::new(vec![0; DISK_SIZE as usize])));
     let mut dev = BlockDevice::new(disk, read_only, "fuzz").expect("device");
     let event = Arc::new(EventFd::new(0).expect("eventfd"));
     let interrupt = Arc::new(Interrupt::new(EventFd::new(0).expect("irqfd")));

@@ -50,19 +50,13 @@ impl Input<'_> {
     }
 }
 
-struct Env {
-    uds: PathBuf,
-    mem: GuestMemoryMmap,
-}
-
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
+/// The listening socket's path, in a scratch directory of this process.
+fn uds() -> &'static PathBuf {
+    static UDS: OnceLock<PathBuf> = OnceLock::new();
+    UDS.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("reddog-fuzz-vsock-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("scratch dir");
-        let uds = dir.join("vm.sock");
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
-        Env { uds, mem }
+        dir.join("vm.sock")
     })
 }
 
@@ -143,10 +137,11 @@ fn fill_memory(inp: &mut Input<'_>, mem: &GuestMemoryMmap) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let env = env();
-    let mem = &env.mem;
-    let mut muxer = Muxer::new(GUEST_CID, &env.uds).expect("muxer");
-    let host_path = port_path(&env.uds, 1024);
+    // Fresh memory and muxer per input: runs are reproducible.
+    let mem = &GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("mem");
+    let uds = uds();
+    let mut muxer = Muxer::new(GUEST_CID, uds).expect("muxer");
+    let host_path = port_path(uds, 1024);
     let _ = std::fs::remove_file(&host_path);
     let host = UnixListener::bind(&host_path).expect("host listener");
     host.set_nonblocking(true).expect("nonblocking");

@@ -1,25 +1,107 @@
-//! `reddog-guest` as PID 1: bring the platform up, run the checks the kernel
-//! command line asks for, report on the console, power off.
+//! `reddog-guest` as PID 1. In probe mode: bring the platform up, run the
+//! checks the kernel command line asks for, report on the console, power off.
+//! In agent mode: switch into the OS disk, supervise the role, talk to the
+//! host agent, shut down when told.
+//!
+//! Outside a VM (not PID 1) it runs the agent against a unix socket:
+//! `reddog-guest --host-socket PATH [--role-dir DIR] [--passwd FILE]`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guest_agent::{cmdline, probe, probe::say, sys};
+use guest_agent::agent::{self, AgentConfig, Status};
+use guest_agent::cmdline::{self, Mode};
+use guest_agent::link::{LinkConfig, OutboxLimits};
+use guest_agent::transport::{self, Transport};
+use guest_agent::{backoff, manifest, pid1, probe, probe::say, sys};
+use guest_proto::LogLevel;
 
 /// Where the initramfs lists its modules, in load order.
 const MODULE_LIST: &str = "/etc/reddog/modules";
 
 fn main() {
+    if std::process::id() != 1 {
+        host_main();
+        return;
+    }
     probe::mount_kernel_filesystems();
     probe::mark_boot_timer();
     say(&format!("init pid={}", std::process::id()));
-    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let cmdline = pid1::read_small("/proc/cmdline");
     let (opts, notes) = cmdline::parse(&cmdline);
-    for n in notes {
-        say(&n);
+    for n in &notes {
+        say(n);
     }
     probe::load_modules(Path::new(MODULE_LIST));
+    match opts.mode() {
+        Mode::Probe => probe_mode(&opts),
+        Mode::Agent => agent_mode(&opts, notes),
+    }
+}
 
+fn link_config(transport: Arc<dyn Transport>) -> LinkConfig {
+    let boot_id = backoff::random_bytes();
+    LinkConfig {
+        transport,
+        boot_id,
+        agent_version: format!("reddog-guest {}", env!("CARGO_PKG_VERSION")),
+        reconnect_initial: Duration::from_millis(100),
+        reconnect_max: Duration::from_secs(5),
+        handshake_timeout: Duration::from_secs(5),
+        write_timeout: Duration::from_secs(2),
+        seed: u64::from_le_bytes([
+            boot_id[0], boot_id[1], boot_id[2], boot_id[3], boot_id[4], boot_id[5], boot_id[6],
+            boot_id[7],
+        ]),
+    }
+}
+
+fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
+    say("mode agent");
+    let wait = Duration::from_secs(opts.wait_secs);
+    let mut boot_notes: Vec<(LogLevel, String)> =
+        notes.into_iter().map(|n| (LogLevel::Warn, n)).collect();
+    let booted = match pid1::mount_and_switch(wait) {
+        Ok(b) => {
+            boot_notes.extend(b.warnings.iter().map(|w| (LogLevel::Warn, w.clone())));
+            Some(b)
+        }
+        Err(e) => {
+            let text = format!("boot failed, staying in the initramfs: {e}");
+            say(&text);
+            boot_notes.push((LogLevel::Error, text));
+            None
+        }
+    };
+    if let Err(e) = sys::loopback_up() {
+        say(&format!("loopback: {e}"));
+    }
+    let role_dir = Path::new(pid1::ROLE_MOUNT);
+    let cfg = AgentConfig {
+        link: link_config(Arc::new(transport::Vsock {
+            port: opts.agent_port,
+        })),
+        manifest: role_dir.join(manifest::MANIFEST_FILE),
+        passwd: PathBuf::from("/etc/passwd"),
+        pid1: true,
+        tick: Duration::from_millis(50),
+        outbox: OutboxLimits::default(),
+        boot_notes,
+    };
+    say(&format!("agent: host at vsock port {}", opts.agent_port));
+    let report = agent::run(cfg, Arc::new(Mutex::new(Status::default())));
+    say(&format!(
+        "shutdown: role {:?}, killed={}, {} ms of {} ms",
+        report.role_exit,
+        report.killed,
+        report.elapsed.as_millis(),
+        report.deadline_ms
+    ));
+    pid1::power_off(booted.as_ref())
+}
+
+fn probe_mode(opts: &cmdline::Options) -> ! {
     let wait = Duration::from_secs(opts.wait_secs);
     let disks = probe::find_disks(opts.disks, wait);
     for d in &disks {
@@ -52,11 +134,41 @@ fn main() {
             Err(e) => say(&format!("vsock-listen port={port} failed: {e}")),
         }
     }
-    say("poweroff");
-    let e = sys::power_off();
-    say(&format!("poweroff failed: {e}"));
-    // PID 1 must not exit: the kernel would panic.
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
+    pid1::power_off(None)
+}
+
+/// Not PID 1: the agent as an ordinary process, for development.
+fn host_main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut socket = None;
+    let mut role_dir = PathBuf::from("/role");
+    let mut passwd = PathBuf::from("/etc/passwd");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut value = || it.next().cloned().unwrap_or_default();
+        match a.as_str() {
+            "--host-socket" => socket = Some(PathBuf::from(value())),
+            "--role-dir" => role_dir = PathBuf::from(value()),
+            "--passwd" => passwd = PathBuf::from(value()),
+            _ => {
+                eprintln!("usage: reddog-guest --host-socket PATH [--role-dir DIR] [--passwd FILE] (as PID 1 it reads the kernel command line)");
+                std::process::exit(2);
+            }
+        }
     }
+    let Some(path) = socket else {
+        eprintln!("reddog-guest: not PID 1; give --host-socket PATH to run the agent against a unix socket");
+        std::process::exit(2);
+    };
+    let cfg = AgentConfig {
+        link: link_config(Arc::new(transport::Unix { path })),
+        manifest: role_dir.join(manifest::MANIFEST_FILE),
+        passwd,
+        pid1: false,
+        tick: Duration::from_millis(50),
+        outbox: OutboxLimits::default(),
+        boot_notes: Vec::new(),
+    };
+    let report = agent::run(cfg, Arc::new(Mutex::new(Status::default())));
+    say(&format!("shutdown: {report:?}"));
 }

@@ -207,3 +207,152 @@ pub fn vsock_accept_one(port: u32, timeout: Duration) -> Result<File, SysError> 
     set_timeouts(&conn, timeout)?;
     Ok(File::from(conn))
 }
+
+/// `umount2(target, flags)`.
+pub fn umount(target: &str, flags: libc::c_int) -> Result<(), SysError> {
+    let t = cstr(target)?;
+    // SAFETY: `t` is a NUL-terminated string alive across the call.
+    let r = unsafe { libc::umount2(t.as_ptr(), flags) };
+    check("umount", r.into()).map(|_| ())
+}
+
+/// `sync()`.
+pub fn sync() {
+    // SAFETY: sync takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+}
+
+/// Sends `sig` to `pid` (a negative pid names a process group).
+pub fn kill(pid: i32, sig: i32) -> Result<(), SysError> {
+    // SAFETY: kill only takes integers.
+    let r = unsafe { libc::kill(pid, sig) };
+    check("kill", r.into()).map(|_| ())
+}
+
+/// One `waitpid(pid, WNOHANG)`: `Some((pid, raw status))` when a child ended,
+/// `None` when none did (or there is no such child).
+pub fn try_wait(pid: i32) -> Option<(i32, i32)> {
+    let mut status: libc::c_int = 0;
+    // SAFETY: `status` is a valid out pointer for the call.
+    let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+    (r > 0).then_some((r, status))
+}
+
+/// Signals delivered since the last [`take_signals`], one bit per signal number.
+static PENDING_SIGNALS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+extern "C" fn note_signal(sig: libc::c_int) {
+    if (0..64).contains(&sig) {
+        // An atomic store is async-signal-safe.
+        PENDING_SIGNALS.fetch_or(1u64 << sig, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Installs a handler that records `signals` for [`take_signals`] (PID 1
+/// gets no signal it has no handler for). Handlers reset to the default on
+/// `exec`, so children are unaffected.
+pub fn catch_signals(signals: &[libc::c_int]) -> Result<(), SysError> {
+    for &sig in signals {
+        // SAFETY: sigaction is a plain C struct for which all-zero is valid.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = note_signal as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa.sa_mask` is a valid sigset_t owned by us.
+        unsafe { libc::sigemptyset(&mut sa.sa_mask) };
+        // SAFETY: `sa` is fully initialised; the handler only touches an atomic.
+        let r = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+        check("sigaction", r.into())?;
+    }
+    Ok(())
+}
+
+/// The signals caught since the last call (and forgets them).
+pub fn take_signals() -> Vec<libc::c_int> {
+    let bits = PENDING_SIGNALS.swap(0, std::sync::atomic::Ordering::SeqCst);
+    (0..64).filter(|s| bits & (1u64 << s) != 0).collect()
+}
+
+/// Brings the loopback interface up (the kernel then gives it 127.0.0.1).
+pub fn loopback_up() -> Result<(), SysError> {
+    // SAFETY: plain socket(2) call with constant arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    check("socket(AF_INET)", fd.into())?;
+    // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is a plain C struct for which all-zero is valid.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS reads the name and writes the flags into `req`, which lives across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) };
+    check("ioctl(SIOCGIFFLAGS)", r.into())?;
+    // SAFETY: the kernel just filled the flags member of the union.
+    unsafe { req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short };
+    // SAFETY: SIOCSIFFLAGS reads `req`, which lives across the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::SIOCSIFFLAGS, &req) };
+    check("ioctl(SIOCSIFFLAGS)", r.into()).map(|_| ())
+}
+
+/// A connected vsock stream socket.
+#[derive(Debug)]
+pub struct VsockStream(File);
+
+impl VsockStream {
+    /// Connects to `cid:port`; the connect itself gives up after `timeout`.
+    pub fn connect(cid: u32, port: u32, timeout: Duration) -> Result<Self, SysError> {
+        vsock_connect(cid, port, timeout).map(Self)
+    }
+
+    /// Another handle on the same socket.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        self.0.try_clone().map(Self)
+    }
+
+    /// `SO_RCVTIMEO` / `SO_SNDTIMEO` (`None` = block forever).
+    pub fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        for (opt, t) in [(libc::SO_RCVTIMEO, read), (libc::SO_SNDTIMEO, write)] {
+            let t = t.unwrap_or(Duration::ZERO);
+            let tv = libc::timeval {
+                tv_sec: t.as_secs() as libc::time_t,
+                tv_usec: t.subsec_micros() as libc::suseconds_t,
+            };
+            // SAFETY: `tv` is a valid timeval for the duration of the call and the
+            // length passed is its size.
+            let r = unsafe {
+                libc::setsockopt(
+                    self.0.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    opt,
+                    (&tv as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+                )
+            };
+            if r < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+
+    /// `shutdown(SHUT_RDWR)`: wakes a reader blocked on the socket.
+    pub fn shutdown(&self) {
+        // SAFETY: shutdown on a socket we own; errors (already closed) are harmless.
+        unsafe { libc::shutdown(self.0.as_raw_fd(), libc::SHUT_RDWR) };
+    }
+}
+
+impl io::Read for VsockStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl io::Write for VsockStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}

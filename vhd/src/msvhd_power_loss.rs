@@ -175,7 +175,7 @@ fn rebuild(s: &Scenario, cut: usize, keep: u64, rng: &mut Rng) -> Vec<u8> {
         .iter()
         .rposition(|st| matches!(st, Step::Io(IoEvent::Sync)));
     let mut file = s.initial.clone();
-    let mut put = |file: &mut Vec<u8>, off: usize, data: &[u8]| {
+    let put = |file: &mut Vec<u8>, off: usize, data: &[u8]| {
         if file.len() < off + data.len() {
             file.resize(off + data.len(), 0);
         }

@@ -53,7 +53,13 @@ pub enum ConfigError {
     /// A timeout of zero.
     #[error("timeout_ms must be positive when set; leave it out for no limit")]
     Timeout,
+    /// A bad control socket path.
+    #[error("api_sock: {0}")]
+    ApiSock(String),
 }
+
+/// Longest control socket path in bytes (`sun_path` holds 108 with the NUL).
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
 
 /// Where the guest's serial console goes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +185,11 @@ pub struct VmConfig {
     /// stopped with [`crate::ExitReason::Timeout`] when it passes.
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The control socket (see [`crate::control`]): the VMM listens on this unix
+    /// socket path for the agent's requests. A stale socket file is replaced; a
+    /// path another live VMM listens on is refused.
+    #[serde(default)]
+    pub api_sock: Option<PathBuf>,
 }
 
 fn default_vcpus() -> u8 {
@@ -203,6 +214,7 @@ impl VmConfig {
             disks: Vec::new(),
             vsock: None,
             timeout_ms: None,
+            api_sock: None,
         }
     }
 
@@ -264,6 +276,19 @@ impl VmConfig {
         if self.timeout_ms == Some(0) {
             return Err(ConfigError::Timeout);
         }
+        if let Some(p) = &self.api_sock {
+            let len = p.as_os_str().len();
+            if len == 0 || len > MAX_SOCKET_PATH_LEN {
+                return Err(ConfigError::ApiSock(format!(
+                    "the path must be 1 to {MAX_SOCKET_PATH_LEN} bytes, got {len}"
+                )));
+            }
+            if self.vsock.as_ref().is_some_and(|v| &v.uds_path == p) {
+                return Err(ConfigError::ApiSock(
+                    "the path must differ from vsock's uds_path".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -292,6 +317,11 @@ mod tests {
             (r#"{"kernel":"/k","timeout_ms":0}"#, "timeout_ms"),
             (r#"{"kernel":"/k","cmdline":"a\u0000b"}"#, "cmdline"),
             (r#"{"kernel":"/k","bogus":1}"#, "unknown field"),
+            (r#"{"kernel":"/k","api_sock":""}"#, "api_sock"),
+            (
+                r#"{"kernel":"/k","vsock":{"guest_cid":3,"uds_path":"/s"},"api_sock":"/s"}"#,
+                "api_sock",
+            ),
             (r#"{"vcpus":1}"#, "missing field `kernel`"),
             (
                 r#"{"kernel":"/k","disks":[{"path":"/d","format":"raw","serial":"this-serial-is-far-too-long"}]}"#,
@@ -309,6 +339,18 @@ mod tests {
             let err = VmConfig::from_json(json).expect_err(json).to_string();
             assert!(err.contains(want), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn api_sock_length_is_bounded() {
+        let mut cfg = VmConfig::new("/k");
+        cfg.api_sock = Some("/".repeat(MAX_SOCKET_PATH_LEN).into());
+        cfg.validate().expect("107 bytes fit");
+        cfg.api_sock = Some("/".repeat(MAX_SOCKET_PATH_LEN + 1).into());
+        assert!(matches!(cfg.validate(), Err(ConfigError::ApiSock(_))));
+        let cfg = VmConfig::from_json(r#"{"kernel":"/k","api_sock":"/run/reddog/vm1.sock"}"#)
+            .expect("valid");
+        assert_eq!(cfg.api_sock.as_deref(), Some(std::path::Path::new("/run/reddog/vm1.sock")));
     }
 
     #[test]

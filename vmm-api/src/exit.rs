@@ -23,6 +23,9 @@ pub enum ExitReason {
     VcpuError,
     /// The configured wall-clock limit passed. Status 16.
     Timeout,
+    /// The host agent asked for it (`shutdown` with mode `force` on the control
+    /// socket, see [`crate::control`]). Status 17.
+    Requested,
 }
 
 impl ExitReason {
@@ -38,6 +41,7 @@ impl ExitReason {
             Self::UnhandledExit => 14,
             Self::VcpuError => 15,
             Self::Timeout => 16,
+            Self::Requested => 17,
         }
     }
 
@@ -52,6 +56,7 @@ impl ExitReason {
             Self::UnhandledExit,
             Self::VcpuError,
             Self::Timeout,
+            Self::Requested,
         ]
         .into_iter()
         .find(|r| r.exit_code() == code)
@@ -116,6 +121,7 @@ mod tests {
             ExitReason::UnhandledExit,
             ExitReason::VcpuError,
             ExitReason::Timeout,
+            ExitReason::Requested,
         ];
         let mut codes: Vec<i32> = all.iter().map(|r| r.exit_code()).collect();
         codes.sort_unstable();
@@ -126,5 +132,6 @@ mod tests {
             assert!(![1, 2].contains(&r.exit_code()));
         }
         assert_eq!(ExitReason::from_exit_code(1), None);
+        assert_eq!(ExitReason::Requested.exit_code(), 17);
     }
 }

@@ -36,3 +36,14 @@ pub const ACPI_POWER_OFF_VALUE: u8 = (ACPI_S5_SLP_TYP << 2) | ACPI_SLP_EN;
 
 /// Guest physical address of the ACPI RSDP (inside the BIOS area Linux scans).
 pub const RSDP_ADDR: u64 = 0x000e_0000;
+
+/// ACPI Generic Event Device (GED, `ACPI0013`) status register, one byte: a read
+/// returns the pending events ([`GED_EVENT_POWER_BUTTON`], ...) and clears them.
+/// The DSDT's `_EVT` method reads it when the GED interrupt fires.
+pub const GED_STATUS_PORT: u16 = 0x604;
+/// Bit of [`GED_STATUS_PORT`]: the power button was pressed (`_EVT` then sends
+/// `Notify(\_SB.PWRB, 0x80)` to the `PNP0C0C` power button device).
+pub const GED_EVENT_POWER_BUTTON: u8 = 1 << 0;
+/// The GED's interrupt line (GSI, edge triggered, active high). Virtio-mmio
+/// devices use the lines from 5 up to the one below it.
+pub const GED_IRQ: u32 = 23;

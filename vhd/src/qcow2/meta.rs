@@ -370,6 +370,62 @@ fn set_refcount(block: &mut [u8], index: u64, bits: u32, value: u64) {
     }
 }
 
+/// Before a writable open: every metadata cluster (header, L1 table, refcount table and
+/// blocks, L2 tables) must have a refcount block and a nonzero refcount. An image that
+/// breaks this is corrupt (`qemu-img check` reports it), and imago's allocator would hand
+/// such clusters out again, or recurse without bound looking for a place for a refcount
+/// block (found by fuzzing).
+pub(crate) fn check_metadata_refcounts(f: &File, h: &Header) -> Result<()> {
+    let op = "prepare qcow2 image for writing";
+    let cs = h.cluster_size();
+    let mut clusters: Vec<u64> = vec![0];
+    let l1_entries = u64::from(h.l1_size);
+    let l1_clusters = (l1_entries * 8).div_ceil(cs);
+    clusters.extend((0..l1_clusters).map(|c| h.l1_offset / cs + c));
+    clusters.extend((0..u64::from(h.reftable_clusters)).map(|c| h.reftable_offset / cs + c));
+    let reftable = read_table(f, h.reftable_offset, h.reftable_entries(), "refcount table")?;
+    clusters.extend(
+        reftable
+            .iter()
+            .map(|&e| (e & !(cs - 1)) / cs)
+            .filter(|&c| c != 0),
+    );
+    let l1 = read_table(f, h.l1_offset, l1_entries, "L1 table")?;
+    clusters.extend(
+        l1.iter()
+            .map(|&e| (e & OFFSET_MASK) / cs)
+            .filter(|&c| c != 0),
+    );
+    clusters.sort_unstable();
+    clusters.dedup();
+    let rb_entries = h.refblock_entries();
+    let bits = h.refcount_bits();
+    let mut block = vec![0u8; cs as usize];
+    let mut loaded: Option<u64> = None;
+    for c in clusters {
+        let ri = c / rb_entries;
+        let rb = reftable.get(ri as usize).map_or(0, |&e| e & !(cs - 1));
+        let ok = rb != 0 && rb.checked_add(cs).is_some_and(|e| e <= h.file_len) && {
+            if loaded != Some(ri) {
+                read_exact(f, &mut block, rb, op, "refcount block")?;
+                loaded = Some(ri);
+            }
+            get_refcount(&block, c % rb_entries, bits) != 0
+        };
+        if !ok {
+            return Err(err(
+                ErrorKind::Corrupt,
+                op,
+                format!(
+                    "metadata cluster {c} (at {:#x}) has no refcount; the image is corrupt: run                      `qemu-img check -r all` on it, or open it read-only",
+                    c * cs
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Makes sure every L2 table the virtual size needs exists, allocating the missing ones in
 /// crash-safe order (refcounts durable before any pointer to them).
 ///

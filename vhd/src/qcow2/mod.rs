@@ -143,6 +143,7 @@ impl Qcow2Disk {
         };
         if !opts.read_only {
             meta::check_writable_features(&header).map_err(|e| e.with_path(path))?;
+            meta::check_metadata_refcounts(&file, &header).map_err(|e| e.with_path(path))?;
             meta::preallocate_l2_tables(&file, &header).map_err(|e| e.with_path(path))?;
         }
         let header = meta::read_header(&file).map_err(|e| e.with_path(path))?;

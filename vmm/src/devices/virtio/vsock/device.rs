@@ -28,6 +28,19 @@ use crate::devices::virtio::{
 
 /// Size of each of the three queues.
 const QUEUE_SIZE: u16 = 256;
+/// Chains handled per queue per pass, so that a guest keeping a queue full
+/// (or forging its avail index through our own writes) cannot keep the worker
+/// from its other events.
+const BUDGET: usize = QUEUE_SIZE as usize;
+
+/// What a pass over a queue did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Progress {
+    /// Buffers were used (the guest may need an interrupt).
+    pub(crate) used: bool,
+    /// The budget ran out with work left: come back without waiting.
+    pub(crate) more: bool,
+}
 
 /// A virtio-vsock device with the hybrid unix socket host side.
 pub struct VsockDevice {
@@ -168,50 +181,77 @@ impl VsockQueues {
         }
     }
 
-    fn used_ring_broken(&mut self, which: &str) {
+    fn queue_broken(&mut self, which: &str) {
         if self.log.allow() {
             tracing::warn!(
-                "virtio-vsock: the {which} used ring is not writable; the guest broke its queue"
+                "virtio-vsock: the guest broke its {which} queue (avail index or used ring); \
+                 it stays stuck until the driver resets the device"
             );
         }
     }
 
-    /// Hands every tx packet to the muxer. Returns whether buffers were used.
-    pub(crate) fn process_tx(&mut self, muxer: &mut Muxer) -> bool {
-        let mut used = false;
+    /// Hands tx packets to the muxer (at most [`BUDGET`] per call).
+    pub(crate) fn process_tx(&mut self, muxer: &mut Muxer) -> Progress {
+        let mut p = Progress::default();
+        let mut rechecked = false;
+        let mut budget = BUDGET;
         loop {
-            while let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) {
-                let head = chain.head_index();
-                match read_tx(chain, &mut self.tx_payload) {
-                    Ok(hdr) => muxer.send_pkt(&hdr, &self.tx_payload),
-                    Err(e) => muxer.reject(&e),
+            let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) else {
+                if rechecked {
+                    // Entries announced but none to pop: a corrupt avail index.
+                    self.queue_broken("tx");
+                    return p;
                 }
-                if self.tx.add_used(&self.mem, head, 0).is_err() {
-                    self.used_ring_broken("tx");
-                    return used;
+                // Re-check after enabling notifications so no packet is missed.
+                match self.tx.enable_notification(&self.mem) {
+                    Ok(true) => {
+                        rechecked = true;
+                        continue;
+                    }
+                    _ => return p,
                 }
-                used = true;
+            };
+            rechecked = false;
+            let head = chain.head_index();
+            match read_tx(chain, &mut self.tx_payload) {
+                Ok(hdr) => muxer.send_pkt(&hdr, &self.tx_payload),
+                Err(e) => muxer.reject(&e),
             }
-            // Re-check after enabling notifications so no packet is missed.
-            match self.tx.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                _ => return used,
+            if self.tx.add_used(&self.mem, head, 0).is_err() {
+                self.queue_broken("tx");
+                return p;
+            }
+            p.used = true;
+            budget -= 1;
+            if budget == 0 {
+                p.more = true;
+                return p;
             }
         }
     }
 
-    /// Fills rx buffers with the muxer's packets while both last. Returns
-    /// whether buffers were used.
-    pub(crate) fn process_rx(&mut self, muxer: &mut Muxer) -> bool {
-        let mut used = false;
+    /// Fills rx buffers with the muxer's packets while both last (at most
+    /// [`BUDGET`] per call).
+    pub(crate) fn process_rx(&mut self, muxer: &mut Muxer) -> Progress {
+        let mut p = Progress::default();
+        let mut rechecked = false;
+        let mut budget = BUDGET;
         while muxer.has_rx() {
             let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
+                if rechecked {
+                    self.queue_broken("rx");
+                    break;
+                }
                 // Out of buffers: wait for the guest's kick (after a re-check).
                 match self.rx.enable_notification(&self.mem) {
-                    Ok(true) => continue,
+                    Ok(true) => {
+                        rechecked = true;
+                        continue;
+                    }
                     _ => break,
                 }
             };
+            rechecked = false;
             let head = chain.head_index();
             let len = match RxChain::new(chain) {
                 Ok(rx) => {
@@ -241,16 +281,22 @@ impl VsockQueues {
                 }
             };
             if self.rx.add_used(&self.mem, head, len).is_err() {
-                self.used_ring_broken("rx");
+                self.queue_broken("rx");
                 break;
             }
-            used = true;
+            p.used = true;
+            budget -= 1;
+            if budget == 0 {
+                p.more = muxer.has_rx();
+                break;
+            }
         }
-        used
+        p
     }
 
     /// Raises the interrupt if the guest wants it for the queues used.
-    fn notify(&mut self, rx_used: bool, tx_used: bool, interrupt: &Interrupt) {
+    fn notify(&mut self, rx: Progress, tx: Progress, interrupt: &Interrupt) {
+        let (rx_used, tx_used) = (rx.used, tx.used);
         let mut needed = false;
         if rx_used {
             needed |= self.rx.needs_notification(&self.mem).unwrap_or(true);
@@ -304,15 +350,19 @@ impl Worker {
         let mut events = [EpollEvent::default(); 8];
         loop {
             // The guest may have queued packets before it notified.
-            let tx_used = self.queues.process_tx(&mut self.muxer);
-            let rx_used = self.queues.process_rx(&mut self.muxer);
-            self.queues.notify(rx_used, tx_used, &self.interrupt);
+            let tx = self.queues.process_tx(&mut self.muxer);
+            let rx = self.queues.process_rx(&mut self.muxer);
+            self.queues.notify(rx, tx, &self.interrupt);
 
-            let timeout = self.muxer.next_deadline().map_or(-1, |d| {
-                let left = d.saturating_duration_since(Instant::now());
-                // Round up so the wake-up is not early.
-                i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
-            });
+            let timeout = if tx.more || rx.more {
+                0
+            } else {
+                self.muxer.next_deadline().map_or(-1, |d| {
+                    let left = d.saturating_duration_since(Instant::now());
+                    // Round up so the wake-up is not early.
+                    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+                })
+            };
             let n = match epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -532,14 +582,14 @@ mod tests {
         let mut q = VsockQueues::new(m.clone(), rx, tx);
 
         g.send(&gpkt(op::REQUEST, 4000, 1024, 0), &[]);
-        assert!(q.process_tx(&mut s.muxer));
+        assert!(q.process_tx(&mut s.muxer).used);
         assert_eq!(g.tx_used(), 1);
         let (mut host, _) = listener.accept().expect("accepted");
         // No rx buffer yet: the RESPONSE waits.
-        assert!(!q.process_rx(&mut s.muxer));
+        assert!(!q.process_rx(&mut s.muxer).used);
         assert!(s.muxer.has_rx());
         g.post_rx(4096);
-        assert!(q.process_rx(&mut s.muxer));
+        assert!(q.process_rx(&mut s.muxer).used);
         let got = g.received();
         assert_eq!(got.len(), 1);
         assert_eq!(
@@ -619,13 +669,63 @@ mod tests {
         Guest::add(&g.rx, &mut g.rx_next, &[(0x80_0000, 20, F_WRITE)]);
         // Outside guest memory.
         Guest::add(&g.rx, &mut g.rx_next, &[(0xffff_ffff_0000, 100, F_WRITE)]);
-        assert!(q.process_rx(&mut s.muxer));
+        assert!(q.process_rx(&mut s.muxer).used);
         assert_eq!(g.rx.used().idx().load(), 2);
         assert!(s.muxer.has_rx(), "the RST still waits for a good buffer");
         g.rx_seen = 2;
         g.post_rx(0);
         q.process_rx(&mut s.muxer);
         assert_eq!(g.received()[0].0.op, op::RST);
+    }
+
+    #[test]
+    fn a_forged_avail_index_does_not_hang_the_worker() {
+        let mut s = setup();
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let (rx, tx) = g.queues();
+        let mut q = VsockQueues::new(m.clone(), rx, tx);
+        g.send(&gpkt(op::REQUEST, 1, 7, 0), &[]); // answered with RST
+        assert!(q.process_tx(&mut s.muxer).used);
+        // The guest claims far more entries than the queue holds.
+        g.tx.avail().idx().store(1000);
+        g.rx.avail().idx().store(1000);
+        let tx = q.process_tx(&mut s.muxer);
+        assert!(!tx.used && !tx.more);
+        let rx = q.process_rx(&mut s.muxer);
+        assert!(!rx.used && !rx.more);
+        assert!(s.muxer.has_rx());
+    }
+
+    #[test]
+    fn a_full_queue_is_served_in_bounded_passes() {
+        let mut s = setup();
+        let m = mem();
+        let g = Guest::new(&m);
+        let (rx, _) = g.queues();
+        // A queue bigger than the budget, every entry pointing at one chain.
+        let big = MockSplitQueue::create(&m, GuestAddress(0x4_0000), 512);
+        m.write_slice(&gpkt(op::RST, 1, 7, 0).to_bytes(), GuestAddress(0x10_0000))
+            .expect("hdr");
+        big.desc_table()
+            .store(
+                0,
+                RawDescriptor::from(SplitDescriptor::new(0x10_0000, 44, 0, 0)),
+            )
+            .expect("desc");
+        for i in 0..512usize {
+            big.avail().ring().ref_at(i).expect("slot").store(0);
+        }
+        big.avail().idx().store(512);
+        let tx: Queue = big.create_queue().expect("queue");
+        let mut q = VsockQueues::new(m.clone(), rx, tx);
+        let p = q.process_tx(&mut s.muxer);
+        assert!(p.used && p.more);
+        assert_eq!(big.used().idx().load(), BUDGET as u16);
+        assert!(q.process_tx(&mut s.muxer).used);
+        assert_eq!(big.used().idx().load(), 512);
+        let p = q.process_tx(&mut s.muxer);
+        assert!(!p.used && !p.more);
     }
 
     fn active(

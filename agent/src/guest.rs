@@ -1,0 +1,737 @@
+//! The agent <-> guest seam: the guest agent's frames as typed events.
+//!
+//! [`VsockGuestChannel`] listens on the VM's hybrid-vsock socket
+//! `<uds>_<port>` (where the VMM forwards the guest's connection to host port
+//! `port`) and decodes `guest-proto` frames. Everything the guest sends is
+//! untrusted: frames are bounded by the decoder, the connection is rate
+//! limited and closed on misbehaviour as `docs/guest-protocol.md` says, and
+//! each VM has its own task, so one guest can never delay another.
+//! [`crate::fake::FakeGuests`] is for tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use guest_proto::{
+    Capabilities, Decoded, Frame, GuestMsg, HelloAck, HostMsg, ProtoError, RoleState,
+    StreamDecoder, MAX_FRAME_LEN, PROTOCOL_VERSION,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::util::{escape_guest_text, hex};
+
+/// Where one VM's guest agent connects.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestEndpoint {
+    /// The VM's hybrid-vsock socket (the VMM listens there).
+    pub uds_path: PathBuf,
+    /// The host port the guest agent connects to.
+    pub port: u32,
+    /// The heartbeat interval to hand the guest in `HelloAck`.
+    pub heartbeat_interval_ms: u32,
+}
+
+impl GuestEndpoint {
+    /// The socket the agent listens on: `<uds>_<port>`.
+    pub fn listen_path(&self) -> PathBuf {
+        let mut s = self.uds_path.clone().into_os_string();
+        s.push(format!("_{}", self.port));
+        PathBuf::from(s)
+    }
+}
+
+/// A role process's state, as the guest reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleStatus {
+    /// Not launched.
+    NotStarted,
+    /// Launched.
+    Starting,
+    /// Running, not ready.
+    Running,
+    /// Ready.
+    Ready,
+    /// Exited (may be restarted by the guest).
+    Exited,
+    /// Given up by the guest.
+    Failed,
+}
+
+impl From<RoleState> for RoleStatus {
+    fn from(s: RoleState) -> Self {
+        match s {
+            RoleState::NotStarted => Self::NotStarted,
+            RoleState::Starting => Self::Starting,
+            RoleState::Running => Self::Running,
+            RoleState::Ready => Self::Ready,
+            RoleState::Exited => Self::Exited,
+            RoleState::Failed => Self::Failed,
+        }
+    }
+}
+
+/// What the guest said (already checked, owned, text escaped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// `Hello`, answered with a `HelloAck`.
+    Hello {
+        /// Random per boot.
+        boot_id: [u8; 16],
+        /// The negotiated protocol version.
+        version: u8,
+        /// Capability bits.
+        capabilities: u64,
+        /// The agent's version string, escaped.
+        agent_version: String,
+    },
+    /// A heartbeat.
+    Heartbeat {
+        /// Sequence number.
+        seq: u64,
+        /// Guest uptime, ms.
+        uptime_ms: u64,
+        /// Free memory, KiB.
+        free_mem_kib: u64,
+        /// The role's state.
+        role: RoleStatus,
+        /// Role restarts inside the guest.
+        role_restarts: u32,
+    },
+    /// The role process started.
+    RoleStarted {
+        /// Its pid in the guest.
+        pid: u32,
+    },
+    /// The role process ended.
+    RoleExited {
+        /// Its pid in the guest.
+        pid: u32,
+        /// "exit code N" or "signal N".
+        how: String,
+    },
+    /// The role is ready.
+    Ready,
+    /// An answer to a ping.
+    Pong {
+        /// The nonce.
+        nonce: u64,
+    },
+    /// The connection ended (the guest reconnects by itself).
+    Disconnected {
+        /// Why.
+        reason: String,
+        /// The host closed it because the guest broke the protocol's rules.
+        misbehaving: bool,
+    },
+}
+
+/// What the host may tell the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HostCommand {
+    /// Shut down cleanly within this many ms (needs the `SHUTDOWN` capability).
+    Shutdown {
+        /// Deadline, ms.
+        deadline_ms: u32,
+    },
+    /// Restart the role (needs `ROLE`).
+    RestartRole,
+    /// Change the heartbeat interval (needs `HEARTBEAT_INTERVAL`).
+    SetHeartbeatInterval(u32),
+    /// Ping.
+    Ping(u64),
+}
+
+/// One VM's guest link: events in, commands out. Dropping it stops listening.
+#[derive(Debug)]
+pub struct GuestLink {
+    /// Events, in order. Bounded: a slow reader slows only this guest.
+    pub events: mpsc::Receiver<GuestEvent>,
+    /// Commands; dropped when no guest is connected or it lacks the capability.
+    pub commands: mpsc::Sender<HostCommand>,
+    guard: LinkGuard,
+}
+
+impl GuestLink {
+    /// Builds a link (for implementations of [`GuestChannel`]).
+    pub fn new(
+        events: mpsc::Receiver<GuestEvent>,
+        commands: mpsc::Sender<HostCommand>,
+        task: Option<tokio::task::JoinHandle<()>>,
+        socket: Option<PathBuf>,
+    ) -> Self {
+        Self {
+            events,
+            commands,
+            guard: LinkGuard { task, socket },
+        }
+    }
+}
+
+#[derive(Debug)]
+struct LinkGuard {
+    task: Option<tokio::task::JoinHandle<()>>,
+    socket: Option<PathBuf>,
+}
+
+impl Drop for LinkGuard {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+        if let Some(s) = &self.socket {
+            let _ = std::fs::remove_file(s);
+        }
+    }
+}
+
+/// Why a guest link could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// The listening socket could not be made.
+    #[error("cannot listen on {path}: {source}; check the state directory (unix socket paths must stay under 108 bytes)")]
+    Listen {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Opens guest links.
+#[async_trait]
+pub trait GuestChannel: Send + Sync {
+    /// Starts listening for one VM's guest agent. Called before the VMM starts
+    /// (the guest may connect at once) and after a re-adoption (the guest
+    /// reconnects).
+    async fn open(&self, instance_id: &str, ep: &GuestEndpoint) -> Result<GuestLink, GuestError>;
+}
+
+/// The limits applied to every guest connection (docs/guest-protocol.md).
+#[derive(Debug, Clone)]
+pub struct GuestLimits {
+    /// Close when no `Hello` came this long after connecting.
+    pub hello_timeout: Duration,
+    /// Close when a frame stays incomplete this long.
+    pub partial_frame_timeout: Duration,
+    /// Frames per second.
+    pub frames_per_sec: f64,
+    /// Frame burst.
+    pub frame_burst: f64,
+    /// Close when throttled this long without a break.
+    pub max_throttled: Duration,
+    /// Frame errors tolerated per minute.
+    pub frame_errors_per_min: u32,
+    /// Log lines per second.
+    pub logs_per_sec: f64,
+    /// Log line burst.
+    pub log_burst: f64,
+    /// A write to the guest that takes longer closes the connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for GuestLimits {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            partial_frame_timeout: Duration::from_secs(5),
+            frames_per_sec: 200.0,
+            frame_burst: 1000.0,
+            max_throttled: Duration::from_secs(10),
+            frame_errors_per_min: 10,
+            logs_per_sec: 100.0,
+            log_burst: 500.0,
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The real guest channel over the VMM's hybrid vsock.
+#[derive(Debug, Clone, Default)]
+pub struct VsockGuestChannel {
+    limits: GuestLimits,
+}
+
+impl VsockGuestChannel {
+    /// A channel with these limits.
+    pub fn new(limits: GuestLimits) -> Self {
+        Self { limits }
+    }
+}
+
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        if m.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+#[async_trait]
+impl GuestChannel for VsockGuestChannel {
+    async fn open(&self, instance_id: &str, ep: &GuestEndpoint) -> Result<GuestLink, GuestError> {
+        let path = ep.listen_path();
+        remove_stale_socket(&path);
+        let listener = UnixListener::bind(&path).map_err(|source| GuestError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        let (ev_tx, ev_rx) = mpsc::channel(64);
+        let (cmd_tx, cmd_rx) = mpsc::channel(16);
+        let span = tracing::info_span!("guest", instance = %instance_id);
+        let limits = self.limits.clone();
+        let interval = ep.heartbeat_interval_ms;
+        let task = tokio::spawn(tracing::Instrument::instrument(
+            serve(listener, ev_tx, cmd_rx, limits, interval),
+            span,
+        ));
+        Ok(GuestLink::new(ev_rx, cmd_tx, Some(task), Some(path)))
+    }
+}
+
+async fn serve(
+    listener: UnixListener,
+    events: mpsc::Sender<GuestEvent>,
+    mut commands: mpsc::Receiver<HostCommand>,
+    limits: GuestLimits,
+    interval_ms: u32,
+) {
+    let mut last_boot_id = None;
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            // Nobody is connected: commands have no one to go to.
+            c = commands.recv() => match c {
+                Some(c) => { tracing::debug!(?c, "no guest connected; command dropped"); continue; }
+                None => return,
+            },
+        };
+        let mut conn = Conn::new(&limits, interval_ms, &mut last_boot_id);
+        let end = conn.run(stream, &events, &mut commands).await;
+        match &end {
+            End::Closed(reason) => tracing::info!("guest connection ended: {reason}"),
+            End::Misbehaving(reason) => tracing::warn!("guest connection closed: {reason}"),
+            End::AgentGone => return,
+        }
+        let (reason, misbehaving) = match end {
+            End::Closed(r) => (r, false),
+            End::Misbehaving(r) => (r, true),
+            End::AgentGone => return,
+        };
+        if events
+            .send(GuestEvent::Disconnected {
+                reason,
+                misbehaving,
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+enum End {
+    Closed(String),
+    Misbehaving(String),
+    AgentGone,
+}
+
+/// A token bucket over tokio's clock.
+#[derive(Debug)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: Instant::now(),
+        }
+    }
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        self.tokens =
+            (self.tokens + now.duration_since(self.at).as_secs_f64() * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    fn take(&mut self) -> bool {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How long until one token is available.
+    fn wait_time(&mut self) -> Duration {
+        self.refill();
+        Duration::from_secs_f64(((1.0 - self.tokens) / self.rate).max(0.0))
+    }
+}
+
+struct Conn<'a> {
+    limits: &'a GuestLimits,
+    interval_ms: u32,
+    last_boot_id: &'a mut Option<[u8; 16]>,
+    negotiated: Option<(u8, Capabilities)>,
+    frames: Bucket,
+    logs: Bucket,
+    throttled_since: Option<Instant>,
+    errors: Vec<Instant>,
+    logs_dropped: u64,
+    logs_dropped_reported: Instant,
+    unknown_kinds_seen: [bool; 128],
+    last_seq: Option<u64>,
+}
+
+/// A guest message turned into owned data, or a reason to close.
+enum Step {
+    Event(GuestEvent),
+    Nothing,
+    Close(End),
+}
+
+impl<'a> Conn<'a> {
+    fn new(
+        limits: &'a GuestLimits,
+        interval_ms: u32,
+        last_boot_id: &'a mut Option<[u8; 16]>,
+    ) -> Self {
+        Self {
+            limits,
+            interval_ms,
+            last_boot_id,
+            negotiated: None,
+            frames: Bucket::new(limits.frames_per_sec, limits.frame_burst),
+            logs: Bucket::new(limits.logs_per_sec, limits.log_burst),
+            throttled_since: None,
+            errors: Vec::new(),
+            logs_dropped: 0,
+            logs_dropped_reported: Instant::now(),
+            unknown_kinds_seen: [false; 128],
+            last_seq: None,
+        }
+    }
+
+    /// Counts a frame error; `Some` when the budget is spent.
+    fn frame_error(&mut self, what: &str) -> Option<End> {
+        let now = Instant::now();
+        self.errors
+            .retain(|t| now.duration_since(*t) < Duration::from_secs(60));
+        self.errors.push(now);
+        tracing::debug!("guest frame error: {what}");
+        (self.errors.len() > self.limits.frame_errors_per_min as usize).then(|| {
+            End::Misbehaving(format!(
+                "more than {} frame errors in a minute (last: {what})",
+                self.limits.frame_errors_per_min
+            ))
+        })
+    }
+
+    async fn run(
+        &mut self,
+        stream: UnixStream,
+        events: &mpsc::Sender<GuestEvent>,
+        commands: &mut mpsc::Receiver<HostCommand>,
+    ) -> End {
+        let (mut rd, mut wr) = stream.into_split();
+        let mut dec = StreamDecoder::new();
+        let connected = Instant::now();
+        let mut partial_since: Option<Instant> = None;
+        loop {
+            // Drain every complete frame, paying for each with a token.
+            loop {
+                let step = match dec.next_frame::<GuestMsg>() {
+                    Decoded::NeedMore { .. } => break,
+                    Decoded::Error { error, recovery } => {
+                        if recovery.lost_sync() {
+                            return End::Misbehaving(format!("framing error: {error}"));
+                        }
+                        let what = error.to_string();
+                        match self.frame_error(&what) {
+                            Some(end) => return end,
+                            None => continue,
+                        }
+                    }
+                    Decoded::Frame { frame, .. } => self.on_frame(frame),
+                };
+                let step = match step {
+                    Ok(s) => s,
+                    Err(p) => match self.frame_error(&p.to_string()) {
+                        Some(end) => return end,
+                        None => Step::Nothing,
+                    },
+                };
+                match step {
+                    Step::Nothing => {}
+                    Step::Close(end) => return end,
+                    Step::Event(ev) => {
+                        if let GuestEvent::Hello { version, .. } = &ev {
+                            let ack = HostMsg::HelloAck(HelloAck {
+                                version: *version,
+                                heartbeat_interval_ms: self.interval_ms,
+                            });
+                            if let Err(end) = self.write(&mut wr, &ack, *version).await {
+                                return end;
+                            }
+                        }
+                        if events.send(ev).await.is_err() {
+                            return End::AgentGone;
+                        }
+                    }
+                }
+                // Rate limit: stop reading until the budget refills (the
+                // guest's vsock window fills up and it slows down).
+                if !self.frames.take() {
+                    let since = *self.throttled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.limits.max_throttled {
+                        return End::Misbehaving(format!(
+                            "over {} frames per second for {:?}",
+                            self.limits.frames_per_sec, self.limits.max_throttled
+                        ));
+                    }
+                    tokio::time::sleep(self.frames.wait_time()).await;
+                    // The token this frame needed.
+                    let _ = self.frames.take();
+                } else {
+                    self.throttled_since = None;
+                }
+            }
+            if self.logs_dropped > 0 && self.logs_dropped_reported.elapsed() >= Duration::from_secs(1)
+            {
+                tracing::warn!("{} guest log lines dropped", self.logs_dropped);
+                self.logs_dropped = 0;
+                self.logs_dropped_reported = Instant::now();
+            }
+            if dec.is_empty() {
+                partial_since = None;
+            } else {
+                partial_since.get_or_insert_with(Instant::now);
+            }
+            let hello_deadline = self
+                .negotiated
+                .is_none()
+                .then(|| connected + self.limits.hello_timeout);
+            let partial_deadline = partial_since.map(|t| t + self.limits.partial_frame_timeout);
+            let deadline = match (hello_deadline, partial_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                r = rd.read(dec.spare_mut()) => match r {
+                    Ok(0) => return End::Closed("the guest closed the connection".into()),
+                    Ok(n) => dec.commit(n),
+                    Err(e) => return End::Closed(format!("read error: {e}")),
+                },
+                c = commands.recv() => match c {
+                    None => return End::AgentGone,
+                    Some(c) => if let Err(end) = self.command(&mut wr, c).await { return end },
+                },
+                _ = sleep_until_opt(deadline) => {
+                    return End::Misbehaving(if self.negotiated.is_none() {
+                        format!("no Hello within {:?} of connecting", self.limits.hello_timeout)
+                    } else {
+                        format!("a frame stayed incomplete for {:?}", self.limits.partial_frame_timeout)
+                    });
+                }
+            }
+        }
+    }
+
+    async fn write(
+        &mut self,
+        wr: &mut tokio::net::unix::OwnedWriteHalf,
+        msg: &HostMsg,
+        version: u8,
+    ) -> Result<(), End> {
+        let mut out = [0u8; MAX_FRAME_LEN];
+        let n = msg
+            .encode(version.max(1), &mut out)
+            .map_err(|e| End::Closed(format!("cannot encode {msg:?}: {e}")))?;
+        match tokio::time::timeout(self.limits.write_timeout, wr.write_all(&out[..n])).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(End::Closed(format!("write error: {e}"))),
+            Err(_) => Err(End::Misbehaving(format!(
+                "the guest did not read for {:?}",
+                self.limits.write_timeout
+            ))),
+        }
+    }
+
+    async fn command(
+        &mut self,
+        wr: &mut tokio::net::unix::OwnedWriteHalf,
+        c: HostCommand,
+    ) -> Result<(), End> {
+        let Some((version, caps)) = self.negotiated else {
+            tracing::debug!(?c, "guest has not said hello; command dropped");
+            return Ok(());
+        };
+        let (msg, need) = match c {
+            HostCommand::Shutdown { deadline_ms } => (
+                HostMsg::Shutdown(guest_proto::Shutdown { deadline_ms }),
+                Capabilities::SHUTDOWN,
+            ),
+            HostCommand::RestartRole => (HostMsg::RestartRole, Capabilities::ROLE),
+            HostCommand::SetHeartbeatInterval(ms) => (
+                HostMsg::SetHeartbeatInterval(guest_proto::SetHeartbeatInterval {
+                    interval_ms: ms,
+                }),
+                Capabilities::HEARTBEAT_INTERVAL,
+            ),
+            HostCommand::Ping(nonce) => (
+                HostMsg::Ping(guest_proto::Ping { nonce }),
+                Capabilities::NONE,
+            ),
+        };
+        if !caps.contains(need) {
+            tracing::debug!(?c, "guest lacks the capability; command dropped");
+            return Ok(());
+        }
+        if let HostCommand::SetHeartbeatInterval(ms) = c {
+            self.interval_ms = ms;
+        }
+        self.write(wr, &msg, version).await
+    }
+
+    fn on_frame(&mut self, frame: Frame<'_, GuestMsg<'_>>) -> Result<Step, ProtoError> {
+        let (version, msg) = match frame {
+            Frame::Unknown { kind, .. } => {
+                if self.negotiated.is_none() {
+                    return Ok(Step::Close(End::Misbehaving(
+                        "the first frame was not Hello".into(),
+                    )));
+                }
+                let k = usize::from(kind & 0x7f);
+                if !self.unknown_kinds_seen[k] {
+                    self.unknown_kinds_seen[k] = true;
+                    tracing::debug!(kind, "skipping a frame of an unknown kind");
+                }
+                return Ok(Step::Nothing);
+            }
+            Frame::Known { version, msg } => (version, msg),
+        };
+        let Some((negotiated, caps)) = self.negotiated else {
+            let GuestMsg::Hello(h) = msg else {
+                return Ok(Step::Close(End::Misbehaving(
+                    "the first frame was not Hello".into(),
+                )));
+            };
+            let Some(v) = h.negotiate() else {
+                return Ok(Step::Close(End::Misbehaving(format!(
+                    "no common protocol version (guest {}..={}, host up to {PROTOCOL_VERSION})",
+                    h.min_version, h.max_version
+                ))));
+            };
+            if self.last_boot_id.is_some_and(|b| b != h.boot_id) {
+                tracing::info!("guest boot id changed: the VM rebooted");
+            }
+            *self.last_boot_id = Some(h.boot_id);
+            self.negotiated = Some((v, h.capabilities));
+            return Ok(Step::Event(GuestEvent::Hello {
+                boot_id: h.boot_id,
+                version: v,
+                capabilities: h.capabilities.bits(),
+                agent_version: escape_guest_text(h.agent_version.as_bytes(), 64),
+            }));
+        };
+        if version != negotiated {
+            // Counts as a frame error, but the frame is still used.
+            if let Some(end) = self.frame_error(&format!(
+                "frame version {version} after negotiating {negotiated}"
+            )) {
+                return Ok(Step::Close(end));
+            }
+        }
+        let ev = match msg {
+            GuestMsg::Hello(_) => {
+                return Ok(Step::Close(End::Misbehaving(
+                    "a second Hello on one connection".into(),
+                )))
+            }
+            GuestMsg::Heartbeat(hb) => {
+                if self.last_seq.is_some_and(|s| hb.seq <= s) {
+                    tracing::debug!(seq = hb.seq, "heartbeat sequence did not increase");
+                }
+                self.last_seq = Some(hb.seq);
+                GuestEvent::Heartbeat {
+                    seq: hb.seq,
+                    uptime_ms: hb.uptime_ms,
+                    free_mem_kib: hb.free_mem_kib,
+                    role: hb.role_state.into(),
+                    role_restarts: hb.role_restarts,
+                }
+            }
+            GuestMsg::RoleStarted(_) | GuestMsg::RoleExited(_)
+                if !caps.contains(Capabilities::ROLE) =>
+            {
+                return self.cap_error("role message without the ROLE capability");
+            }
+            GuestMsg::RoleStarted(r) => GuestEvent::RoleStarted { pid: r.pid },
+            GuestMsg::RoleExited(r) => GuestEvent::RoleExited {
+                pid: r.pid,
+                how: match r.status {
+                    guest_proto::ExitStatus::Code(c) => format!("exit code {c}"),
+                    guest_proto::ExitStatus::Signal(s) => format!("signal {s}"),
+                },
+            },
+            GuestMsg::Ready => GuestEvent::Ready,
+            GuestMsg::Log(l) => {
+                if !caps.contains(Capabilities::LOG) {
+                    return self.cap_error("Log without the LOG capability");
+                }
+                if self.logs.take() {
+                    let line = escape_guest_text(l.line, guest_proto::MAX_LOG_LINE_LEN);
+                    tracing::info!(source = ?l.source, level = ?l.level, "guest: {line}");
+                } else {
+                    self.logs_dropped += 1;
+                }
+                return Ok(Step::Nothing);
+            }
+            GuestMsg::Pong(p) => GuestEvent::Pong { nonce: p.nonce },
+        };
+        Ok(Step::Event(ev))
+    }
+
+    fn cap_error(&mut self, what: &str) -> Result<Step, ProtoError> {
+        Ok(match self.frame_error(what) {
+            Some(end) => Step::Close(end),
+            None => Step::Nothing,
+        })
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Formats a boot id for display.
+pub fn boot_id_hex(id: &[u8; 16]) -> String {
+    hex(id)
+}

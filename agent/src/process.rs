@@ -1,0 +1,387 @@
+//! The process-backed [`VmmLauncher`]: one `reddog-vmm` child per instance,
+//! configured with a `VmConfig` JSON file, watched with `wait` (own children)
+//! or a pidfd (VMMs re-adopted after an agent restart).
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rustix::process::{Pid, Signal};
+use tokio::io::unix::AsyncFd;
+use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
+
+use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
+
+/// How to run `reddog-vmm`.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncherConfig {
+    /// The `reddog-vmm` binary.
+    pub vmm_binary: PathBuf,
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The initramfs (with `reddog-guest` as `/init`).
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line; `{vsock_port}` and `{instance_id}` are replaced.
+    pub cmdline: String,
+    /// How to enter the kernel.
+    pub boot_protocol: BootProtocol,
+    /// Pass `--api-sock <dir>/api.sock` (once `reddog-vmm` has a control socket).
+    pub control_socket: bool,
+}
+
+impl ProcessLauncherConfig {
+    /// Defaults: no initrd, a serial console command line, automatic entry.
+    pub fn new(vmm_binary: impl Into<PathBuf>, kernel: impl Into<PathBuf>) -> Self {
+        Self {
+            vmm_binary: vmm_binary.into(),
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: "console=ttyS0 reboot=acpi panic=-1 quiet reddog.vsock_port={vsock_port}"
+                .into(),
+            boot_protocol: BootProtocol::Auto,
+            control_socket: false,
+        }
+    }
+}
+
+/// Spawns `reddog-vmm` processes.
+#[derive(Debug, Clone)]
+pub struct ProcessLauncher {
+    cfg: ProcessLauncherConfig,
+}
+
+impl ProcessLauncher {
+    /// A launcher with this configuration.
+    pub fn new(cfg: ProcessLauncherConfig) -> Self {
+        Self { cfg }
+    }
+
+    /// The `VmConfig` for an instance.
+    pub fn vm_config(&self, spec: &LaunchSpec) -> VmConfig {
+        let mut c = VmConfig::new(self.cfg.kernel.clone());
+        c.boot_protocol = self.cfg.boot_protocol;
+        c.cmdline = self
+            .cfg
+            .cmdline
+            .replace("{vsock_port}", &spec.guest_port.to_string())
+            .replace("{instance_id}", &spec.instance_id);
+        c.initrd = self.cfg.initrd.clone();
+        c.vcpus = spec.vcpus;
+        c.memory_mib = spec.memory_mib;
+        c.serial = SerialOutput::File(spec.serial_path.clone());
+        c.disks = spec.disks.clone();
+        c.vsock = Some(spec.vsock.clone());
+        c
+    }
+}
+
+/// Reads a process's start time (`/proc/<pid>/stat` field 22).
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn read_report(path: &Path) -> Option<ExitReport> {
+    let text = std::fs::read_to_string(path).ok()?;
+    // The report is one JSON line; take the last non-empty one.
+    let line = text.lines().rev().find(|l| !l.trim().is_empty())?;
+    serde_json::from_str(line).ok()
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
+    move |source| VmmError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+#[async_trait]
+impl VmmLauncher for ProcessLauncher {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let cfg = self.vm_config(spec);
+        cfg.validate().map_err(|e| VmmError::Spawn {
+            instance: spec.instance_id.clone(),
+            why: format!("invalid VM config: {e}"),
+        })?;
+        let config_path = spec.dir.join("vm.json");
+        crate::util::write_json_atomic(&config_path, &cfg).map_err(io_err(&config_path))?;
+        let exit_report = spec.dir.join("exit-report.json");
+        let _ = std::fs::remove_file(&exit_report);
+        // The VMM binds the vsock socket itself; a stale one from an earlier run
+        // would make it fail.
+        let _ = std::fs::remove_file(&spec.vsock.uds_path);
+        let log_path = spec.dir.join("vmm.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let log2 = log.try_clone().map_err(io_err(&log_path))?;
+        let control_socket = self.cfg.control_socket.then(|| spec.dir.join("api.sock"));
+        let mut cmd = tokio::process::Command::new(&self.cfg.vmm_binary);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .arg("--exit-report")
+            .arg(&exit_report);
+        if let Some(sock) = &control_socket {
+            let _ = std::fs::remove_file(sock);
+            cmd.arg("--api-sock").arg(sock);
+        }
+        // Own process group: a Ctrl-C to the agent must not reach the VMs, and
+        // the VMs outlive the agent (no kill_on_drop).
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2))
+            .process_group(0)
+            .kill_on_drop(false);
+        let child = cmd.spawn().map_err(|e| VmmError::Spawn {
+            instance: spec.instance_id.clone(),
+            why: format!("{}: {e}; check --vmm-binary", self.cfg.vmm_binary.display()),
+        })?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| VmmError::Spawn {
+                instance: spec.instance_id.clone(),
+                why: "the VMM exited before its pid could be read".into(),
+            })?;
+        let start_time = process_start_time(pid).unwrap_or(0);
+        tracing::info!(instance = %spec.instance_id, pid, "spawned reddog-vmm");
+        Ok(Box::new(ProcessHandle {
+            pid,
+            start_time,
+            exit_report,
+            control_socket,
+            child: Some(child),
+            pidfd: None,
+            exited: None,
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        _spec: &LaunchSpec,
+        record: &VmmRecord,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let pid = record.pid;
+        let gone = |why: &str| VmmError::Gone {
+            pid,
+            why: why.into(),
+        };
+        let p = Pid::from_raw(pid).ok_or_else(|| gone("not a valid pid"))?;
+        let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
+            .map_err(|e| gone(&format!("pidfd_open: {e}")))?;
+        // Checked after opening the pidfd: the pidfd pins this very process, so
+        // a start time that matches now stays true for as long as we hold it.
+        match process_start_time(pid) {
+            Some(t) if t == record.start_time => {}
+            Some(_) => return Err(gone("the pid now belongs to another process")),
+            None => return Err(gone("no such process")),
+        }
+        let pidfd = AsyncFd::new(fd).map_err(|e| gone(&format!("pidfd: {e}")))?;
+        Ok(Box::new(ProcessHandle {
+            pid,
+            start_time: record.start_time,
+            exit_report: record.exit_report.clone(),
+            control_socket: record.control_socket.clone(),
+            child: None,
+            pidfd: Some(pidfd),
+            exited: None,
+        }))
+    }
+}
+
+/// A `reddog-vmm` process: our child, or adopted through a pidfd.
+#[derive(Debug)]
+pub struct ProcessHandle {
+    pid: i32,
+    start_time: u64,
+    exit_report: PathBuf,
+    control_socket: Option<PathBuf>,
+    child: Option<tokio::process::Child>,
+    pidfd: Option<AsyncFd<std::os::fd::OwnedFd>>,
+    exited: Option<VmmExit>,
+}
+
+#[async_trait]
+impl VmmHandle for ProcessHandle {
+    fn record(&self) -> VmmRecord {
+        VmmRecord {
+            pid: self.pid,
+            start_time: self.start_time,
+            control_socket: self.control_socket.clone(),
+            exit_report: self.exit_report.clone(),
+        }
+    }
+
+    async fn stop(&mut self, mode: StopMode) -> Result<(), VmmError> {
+        if self.exited.is_some() {
+            return Ok(());
+        }
+        if self.child.is_none() && process_start_time(self.pid) != Some(self.start_time) {
+            // An adopted VMM that is gone; never signal whoever has its pid now.
+            return Ok(());
+        }
+        let sig = match mode {
+            StopMode::Graceful => Signal::TERM,
+            StopMode::Force => Signal::KILL,
+        };
+        let pid = Pid::from_raw(self.pid).ok_or(VmmError::Signal {
+            pid: self.pid,
+            why: "invalid pid".into(),
+        })?;
+        match rustix::process::kill_process(pid, sig) {
+            Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+            Err(e) => Err(VmmError::Signal {
+                pid: self.pid,
+                why: e.to_string(),
+            }),
+        }
+    }
+
+    async fn wait(&mut self) -> VmmExit {
+        if let Some(e) = &self.exited {
+            return e.clone();
+        }
+        let (status, signal) = if let Some(child) = &mut self.child {
+            match child.wait().await {
+                Ok(st) => (st.code(), st.signal()),
+                Err(e) => {
+                    tracing::warn!(pid = self.pid, "waiting for the VMM failed: {e}");
+                    (None, None)
+                }
+            }
+        } else if let Some(fd) = &self.pidfd {
+            // Readable once the process has ended.
+            match fd.readable().await {
+                Ok(mut g) => g.retain_ready(),
+                Err(_) => loop {
+                    if process_start_time(self.pid) != Some(self.start_time) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                },
+            }
+            (None, None)
+        } else {
+            (None, None)
+        };
+        let report = read_report(&self.exit_report);
+        let detail = match (&report, status, signal) {
+            (Some(r), _, _) => format!("{:?}: {}", r.reason, r.detail),
+            (None, _, Some(s)) => format!("killed by signal {s}"),
+            (None, Some(c), _) => format!("exited with status {c} without an exit report; see vmm.log"),
+            (None, None, None) => "exited (an adopted process: status unknown, no exit report)".into(),
+        };
+        let e = VmmExit {
+            report,
+            status,
+            signal,
+            detail,
+        };
+        self.exited = Some(e.clone());
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_start_time_is_readable() {
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let t = process_start_time(me).expect("start time");
+        assert!(t > 0);
+        assert_eq!(process_start_time(me), Some(t));
+        assert_eq!(process_start_time(i32::MAX), None);
+    }
+
+    fn spec(dir: &Path) -> LaunchSpec {
+        LaunchSpec {
+            instance_id: "a".into(),
+            dir: dir.to_owned(),
+            vcpus: 1,
+            memory_mib: 64,
+            disks: vec![],
+            vsock: vmm_api::VsockConfig {
+                guest_cid: 3,
+                uds_path: dir.join("v.sock"),
+            },
+            guest_port: 1024,
+            serial_path: dir.join("serial.log"),
+        }
+    }
+
+    /// Stands in for reddog-vmm: a shell that writes an exit report and exits 10.
+    fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let p = dir.join("fake-vmm");
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    }
+
+    #[tokio::test]
+    async fn spawns_with_config_and_reads_exit_report() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = fake_vmm(
+            dir.path(),
+            r#"while [ $# -gt 0 ]; do case "$1" in --exit-report) R="$2"; shift;; --config) C="$2"; shift;; esac; shift; done
+test -f "$C" || exit 3
+echo '{"reason":"reset","exit_code":10,"detail":"i8042 reset","boot_time_us":null,"first_run_us":null,"total_us":5,"vcpu":null,"regs":null}' > "$R"
+exit 10"#,
+        );
+        let l = ProcessLauncher::new(ProcessLauncherConfig::new(&bin, "/boot/vmlinux"));
+        let s = spec(dir.path());
+        let mut h = l.launch(&s).await.expect("launch");
+        let e = h.wait().await;
+        assert_eq!(e.status, Some(10));
+        assert_eq!(
+            e.report.as_ref().map(|r| r.reason),
+            Some(vmm_api::ExitReason::Reset)
+        );
+        let cfg = VmConfig::from_file(&dir.path().join("vm.json")).expect("config");
+        assert_eq!(cfg.memory_mib, 64);
+        assert!(cfg.cmdline.contains("reddog.vsock_port=1024"), "{}", cfg.cmdline);
+        // wait() again returns the same.
+        assert_eq!(h.wait().await, e);
+    }
+
+    #[tokio::test]
+    async fn stop_and_adopt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = fake_vmm(dir.path(), "exec sleep 30");
+        let l = ProcessLauncher::new(ProcessLauncherConfig::new(&bin, "/k"));
+        let s = spec(dir.path());
+        let mut h = l.launch(&s).await.expect("launch");
+        let rec = h.record();
+        assert!(rec.start_time > 0);
+        // A second handle through the pidfd, as a restarted agent would get.
+        let mut adopted = l.adopt(&s, &rec).await.expect("adopt");
+        // A record with the wrong start time is refused (a reused pid).
+        let mut wrong = rec.clone();
+        wrong.start_time += 1;
+        assert!(matches!(l.adopt(&s, &wrong).await, Err(VmmError::Gone { .. })));
+        h.stop(StopMode::Force).await.expect("kill");
+        let e = h.wait().await;
+        assert_eq!(e.signal, Some(9));
+        let e2 = tokio::time::timeout(Duration::from_secs(10), adopted.wait())
+            .await
+            .expect("adopted wait returns");
+        assert_eq!(e2.status, None);
+        assert!(matches!(l.adopt(&s, &rec).await, Err(VmmError::Gone { .. })));
+    }
+
+    #[tokio::test]
+    async fn missing_binary_is_a_clear_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let l = ProcessLauncher::new(ProcessLauncherConfig::new("/nonexistent/reddog-vmm", "/k"));
+        let e = l.launch(&spec(dir.path())).await.expect_err("no binary").to_string();
+        assert!(e.contains("--vmm-binary"), "{e}");
+    }
+}

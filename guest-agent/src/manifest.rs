@@ -1,0 +1,545 @@
+//! The role manifest: what to run, as whom, how to tell it is ready and how to
+//! restart it. It lives on the role disk (`/role/role.json`) and is read
+//! strictly: unknown fields, oversized values and anything that could not be
+//! passed to `execve` are errors with a message that says which field.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the role manifest is, relative to the role disk's mount point.
+pub const MANIFEST_FILE: &str = "role.json";
+/// Largest manifest file accepted.
+pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
+/// Most arguments.
+pub const MAX_ARGS: usize = 256;
+/// Most environment variables.
+pub const MAX_ENV: usize = 256;
+/// Longest single string (path, argument, variable value).
+pub const MAX_STRING: usize = 4096;
+
+/// Errors reading or validating a manifest.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The manifest path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`MAX_MANIFEST_BYTES`].
+    #[error("{path} is {len} bytes; a role manifest may be at most {MAX_MANIFEST_BYTES}")]
+    TooLarge {
+        /// The manifest path.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+    },
+    /// Not valid JSON for a manifest (syntax, types, unknown fields).
+    #[error("{path}: {source}")]
+    Json {
+        /// The manifest path.
+        path: PathBuf,
+        /// serde's message (with line and column).
+        source: serde_json::Error,
+    },
+    /// A field is out of its bounds.
+    #[error("role manifest field `{field}`: {why}")]
+    Invalid {
+        /// The field.
+        field: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// The user does not exist, or is root.
+    #[error("role user {user:?}: {why}")]
+    User {
+        /// The user name.
+        user: String,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, why: impl Into<String>) -> ManifestError {
+    ManifestError::Invalid {
+        field: field.into(),
+        why: why.into(),
+    }
+}
+
+/// When to restart the role after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// After every exit.
+    Always,
+    /// After a non-zero exit code or a signal.
+    #[default]
+    OnFailure,
+    /// Never; the role stays `Exited` (the host may send `RestartRole`).
+    Never,
+}
+
+/// The readiness check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Readiness {
+    /// A TCP connection to `127.0.0.1:port` succeeds.
+    Tcp {
+        /// The port.
+        port: u16,
+    },
+    /// `GET path` on `127.0.0.1:port` answers 2xx or 3xx.
+    Http {
+        /// The port.
+        port: u16,
+        /// The request path, starting with `/`.
+        path: String,
+    },
+}
+
+/// The manifest as written (JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    version: u32,
+    program: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    working_dir: Option<String>,
+    user: String,
+    #[serde(default)]
+    readiness: Option<Readiness>,
+    #[serde(default)]
+    readiness_interval_ms: Option<u64>,
+    #[serde(default)]
+    restart: RawRestart,
+    #[serde(default)]
+    stop_timeout_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawRestart {
+    #[serde(default)]
+    policy: RestartPolicy,
+    #[serde(default)]
+    initial_backoff_ms: Option<u64>,
+    #[serde(default)]
+    max_backoff_ms: Option<u64>,
+    #[serde(default)]
+    max_restarts: Option<u32>,
+    #[serde(default)]
+    reset_after_ms: Option<u64>,
+}
+
+/// The restart rules, with defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restart {
+    /// When to restart.
+    pub policy: RestartPolicy,
+    /// First back-off delay.
+    pub initial_backoff: Duration,
+    /// Largest back-off delay.
+    pub max_backoff: Duration,
+    /// Consecutive failed runs after which the role is `Failed` (`None` = never give up).
+    pub max_restarts: Option<u32>,
+    /// A run at least this long resets the back-off and the failure count.
+    pub reset_after: Duration,
+}
+
+/// A validated manifest, with the user resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// Absolute path of the program.
+    pub program: PathBuf,
+    /// Its arguments (without argv\[0\]).
+    pub args: Vec<String>,
+    /// Extra environment (on top of PATH, HOME, USER).
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the user's home, else `/`).
+    pub working_dir: PathBuf,
+    /// The user's name.
+    pub user: String,
+    /// Its uid (never 0).
+    pub uid: u32,
+    /// Its primary gid (never 0).
+    pub gid: u32,
+    /// Its home directory.
+    pub home: String,
+    /// How to tell it is ready (`None`: ready once started).
+    pub readiness: Option<Readiness>,
+    /// Pause between readiness attempts.
+    pub readiness_interval: Duration,
+    /// Restart rules.
+    pub restart: Restart,
+    /// SIGTERM to SIGKILL on `RestartRole`.
+    pub stop_timeout: Duration,
+}
+
+/// An `/etc/passwd` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswdEntry {
+    /// uid.
+    pub uid: u32,
+    /// Primary gid.
+    pub gid: u32,
+    /// Home directory.
+    pub home: String,
+}
+
+/// Finds `user` in passwd-format `text`.
+pub fn lookup_user(text: &str, user: &str) -> Option<PasswdEntry> {
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        if f.len() < 7 || f[0] != user {
+            return None;
+        }
+        Some(PasswdEntry {
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: f[5].to_owned(),
+        })
+    })
+}
+
+fn check_string(field: &str, s: &str) -> Result<(), ManifestError> {
+    if s.len() > MAX_STRING {
+        return Err(invalid(
+            field,
+            format!("{} bytes, at most {MAX_STRING}", s.len()),
+        ));
+    }
+    if s.contains('\0') {
+        return Err(invalid(field, "holds a NUL byte"));
+    }
+    Ok(())
+}
+
+fn check_abs_path(field: &str, s: &str) -> Result<PathBuf, ManifestError> {
+    check_string(field, s)?;
+    if !s.starts_with('/') {
+        return Err(invalid(field, format!("{s:?} is not an absolute path")));
+    }
+    Ok(PathBuf::from(s))
+}
+
+fn ms(
+    field: &str,
+    v: Option<u64>,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<Duration, ManifestError> {
+    let v = v.unwrap_or(default);
+    if !(min..=max).contains(&v) {
+        return Err(invalid(field, format!("{v} is outside {min}..={max}")));
+    }
+    Ok(Duration::from_millis(v))
+}
+
+/// Parses and validates manifest `text`; `passwd` is the text of the guest's
+/// `/etc/passwd`.
+pub fn parse(text: &str, passwd: &str, path: &Path) -> Result<Manifest, ManifestError> {
+    let raw: Raw = serde_json::from_str(text).map_err(|source| ManifestError::Json {
+        path: path.to_owned(),
+        source,
+    })?;
+    if raw.version != 1 {
+        return Err(invalid(
+            "version",
+            format!("{} is not a known manifest version (1)", raw.version),
+        ));
+    }
+    let program = check_abs_path("program", &raw.program)?;
+    if raw.args.len() > MAX_ARGS {
+        return Err(invalid(
+            "args",
+            format!("{} arguments, at most {MAX_ARGS}", raw.args.len()),
+        ));
+    }
+    for (i, a) in raw.args.iter().enumerate() {
+        check_string(&format!("args[{i}]"), a)?;
+    }
+    if raw.env.len() > MAX_ENV {
+        return Err(invalid(
+            "env",
+            format!("{} variables, at most {MAX_ENV}", raw.env.len()),
+        ));
+    }
+    for (k, v) in &raw.env {
+        let good_name = !k.is_empty()
+            && k.len() <= 256
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            && !k.as_bytes()[0].is_ascii_digit();
+        if !good_name {
+            return Err(invalid(
+                format!("env.{k}"),
+                "a variable name is [A-Za-z_][A-Za-z0-9_]*, at most 256 bytes",
+            ));
+        }
+        check_string(&format!("env.{k}"), v)?;
+    }
+    let user_ok = !raw.user.is_empty()
+        && raw.user.len() <= 32
+        && raw
+            .user
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+    if !user_ok {
+        return Err(invalid(
+            "user",
+            "a user name is 1-32 bytes of [A-Za-z0-9_.-]",
+        ));
+    }
+    let entry = lookup_user(passwd, &raw.user).ok_or_else(|| ManifestError::User {
+        user: raw.user.clone(),
+        why: "not in the guest's /etc/passwd".into(),
+    })?;
+    if entry.uid == 0 || entry.gid == 0 {
+        return Err(ManifestError::User {
+            user: raw.user.clone(),
+            why: "the role never runs as root (uid or gid 0)".into(),
+        });
+    }
+    let working_dir = match &raw.working_dir {
+        Some(d) => check_abs_path("working_dir", d)?,
+        None if entry.home.starts_with('/') => PathBuf::from(&entry.home),
+        None => PathBuf::from("/"),
+    };
+    if let Some(r) = &raw.readiness {
+        let port = match r {
+            Readiness::Tcp { port } => *port,
+            Readiness::Http { port, path } => {
+                let ok = path.starts_with('/')
+                    && path.len() <= 1024
+                    && path.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    return Err(invalid(
+                        "readiness.http.path",
+                        "starts with '/', at most 1024 printable ASCII bytes, no spaces",
+                    ));
+                }
+                *port
+            }
+        };
+        if port == 0 {
+            return Err(invalid("readiness.port", "0 is not a port"));
+        }
+    }
+    let rr = &raw.restart;
+    let initial_backoff = ms(
+        "restart.initial_backoff_ms",
+        rr.initial_backoff_ms,
+        200,
+        10,
+        600_000,
+    )?;
+    let max_backoff = ms(
+        "restart.max_backoff_ms",
+        rr.max_backoff_ms,
+        30_000,
+        10,
+        3_600_000,
+    )?;
+    if max_backoff < initial_backoff {
+        return Err(invalid(
+            "restart.max_backoff_ms",
+            "smaller than restart.initial_backoff_ms",
+        ));
+    }
+    Ok(Manifest {
+        program,
+        args: raw.args,
+        env: raw.env,
+        working_dir,
+        user: raw.user,
+        uid: entry.uid,
+        gid: entry.gid,
+        home: entry.home,
+        readiness: raw.readiness,
+        readiness_interval: ms(
+            "readiness_interval_ms",
+            raw.readiness_interval_ms,
+            200,
+            10,
+            60_000,
+        )?,
+        restart: Restart {
+            policy: rr.policy,
+            initial_backoff,
+            max_backoff,
+            max_restarts: rr.max_restarts,
+            reset_after: ms(
+                "restart.reset_after_ms",
+                rr.reset_after_ms,
+                10_000,
+                0,
+                86_400_000,
+            )?,
+        },
+        stop_timeout: ms("stop_timeout_ms", raw.stop_timeout_ms, 5_000, 0, 600_000)?,
+    })
+}
+
+/// Reads (bounded) and validates the manifest at `path`, resolving the user
+/// in the passwd file at `passwd`.
+pub fn load(path: &Path, passwd: &Path) -> Result<Manifest, ManifestError> {
+    use std::io::Read;
+    let read_err = |p: &Path| {
+        let p = p.to_owned();
+        move |source| ManifestError::Read { path: p, source }
+    };
+    let f = std::fs::File::open(path).map_err(read_err(path))?;
+    let len = f.metadata().map_err(read_err(path))?.len();
+    if len > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge {
+            path: path.to_owned(),
+            len,
+        });
+    }
+    let mut text = String::new();
+    f.take(MAX_MANIFEST_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err(path))?;
+    let mut pw = String::new();
+    std::fs::File::open(passwd)
+        .and_then(|f| f.take(1 << 20).read_to_string(&mut pw))
+        .map_err(read_err(passwd))?;
+    parse(&text, &pw, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nreddog:x:1000:1000:role:/home/reddog:/bin/sh\nzero:x:0:5::/:/bin/sh\n";
+
+    fn p(text: &str) -> Result<Manifest, ManifestError> {
+        parse(text, PASSWD, Path::new("/role/role.json"))
+    }
+
+    #[test]
+    fn full_manifest() {
+        let m = p(r#"{"version":1,"program":"/bin/busybox","args":["httpd","-f"],
+            "env":{"MODE":"web"},"working_dir":"/role","user":"reddog",
+            "readiness":{"http":{"port":8080,"path":"/index.html"}},
+            "restart":{"policy":"always","initial_backoff_ms":50,"max_backoff_ms":1000,"max_restarts":3},
+            "stop_timeout_ms":100}"#)
+        .expect("valid");
+        assert_eq!(m.program, PathBuf::from("/bin/busybox"));
+        assert_eq!(
+            (m.uid, m.gid, m.home.as_str()),
+            (1000, 1000, "/home/reddog")
+        );
+        assert_eq!(m.restart.policy, RestartPolicy::Always);
+        assert_eq!(m.restart.max_restarts, Some(3));
+        assert_eq!(
+            m.readiness,
+            Some(Readiness::Http {
+                port: 8080,
+                path: "/index.html".into()
+            })
+        );
+        assert_eq!(m.stop_timeout, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn defaults() {
+        let m = p(r#"{"version":1,"program":"/role/worker","user":"reddog"}"#).expect("valid");
+        assert_eq!(m.restart.policy, RestartPolicy::OnFailure);
+        assert_eq!(m.working_dir, PathBuf::from("/home/reddog"));
+        assert_eq!(m.readiness, None);
+        assert_eq!(m.restart.max_restarts, None);
+    }
+
+    #[test]
+    fn strict_errors_name_the_field() {
+        let cases = [
+            (r#"{"version":2,"program":"/x","user":"reddog"}"#, "version"),
+            (r#"{"version":1,"program":"x","user":"reddog"}"#, "program"),
+            (
+                r#"{"version":1,"program":"/x","user":"root"}"#,
+                "never runs as root",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"zero"}"#,
+                "never runs as root",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"nobody"}"#,
+                "not in the guest",
+            ),
+            (r#"{"version":1,"program":"/x","user":"a:b"}"#, "user"),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","bogus":1}"#,
+                "unknown field",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","env":{"1A":"x"}}"#,
+                "env.1A",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","args":["a\u0000b"]}"#,
+                "NUL",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","readiness":{"http":{"port":80,"path":"x y"}}}"#,
+                "readiness.http.path",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","readiness":{"tcp":{"port":0}}}"#,
+                "port",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","restart":{"policy":"sometimes"}}"#,
+                "unknown variant",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","restart":{"initial_backoff_ms":500,"max_backoff_ms":100}}"#,
+                "max_backoff_ms",
+            ),
+            (
+                r#"{"version":1,"program":"/x","user":"reddog","restart":{"initial_backoff_ms":1}}"#,
+                "initial_backoff_ms",
+            ),
+            ("not json", "expected"),
+        ];
+        for (text, want) in cases {
+            let e = p(text).expect_err(text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let long = format!(
+            r#"{{"version":1,"program":"/x","user":"reddog","args":["{}"]}}"#,
+            "a".repeat(MAX_STRING + 1)
+        );
+        assert!(p(&long).expect_err("long").to_string().contains("args[0]"));
+        let many = format!(
+            r#"{{"version":1,"program":"/x","user":"reddog","args":[{}]}}"#,
+            vec!["\"a\""; MAX_ARGS + 1].join(",")
+        );
+        assert!(p(&many).expect_err("many").to_string().contains("args"));
+    }
+
+    #[test]
+    fn oversized_file_is_refused_before_parsing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = dir.path().join("role.json");
+        std::fs::write(&m, vec![b' '; MAX_MANIFEST_BYTES as usize + 1]).expect("write");
+        let pw = dir.path().join("passwd");
+        std::fs::write(&pw, PASSWD).expect("write");
+        assert!(matches!(load(&m, &pw), Err(ManifestError::TooLarge { .. })));
+        assert!(matches!(
+            load(&dir.path().join("none.json"), &pw),
+            Err(ManifestError::Read { .. })
+        ));
+    }
+}

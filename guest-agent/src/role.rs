@@ -1,0 +1,216 @@
+//! Starting the role process and checking whether it is ready.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guest_proto::{ExitStatus, LogLevel, LogSource, MAX_LOG_LINE_LEN};
+
+use crate::link::{Outbox, Report};
+use crate::manifest::{Manifest, Readiness};
+use crate::probe::say;
+
+/// `PATH` for the role.
+pub const ROLE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Starts the role: its own process group, the manifest's user and group (no
+/// supplementary groups), a clean environment, stdin from `/dev/null`,
+/// stdout/stderr forwarded line by line as `Log` frames (and, rate-limited, to
+/// the console). Returns its pid.
+pub fn spawn(m: &Manifest, outbox: &Arc<Outbox>) -> std::io::Result<u32> {
+    let mut cmd = Command::new(&m.program);
+    cmd.args(&m.args)
+        .env_clear()
+        .env("PATH", ROLE_PATH)
+        .env("HOME", &m.home)
+        .env("USER", &m.user)
+        .env("LOGNAME", &m.user)
+        .envs(&m.env)
+        .current_dir(&m.working_dir)
+        .uid(m.uid)
+        .gid(m.gid)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    if let Some(out) = child.stdout.take() {
+        pump(out, LogSource::RoleStdout, "role-stdout", outbox.clone());
+    }
+    if let Some(err) = child.stderr.take() {
+        pump(err, LogSource::RoleStderr, "role-stderr", outbox.clone());
+    }
+    // The child is reaped by the supervisor's waitpid loop, not through `child`.
+    drop(child);
+    Ok(pid)
+}
+
+/// Forwards `src` line by line (lines split at `MAX_LOG_LINE_LEN` bytes). The
+/// console gets at most 20 lines a second per stream, the host all of them
+/// (subject to the outbox's limits).
+fn pump<R: Read + Send + 'static>(
+    src: R,
+    source: LogSource,
+    name: &'static str,
+    outbox: Arc<Outbox>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let mut r = BufReader::with_capacity(MAX_LOG_LINE_LEN, src);
+            let mut window = Instant::now();
+            let mut echoed = 0u32;
+            let mut line = Vec::with_capacity(MAX_LOG_LINE_LEN);
+            loop {
+                line.clear();
+                match (&mut r)
+                    .take(MAX_LOG_LINE_LEN as u64)
+                    .read_until(b'\n', &mut line)
+                {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                while line.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+                    line.pop();
+                }
+                if window.elapsed() >= Duration::from_secs(1) {
+                    window = Instant::now();
+                    echoed = 0;
+                }
+                if echoed < 20 {
+                    echoed += 1;
+                    say(&format!(
+                        "{name}: {}",
+                        String::from_utf8_lossy(&line).escape_debug()
+                    ));
+                }
+                let level = if source == LogSource::RoleStderr {
+                    LogLevel::Warn
+                } else {
+                    LogLevel::Info
+                };
+                outbox.push(Report::Log(level, source, line.clone()));
+            }
+        });
+    if let Err(e) = spawned {
+        say(&format!("cannot forward the role's {name}: {e}"));
+    }
+}
+
+/// A raw `waitpid` status as the protocol's exit status.
+pub fn exit_status(raw: i32) -> ExitStatus {
+    use std::os::unix::process::ExitStatusExt;
+    let s = std::process::ExitStatus::from_raw(raw);
+    match (s.code(), s.signal()) {
+        (Some(c), _) => ExitStatus::Code(c),
+        (None, Some(sig)) => ExitStatus::Signal(sig),
+        (None, None) => ExitStatus::Code(-1),
+    }
+}
+
+/// Whether an exit counts as a failure (for `on-failure`).
+pub fn is_failure(s: ExitStatus) -> bool {
+    !matches!(s, ExitStatus::Code(0))
+}
+
+/// One readiness attempt, bounded by `timeout`.
+pub fn check_ready(r: &Readiness, timeout: Duration) -> Result<(), String> {
+    let port = match r {
+        Readiness::Tcp { port } | Readiness::Http { port, .. } => *port,
+    };
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s =
+        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+    let Readiness::Http { path, .. } = r else {
+        return Ok(());
+    };
+    s.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: reddog-guest\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| format!("send: {e}"))?;
+    let mut status = String::new();
+    BufReader::new(s.take(1024))
+        .read_line(&mut status)
+        .map_err(|e| format!("read: {e}"))?;
+    let code = status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse::<u16>().ok())
+        .filter(|_| status.starts_with("HTTP/"))
+        .ok_or_else(|| format!("not an HTTP status line: {:?}", status.trim_end()))?;
+    if (200..400).contains(&code) {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {code}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn serve_once(answer: &'static str) -> u16 {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        port
+    }
+
+    #[test]
+    fn http_readiness() {
+        let port = serve_once("HTTP/1.0 200 OK\r\n\r\nhi");
+        let r = Readiness::Http {
+            port,
+            path: "/".into(),
+        };
+        check_ready(&r, Duration::from_secs(2)).expect("ready");
+        let port = serve_once("HTTP/1.0 503 Busy\r\n\r\n");
+        let r = Readiness::Http {
+            port,
+            path: "/".into(),
+        };
+        assert!(check_ready(&r, Duration::from_secs(2))
+            .expect_err("503")
+            .contains("503"));
+        let port = serve_once("SSH-2.0\r\n");
+        let r = Readiness::Http {
+            port,
+            path: "/".into(),
+        };
+        assert!(check_ready(&r, Duration::from_secs(2)).is_err());
+    }
+
+    #[test]
+    fn tcp_readiness() {
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        check_ready(&Readiness::Tcp { port }, Duration::from_secs(1)).expect("listening");
+        drop(l);
+        assert!(check_ready(&Readiness::Tcp { port }, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(exit_status(0), ExitStatus::Code(0));
+        assert_eq!(exit_status(3 << 8), ExitStatus::Code(3));
+        assert_eq!(exit_status(9), ExitStatus::Signal(9));
+        assert!(!is_failure(ExitStatus::Code(0)));
+        assert!(is_failure(ExitStatus::Signal(15)));
+    }
+}
