@@ -178,6 +178,12 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest enumerates them.
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Also describe each virtio-mmio device on the kernel command line
+    /// (`virtio_mmio.device=4K@<base>:<irq>`), for kernels built with
+    /// `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES` that do not read the DSDT. The DSDT
+    /// describes them either way.
+    #[serde(default)]
+    pub virtio_mmio_cmdline: bool,
     /// An optional virtio-vsock device.
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
@@ -212,6 +218,7 @@ impl VmConfig {
             memory_mib: default_memory_mib(),
             serial: SerialOutput::Stdout,
             disks: Vec::new(),
+            virtio_mmio_cmdline: false,
             vsock: None,
             timeout_ms: None,
             api_sock: None,
@@ -350,7 +357,10 @@ mod tests {
         assert!(matches!(cfg.validate(), Err(ConfigError::ApiSock(_))));
         let cfg = VmConfig::from_json(r#"{"kernel":"/k","api_sock":"/run/reddog/vm1.sock"}"#)
             .expect("valid");
-        assert_eq!(cfg.api_sock.as_deref(), Some(std::path::Path::new("/run/reddog/vm1.sock")));
+        assert_eq!(
+            cfg.api_sock.as_deref(),
+            Some(std::path::Path::new("/run/reddog/vm1.sock"))
+        );
     }
 
     #[test]

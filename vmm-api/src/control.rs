@@ -356,7 +356,13 @@ pub struct ExitCounts {
 impl ExitCounts {
     /// Every exit.
     pub fn total(&self) -> u64 {
-        self.io_in + self.io_out + self.mmio_read + self.mmio_write + self.hlt + self.interrupted + self.other
+        self.io_in
+            + self.io_out
+            + self.mmio_read
+            + self.mmio_write
+            + self.hlt
+            + self.interrupted
+            + self.other
     }
 }
 
@@ -567,8 +573,8 @@ impl Client {
     pub fn request(&mut self, op: Op) -> Result<Response, ClientError> {
         let id = self.next_id;
         self.next_id += 1;
-        let line = encode_line(&Request { id, op })
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let line =
+            encode_line(&Request { id, op }).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.writer.write_all(&line)?;
         loop {
             match self.read_message()? {
@@ -699,11 +705,36 @@ mod tests {
             (b"{\"id\":1,\"op\":\"ping\"", None, true, "not a JSON line"),
             (b"", None, true, "not a JSON line"),
             (b"\xff\xfe", None, true, "not a JSON line"),
-            (br#"{"id":7,"op":"reboot"}"#, Some(7), false, "unknown variant"),
-            (br#"{"id":7,"op":"ping","x":1}"#, Some(7), false, "unknown field"),
-            (br#"{"id":7,"op":"ping","mode":"acpi"}"#, Some(7), false, "only op"),
-            (br#"{"id":7,"op":"shutdown"}"#, Some(7), false, "needs \"mode\""),
-            (br#"{"id":7,"op":"shutdown","mode":"now"}"#, Some(7), false, "unknown variant"),
+            (
+                br#"{"id":7,"op":"reboot"}"#,
+                Some(7),
+                false,
+                "unknown variant",
+            ),
+            (
+                br#"{"id":7,"op":"ping","x":1}"#,
+                Some(7),
+                false,
+                "unknown field",
+            ),
+            (
+                br#"{"id":7,"op":"ping","mode":"acpi"}"#,
+                Some(7),
+                false,
+                "only op",
+            ),
+            (
+                br#"{"id":7,"op":"shutdown"}"#,
+                Some(7),
+                false,
+                "needs \"mode\"",
+            ),
+            (
+                br#"{"id":7,"op":"shutdown","mode":"now"}"#,
+                Some(7),
+                false,
+                "unknown variant",
+            ),
             (br#"{"op":"ping"}"#, None, false, "missing field `id`"),
             (br#"{"id":-1,"op":"ping"}"#, None, false, "invalid value"),
             (br#"{"id":"1","op":"ping"}"#, None, false, "invalid type"),
@@ -719,7 +750,12 @@ mod tests {
 
     #[test]
     fn responses_round_trip() {
-        let ok = Response::ok(3, &Pong { version: PROTOCOL_VERSION });
+        let ok = Response::ok(
+            3,
+            &Pong {
+                version: PROTOCOL_VERSION,
+            },
+        );
         assert_eq!(
             round_trip(&ok),
             format!(r#"{{"id":3,"ok":true,"result":{{"version":{PROTOCOL_VERSION}}}}}"#)
@@ -808,7 +844,10 @@ mod tests {
     #[test]
     fn events_round_trip_and_are_told_from_responses() {
         for (event, want) in [
-            (Event::BootTimer { us: 5 }, r#"{"event":"boot_timer","us":5}"#),
+            (
+                Event::BootTimer { us: 5 },
+                r#"{"event":"boot_timer","us":5}"#,
+            ),
             (Event::Paused, r#"{"event":"paused"}"#),
             (Event::Resumed, r#"{"event":"resumed"}"#),
             (
@@ -826,9 +865,12 @@ mod tests {
                 ServerMessage::Event(event)
             );
         }
-        let resp = Response::ok(1, &StateReply {
-            state: VmState::Paused,
-        });
+        let resp = Response::ok(
+            1,
+            &StateReply {
+                state: VmState::Paused,
+            },
+        );
         let line = encode_line(&resp).expect("encode");
         assert_eq!(
             decode_server_line(&line).expect("decode"),
@@ -850,7 +892,10 @@ mod tests {
         input.extend_from_slice(b"{}\n");
         let mut r = io::Cursor::new(input);
         let mut buf = Vec::new();
-        assert_eq!(read_line(&mut r, &mut buf).expect("read"), LineRead::TooLong);
+        assert_eq!(
+            read_line(&mut r, &mut buf).expect("read"),
+            LineRead::TooLong
+        );
         assert_eq!(buf.len(), MAX_LINE_LEN + 1);
 
         // Exactly the limit is fine; the limit plus one is not.
@@ -864,7 +909,10 @@ mod tests {
         let mut over = vec![b' '; MAX_LINE_LEN + 1];
         over.push(b'\n');
         let mut r = io::Cursor::new(over);
-        assert_eq!(read_line(&mut r, &mut buf).expect("read"), LineRead::TooLong);
+        assert_eq!(
+            read_line(&mut r, &mut buf).expect("read"),
+            LineRead::TooLong
+        );
 
         let big = "x".repeat(MAX_LINE_LEN);
         assert!(matches!(encode_line(&big), Err(FrameError::TooLong(_))));
@@ -888,10 +936,37 @@ mod tests {
     fn garbage_never_panics() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let pieces: &[&str] = &[
-            "{", "}", "[", "]", "\"id\"", "\"op\"", "\"mode\"", "\"event\"", ":", ",", "1",
-            "-1", "1e999", "18446744073709551616", "null", "true", "\"ping\"", "\"shutdown\"",
-            "\"acpi\"", "\"force\"", "\"paused\"", "\"\\u0000\"", "\"\\ud800\"", " ", "\"ok\"",
-            "\"result\"", "\"error\"", "\"kind\"", "{}", "\u{feff}", "\"",
+            "{",
+            "}",
+            "[",
+            "]",
+            "\"id\"",
+            "\"op\"",
+            "\"mode\"",
+            "\"event\"",
+            ":",
+            ",",
+            "1",
+            "-1",
+            "1e999",
+            "18446744073709551616",
+            "null",
+            "true",
+            "\"ping\"",
+            "\"shutdown\"",
+            "\"acpi\"",
+            "\"force\"",
+            "\"paused\"",
+            "\"\\u0000\"",
+            "\"\\ud800\"",
+            " ",
+            "\"ok\"",
+            "\"result\"",
+            "\"error\"",
+            "\"kind\"",
+            "{}",
+            "\u{feff}",
+            "\"",
         ];
         for i in 0..600 {
             let line: Vec<u8> = if i % 3 == 0 {

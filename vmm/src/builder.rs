@@ -202,17 +202,12 @@ fn load_and_attach(
 ) -> Result<(Arc<Bus>, Vec<Vcpu>), VmmError> {
     let mem_bytes = cfg.memory_bytes();
 
-    // 3. Kernel, initrd, command line.
+    // 3. Kernel and initrd.
     let kernel = loader::load_kernel(mem, &cfg.kernel, cfg.boot_protocol)?;
     let initrd = match &cfg.initrd {
         Some(path) => Some(loader::load_initrd(mem, mem_bytes, path, kernel.end)?),
         None => None,
     };
-    loader::load_cmdline(mem, &cfg.cmdline).map_err(|source| VmmError::BootData {
-        what: "command line",
-        source,
-    })?;
-
     // 4. Virtio devices: one block device per disk, then vsock, each in its own window.
     let mut mmio = MmioDeviceManager::default();
     for disk in &cfg.disks {
@@ -229,10 +224,26 @@ fn load_and_attach(
         mmio.attach(&vm.fd, mem, Box::new(VsockDevice::new(v)?))?;
     }
 
-    // 5. ACPI tables (with the virtio devices in the DSDT) and the boot
+    // 5. The command line (with `virtio_mmio.device=` entries if asked), the
+    //    ACPI tables (with the virtio devices in the DSDT) and the boot
     //    structures that point at them.
+    let mut cmdline = cfg.cmdline.clone();
+    if cfg.virtio_mmio_cmdline {
+        for d in mmio.infos() {
+            cmdline.push_str(&format!(" virtio_mmio.device=4K@{:#x}:{}", d.base, d.irq));
+        }
+    }
+    if cmdline.len() >= vmm_api::config::MAX_CMDLINE_LEN {
+        return Err(VmmError::Config(vmm_api::ConfigError::Cmdline(
+            cmdline.len(),
+        )));
+    }
+    loader::load_cmdline(mem, &cmdline).map_err(|source| VmmError::BootData {
+        what: "command line",
+        source,
+    })?;
     let rsdp = acpi::write_tables(mem, cfg.vcpus, &mmio.infos())?;
-    write_boot_info(mem, mem_bytes, &kernel, cfg.cmdline.len() + 1, rsdp, initrd)?;
+    write_boot_info(mem, mem_bytes, &kernel, cmdline.len() + 1, rsdp, initrd)?;
 
     // 6. Legacy devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
     let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {

@@ -46,6 +46,10 @@ struct Args {
     /// writes `CONNECT <port>`; guest connections to the host go to `PATH_<port>`).
     #[arg(long, value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
+    /// Also list the virtio-mmio devices on the kernel command line
+    /// (`virtio_mmio.device=`), for kernels that do not read them from ACPI.
+    #[arg(long)]
+    virtio_mmio_cmdline: bool,
     /// Wall-clock limit in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
@@ -152,6 +156,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
         };
     }
     cfg.disks.extend(args.disk.iter().cloned());
+    if args.virtio_mmio_cmdline {
+        cfg.virtio_mmio_cmdline = true;
+    }
     if let Some(v) = &args.vsock {
         cfg.vsock = Some(v.clone());
     }

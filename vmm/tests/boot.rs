@@ -320,3 +320,48 @@ fn disks_attach_and_bad_disks_are_clear_errors() {
     assert_eq!(run.status, 2, "no format: usage error: {}", run.describe());
     assert!(run.stderr.contains("never guessed"), "{}", run.describe());
 }
+
+#[test]
+fn virtio_mmio_devices_can_be_listed_on_the_command_line() {
+    require_kvm();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let raw = dir.path().join("disk.raw");
+    std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write");
+    let k = test_guest::elf_path().to_str().expect("utf-8");
+    let disk = format!("path={},format=raw", raw.display());
+    let run = vmm(&[
+        "--kernel",
+        k,
+        "--cmdline",
+        "exit=acpi smp=0",
+        "--disk",
+        &disk,
+        "--disk",
+        &disk,
+        "--virtio-mmio-cmdline",
+    ]);
+    assert_eq!(run.status, 0, "{}", run.describe());
+    assert_eq!(
+        run.line("cmdline"),
+        Some(
+            "exit=acpi smp=0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        ),
+        "{}",
+        run.describe()
+    );
+    // Without the flag the command line is left alone.
+    let run = vmm(&[
+        "--kernel",
+        k,
+        "--cmdline",
+        "exit=acpi smp=0",
+        "--disk",
+        &disk,
+    ]);
+    assert_eq!(
+        run.line("cmdline"),
+        Some("exit=acpi smp=0"),
+        "{}",
+        run.describe()
+    );
+}

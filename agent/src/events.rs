@@ -1,0 +1,66 @@
+//! Typed events a controller embedding the agent subscribes to
+//! ([`crate::Agent::subscribe`]).
+
+use serde::Serialize;
+
+use crate::lifecycle::Transition;
+use crate::vmm::VmmExit;
+
+/// Something that happened on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// A goal state was applied.
+    GoalApplied {
+        /// Its incarnation.
+        incarnation: u64,
+        /// Instances created.
+        created: Vec<String>,
+        /// Instances whose spec changed.
+        updated: Vec<String>,
+        /// Instances being removed.
+        removed: Vec<String>,
+    },
+    /// An instance changed state.
+    Transition {
+        /// The instance.
+        instance: String,
+        /// The change.
+        transition: Transition,
+    },
+    /// An instance's guest agent said hello.
+    GuestHello {
+        /// The instance.
+        instance: String,
+        /// Boot id, hex.
+        boot_id: String,
+        /// The guest agent's version (escaped).
+        agent_version: String,
+    },
+    /// The agent closed a guest connection because the guest broke the rules.
+    GuestMisbehaved {
+        /// The instance.
+        instance: String,
+        /// What it did.
+        reason: String,
+    },
+    /// The role process inside an instance exited.
+    RoleExited {
+        /// The instance.
+        instance: String,
+        /// "exit code N" or "signal N".
+        how: String,
+    },
+    /// An instance's VMM ended.
+    VmmExited {
+        /// The instance.
+        instance: String,
+        /// How.
+        exit: VmmExit,
+    },
+    /// An instance is gone (stopped, disks deleted).
+    InstanceRemoved {
+        /// The instance.
+        instance: String,
+    },
+}
