@@ -153,7 +153,7 @@ pub struct GuestLink {
     pub events: mpsc::Receiver<GuestEvent>,
     /// Commands; dropped when no guest is connected or it lacks the capability.
     pub commands: mpsc::Sender<HostCommand>,
-    guard: LinkGuard,
+    _guard: LinkGuard,
 }
 
 impl GuestLink {
@@ -167,7 +167,7 @@ impl GuestLink {
         Self {
             events,
             commands,
-            guard: LinkGuard { task, socket },
+            _guard: LinkGuard { task, socket },
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The process-backed [`VmmLauncher`]: one `reddog-vmm` child per instance,
 //! configured with a `VmConfig` JSON file, watched with `wait` (own children)
-//! or a pidfd (VMMs re-adopted after an agent restart).
+//! or by polling the pid and its start time (VMMs re-adopted after an agent
+//! restart, which are not our children).
 
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rustix::process::{Pid, Signal};
-use tokio::io::unix::AsyncFd;
 use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
 
 use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
@@ -77,13 +77,22 @@ impl ProcessLauncher {
     }
 }
 
-/// Reads a process's start time (`/proc/<pid>/stat` field 22).
+/// Reads a live process's start time (`/proc/<pid>/stat` field 22); `None`
+/// for no such process or a zombie.
 pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces or ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
+
+/// How often an adopted VMM (not our child: no `wait`) is checked.
+const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
 fn read_report(path: &Path) -> Option<ExitReport> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -157,7 +166,6 @@ impl VmmLauncher for ProcessLauncher {
             exit_report,
             control_socket,
             child: Some(child),
-            pidfd: None,
             exited: None,
         }))
     }
@@ -172,38 +180,36 @@ impl VmmLauncher for ProcessLauncher {
             pid,
             why: why.into(),
         };
-        let p = Pid::from_raw(pid).ok_or_else(|| gone("not a valid pid"))?;
-        let fd = rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty())
-            .map_err(|e| gone(&format!("pidfd_open: {e}")))?;
-        // Checked after opening the pidfd: the pidfd pins this very process, so
-        // a start time that matches now stays true for as long as we hold it.
+        if Pid::from_raw(pid).is_none() {
+            return Err(gone("not a valid pid"));
+        }
+        // The pid alone could be reused by another process: the start time
+        // tells them apart.
         match process_start_time(pid) {
             Some(t) if t == record.start_time => {}
             Some(_) => return Err(gone("the pid now belongs to another process")),
             None => return Err(gone("no such process")),
         }
-        let pidfd = AsyncFd::new(fd).map_err(|e| gone(&format!("pidfd: {e}")))?;
         Ok(Box::new(ProcessHandle {
             pid,
             start_time: record.start_time,
             exit_report: record.exit_report.clone(),
             control_socket: record.control_socket.clone(),
             child: None,
-            pidfd: Some(pidfd),
             exited: None,
         }))
     }
 }
 
-/// A `reddog-vmm` process: our child, or adopted through a pidfd.
+/// A `reddog-vmm` process: our child, or adopted by pid + start time.
 #[derive(Debug)]
 pub struct ProcessHandle {
     pid: i32,
     start_time: u64,
     exit_report: PathBuf,
     control_socket: Option<PathBuf>,
+    /// `None` for an adopted VMM (watched by polling its start time).
     child: Option<tokio::process::Child>,
-    pidfd: Option<AsyncFd<std::os::fd::OwnedFd>>,
     exited: Option<VmmExit>,
 }
 
@@ -255,19 +261,10 @@ impl VmmHandle for ProcessHandle {
                     (None, None)
                 }
             }
-        } else if let Some(fd) = &self.pidfd {
-            // Readable once the process has ended.
-            match fd.readable().await {
-                Ok(mut g) => g.retain_ready(),
-                Err(_) => loop {
-                    if process_start_time(self.pid) != Some(self.start_time) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                },
-            }
-            (None, None)
         } else {
+            while process_start_time(self.pid) == Some(self.start_time) {
+                tokio::time::sleep(ADOPTED_POLL).await;
+            }
             (None, None)
         };
         let report = read_report(&self.exit_report);
@@ -361,7 +358,7 @@ exit 10"#,
         let mut h = l.launch(&s).await.expect("launch");
         let rec = h.record();
         assert!(rec.start_time > 0);
-        // A second handle through the pidfd, as a restarted agent would get.
+        // A second handle by pid + start time, as a restarted agent would get.
         let mut adopted = l.adopt(&s, &rec).await.expect("adopt");
         // A record with the wrong start time is refused (a reused pid).
         let mut wrong = rec.clone();

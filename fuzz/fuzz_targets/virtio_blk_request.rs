@@ -187,8 +187,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
 
-    let disk: Arc<dyn vhd::DiskImage> =
-        Arc::new(MemDisk(Mutex::new(vec![0; DISK_SIZE as usize])));
+    let disk: Arc<dyn vhd::DiskImage> = Arc::new(MemDisk(Mutex::new(vec![0; DISK_SIZE as usize])));
     let mut dev = BlockDevice::new(disk, read_only, "fuzz").expect("device");
     let event = Arc::new(EventFd::new(0).expect("eventfd"));
     let interrupt = Arc::new(Interrupt::new(EventFd::new(0).expect("irqfd")));

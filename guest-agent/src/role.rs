@@ -164,8 +164,15 @@ mod tests {
         let port = l.local_addr().expect("addr").port();
         std::thread::spawn(move || {
             if let Ok((mut s, _)) = l.accept() {
+                // Read the whole request, or closing would reset the connection.
+                let mut req = Vec::new();
                 let mut buf = [0u8; 512];
-                let _ = s.read(&mut buf);
+                while !req.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s.write_all(answer.as_bytes());
             }
         });

@@ -81,7 +81,7 @@ pub enum ArtifactError {
     BadCacheEntry { path: PathBuf, what: String },
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ArtifactError + '_ {
     move |source| ArtifactError::Io {
         path: path.to_owned(),
         source,
@@ -244,13 +244,13 @@ impl KernelArtifacts {
 
 /// A package apt can fetch: name, candidate version, the archive's sha256.
 #[derive(Debug, Clone)]
-struct AptPackage {
-    name: String,
-    version: String,
-    sha256: String,
+pub(crate) struct AptPackage {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) sha256: String,
 }
 
-fn apt_update() -> Result<(), ArtifactError> {
+pub(crate) fn apt_update() -> Result<(), ArtifactError> {
     run(Command::new("apt-get").args(["update", "-q"])).map(|_| ())
 }
 
@@ -270,7 +270,7 @@ fn cloud_kernel_package() -> Result<Option<String>, ArtifactError> {
     }))
 }
 
-fn apt_show(package: &str) -> Result<Option<AptPackage>, ArtifactError> {
+pub(crate) fn apt_show(package: &str) -> Result<Option<AptPackage>, ArtifactError> {
     let out = match run(Command::new("apt-cache").args(["show", "--no-all-versions", package])) {
         Ok(out) => out,
         Err(ArtifactError::Command { .. }) => return Ok(None),
@@ -307,7 +307,7 @@ fn resolve_kernel_package() -> Result<AptPackage, ArtifactError> {
     })
 }
 
-fn sha256_file(path: &Path) -> Result<String, ArtifactError> {
+pub(crate) fn sha256_file(path: &Path) -> Result<String, ArtifactError> {
     let mut f = fs::File::open(path).map_err(io_err(path))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -321,7 +321,7 @@ fn sha256_file(path: &Path) -> Result<String, ArtifactError> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn unique_suffix() -> String {
+pub(crate) fn unique_suffix() -> String {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())

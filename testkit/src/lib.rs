@@ -14,6 +14,7 @@ pub mod cpio;
 pub mod elf;
 pub mod guest;
 pub mod nested;
+pub mod os_image;
 
 pub use artifacts::{debian_kernel, ArtifactError, KernelArtifacts};
 pub use nested::{InnerRun, InnerVm, NestedError, NestedReport, OuterMachine};

@@ -53,8 +53,69 @@ fn to_bytes(table: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT: `_S5_` for power-off, the serial port, and one `LNRO0005` device per
-/// virtio-mmio window.
+/// The power button (`PNP0C0C`) and the Generic Event Device (`ACPI0013`) that
+/// signals it: on the GED's interrupt the guest runs `_EVT`, which reads the
+/// status register (clearing it) and notifies the button when its bit is set.
+///
+/// ```text
+/// Device (\_SB.GED0) {
+///     Name (_HID, "ACPI0013")
+///     Name (_UID, Zero)
+///     Name (_CRS, ResourceTemplate () {
+///         Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { GED_IRQ } })
+///     OperationRegion (GDST, SystemIO, GED_STATUS_PORT, One)
+///     Field (GDST, ByteAcc, NoLock, Preserve) { GDAT, 8 }
+///     Method (_EVT, 1, Serialized) {
+///         Local0 = GDAT
+///         If (((Local0 & GED_EVENT_POWER_BUTTON) != Zero)) { Notify (\_SB.PWRB, 0x80) }
+///     }
+/// }
+/// Device (\_SB.PWRB) { Name (_HID, EisaId ("PNP0C0C")) Name (_UID, Zero) }
+/// ```
+fn power_button_and_ged(body: &mut Vec<u8>) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C0C"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    aml::Device::new("_SB_.PWRB".into(), vec![&hid, &uid]).to_aml_bytes(body);
+
+    let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let irq = aml::Interrupt::new(true, true, false, false, platform::GED_IRQ);
+    let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&irq]));
+    let region = aml::OpRegion::new(
+        "GDST".into(),
+        aml::OpRegionSpace::SystemIO,
+        &platform::GED_STATUS_PORT,
+        &aml::ONE,
+    );
+    let field = aml::Field::new(
+        "GDST".into(),
+        aml::FieldAccessType::Byte,
+        aml::FieldLockRule::NoLock,
+        aml::FieldUpdateRule::Preserve,
+        vec![aml::FieldEntry::Named(*b"GDAT", 8)],
+    );
+    let gdat = aml::Path::new("GDAT");
+    let read = aml::Store::new(&aml::Local(0), &gdat);
+    let bit = aml::And::new(
+        &aml::Local(1),
+        &aml::Local(0),
+        &platform::GED_EVENT_POWER_BUTTON,
+    );
+    let pressed = aml::NotEqual::new(&bit, &aml::ZERO);
+    let pwrb = aml::Path::new("\\_SB_.PWRB");
+    let notify_value: u8 = 0x80;
+    let notify = aml::Notify::new(&pwrb, &notify_value);
+    let check = aml::If::new(&pressed, vec![&notify]);
+    let evt = aml::Method::new("_EVT".into(), 1, true, vec![&read, &check]);
+    aml::Device::new(
+        "_SB_.GED0".into(),
+        vec![&hid, &uid, &crs, &region, &field, &evt],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The DSDT: `_S5_` for power-off, the serial port, the power button and its
+/// Generic Event Device, and one `LNRO0005` device per virtio-mmio window.
 pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     let mut body: Vec<u8> = Vec::new();
     aml::Name::new(
@@ -71,6 +132,8 @@ pub fn dsdt(devices: &[MmioDeviceInfo]) -> Vec<u8> {
     let crs = aml::Name::new("_CRS".into(), &res);
     let com1 = aml::Device::new("_SB_.COM1".into(), vec![&hid, &uid, &crs]);
     com1.to_aml_bytes(&mut body);
+
+    power_button_and_ged(&mut body);
 
     for (i, d) in devices.iter().enumerate() {
         let name = format!("_SB_.V{i:03X}");

@@ -14,6 +14,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::acpi::{self, AcpiError};
 use crate::arch::{boot, layout, regs::EntryMode};
+use crate::control::metrics::CountingWriter;
+use crate::control::server::ControlContext;
+use crate::control::{ControlError, ControlServer, RunControl};
 use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
@@ -84,6 +87,9 @@ pub enum VmmError {
     /// A virtio device could not be attached.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
+    /// The control socket (`api_sock`).
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// Host resources (eventfd, irqfd, threads).
     #[error("host resource error ({what}): {source}")]
     Host {
@@ -101,6 +107,7 @@ pub struct Vmm {
     bus: Arc<Bus>,
     stops: Receiver<StopEvent>,
     first_run_us: Arc<AtomicU64>,
+    control: Option<ControlServer>,
     // Kept alive until the process ends: KVM maps this memory.
     _memory: GuestMemoryMmap,
     _vm: Vm,
@@ -139,9 +146,10 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     vm.create_irqchip()?;
 
     // 3-7 run while another thread creates the PIT (a slow ioctl).
+    let run_ctl = Arc::new(RunControl::new(cfg.vcpus));
     let (guest, pit) = std::thread::scope(|s| {
         let pit = s.spawn(|| vm.create_pit());
-        let guest = load_and_attach(cfg, &vm, &mem, start);
+        let guest = load_and_attach(cfg, &vm, &mem, start, &run_ctl);
         (guest, pit.join())
     });
     let (bus, vcpus) = guest?;
@@ -158,14 +166,16 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     // 8. Run.
     let (tx, rx) = mpsc::channel();
     let first_run_us = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::with_capacity(vcpus.len());
     for vcpu in vcpus.into_iter().rev() {
         let (bus, tx, first) = (bus.clone(), tx.clone(), first_run_us.clone());
+        let ctl = run_ctl.clone();
         let index_tx = tx.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("vcpu".into())
             .spawn(move || {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    vcpu.run(bus, tx, start, first)
+                    vcpu.run(bus, tx, start, first, ctl)
                 }));
                 if result.is_err() {
                     let _ = index_tx.send(StopEvent {
@@ -180,7 +190,39 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
                 what: "vCPU thread",
                 source,
             })?;
+        threads.push(thread);
     }
+    // Started last to first: the gate indexes them by vCPU.
+    threads.reverse();
+    run_ctl.gate.set_threads(threads);
+
+    // 9. The control socket, once the vCPUs run (nothing of it is on the way
+    //    to the first KVM_RUN).
+    let control = match &cfg.api_sock {
+        Some(path) => {
+            let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
+                what: "GED eventfd",
+                source,
+            })?;
+            vm.fd
+                .register_irqfd(&ged_irq, platform::GED_IRQ)
+                .map_err(|e| VmmError::Host {
+                    what: "GED irqfd",
+                    source: std::io::Error::from_raw_os_error(e.errno()),
+                })?;
+            bus.ged().connect_irq(ged_irq);
+            let ctx = ControlContext {
+                cfg: cfg.clone(),
+                start,
+                bus: bus.clone(),
+                run: run_ctl,
+                stops: tx,
+                first_run_us: first_run_us.clone(),
+            };
+            Some(ControlServer::start(path, ctx)?)
+        }
+        None => None,
+    };
 
     Ok(Vmm {
         start,
@@ -188,6 +230,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
         bus,
         stops: rx,
         first_run_us,
+        control,
         _memory: mem,
         _vm: vm,
     })
@@ -199,6 +242,7 @@ fn load_and_attach(
     vm: &Vm,
     mem: &GuestMemoryMmap,
     start: Instant,
+    run_ctl: &RunControl,
 ) -> Result<(Arc<Bus>, Vec<Vcpu>), VmmError> {
     let mem_bytes = cfg.memory_bytes();
 
@@ -256,7 +300,11 @@ fn load_and_attach(
             what: "serial irqfd",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
-    let serial = SerialDevice::new(serial_irq, serial_sink(&cfg.serial)?);
+    let sink = CountingWriter::new(
+        serial_sink(&cfg.serial)?,
+        run_ctl.counters.serial_bytes_out.clone(),
+    );
+    let serial = SerialDevice::new(serial_irq, Box::new(sink));
     let bus = Arc::new(Bus::new(serial, BootTimer::new(start), mmio));
 
     // 7. vCPUs: the boot vCPU enters the kernel, the others wait for INIT/SIPI.
@@ -341,9 +389,10 @@ fn write_boot_info(
 }
 
 impl Vmm {
-    /// Waits until a vCPU stops the VM or the wall-clock limit passes, flushes
-    /// the console, and returns the report. The caller ends the process.
-    pub fn wait(self) -> ExitReport {
+    /// Waits until a vCPU stops the VM, the control socket asks for a stop, or
+    /// the wall-clock limit passes; flushes the console and returns the report.
+    /// The caller then calls [`Vmm::announce_stop`] and ends the process.
+    pub fn wait(&self) -> ExitReport {
         let event = match self.timeout {
             Some(limit) => {
                 let left = limit.saturating_sub(self.start.elapsed());
@@ -371,6 +420,13 @@ impl Vmm {
             total_us: self.start.elapsed().as_micros() as u64,
             vcpu: (event.vcpu != u8::MAX).then_some(event.vcpu),
             regs: event.regs,
+        }
+    }
+    /// Tells control socket subscribers that the VM stops, and why (the
+    /// `stopping` event), and removes the socket. Call right before exiting.
+    pub fn announce_stop(&self, report: &ExitReport) {
+        if let Some(c) = &self.control {
+            c.announce_stop(report);
         }
     }
 }

@@ -6,6 +6,7 @@
 pub mod acpi;
 pub mod arch;
 pub mod builder;
+pub mod control;
 pub mod devices;
 pub mod loader;
 pub mod vstate;

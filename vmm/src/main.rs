@@ -53,6 +53,10 @@ struct Args {
     /// Wall-clock limit in milliseconds.
     #[arg(long)]
     timeout_ms: Option<u64>,
+    /// Serve the control socket (vmm_api::control, docs/vmm-api.md) on this
+    /// unix socket path: pause, resume, shutdown, info, metrics, events.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
     /// Write the exit report (JSON) to this file instead of stderr.
     #[arg(long)]
     exit_report: Option<PathBuf>,
@@ -165,6 +169,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     if let Some(t) = args.timeout_ms {
         cfg.timeout_ms = Some(t);
     }
+    if let Some(p) = &args.api_sock {
+        cfg.api_sock = Some(p.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
 }
@@ -211,7 +218,16 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
             );
         }
     }
-    let line = serde_json::to_string(&report)?;
+    let written = write_report(args, &report);
+    // Subscribers learn why right before the exit (after the report is written).
+    vmm.announce_stop(&report);
+    written?;
+    let _ = std::io::stdout().flush();
+    Ok(report.exit_code)
+}
+
+fn write_report(args: &Args, report: &vmm_api::ExitReport) -> anyhow::Result<()> {
+    let line = serde_json::to_string(report)?;
     match &args.exit_report {
         Some(path) => std::fs::write(path, line + "\n")?,
         None => {
@@ -219,6 +235,5 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
             writeln!(err, "{line}")?;
         }
     }
-    let _ = std::io::stdout().flush();
-    Ok(report.exit_code)
+    Ok(())
 }

@@ -4,6 +4,8 @@
 //! guest cannot flood the log.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use vmm_api::platform;
@@ -13,6 +15,8 @@ pub struct BootTimer {
     start: Instant,
     /// Microseconds + 1 (0 = not yet).
     booted: AtomicU64,
+    /// Told the boot time once it is recorded (the control socket's event).
+    notify: OnceLock<Sender<u64>>,
 }
 
 impl BootTimer {
@@ -21,6 +25,7 @@ impl BootTimer {
         Self {
             start,
             booted: AtomicU64::new(0),
+            notify: OnceLock::new(),
         }
     }
 
@@ -39,7 +44,17 @@ impl BootTimer {
                 boot_time_us = us,
                 "guest boot time: {us} us since VMM start"
             );
+            if let Some(tx) = self.notify.get() {
+                // Never blocks: an unbounded channel.
+                let _ = tx.send(us);
+            }
         }
+    }
+
+    /// Sends the boot time to `tx` when the guest writes it (only the first
+    /// call takes effect; a boot that already happened is not sent).
+    pub fn notify_on_boot(&self, tx: Sender<u64>) {
+        let _ = self.notify.set(tx);
     }
 
     /// Microseconds from VMM start to the guest's first magic write, if any.

@@ -17,8 +17,8 @@ use crate::arch::layout;
 pub const MMIO_BASE: u64 = layout::MMIO_GAP_START + 0x1000_0000;
 /// First interrupt line for virtio devices (COM1 has 4).
 pub const FIRST_IRQ: u32 = 5;
-/// Last usable IOAPIC pin.
-pub const LAST_IRQ: u32 = 23;
+/// Last interrupt line for virtio devices (the ACPI GED has the one above).
+pub const LAST_IRQ: u32 = vmm_api::platform::GED_IRQ - 1;
 
 /// Errors attaching a device.
 #[derive(Debug, thiserror::Error)]

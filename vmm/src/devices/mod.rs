@@ -4,6 +4,7 @@
 //! checked, unknown ports read as all-ones and ignore writes, nothing panics.
 
 pub mod boot_timer;
+pub mod ged;
 pub mod legacy;
 pub mod mmio_manager;
 pub mod serial;
@@ -29,6 +30,7 @@ pub struct Bus {
     i8042: legacy::I8042,
     acpi: legacy::AcpiPm,
     boot_timer: boot_timer::BootTimer,
+    ged: ged::Ged,
     mmio: mmio_manager::MmioDeviceManager,
 }
 
@@ -44,6 +46,7 @@ impl Bus {
             i8042: legacy::I8042,
             acpi: legacy::AcpiPm,
             boot_timer,
+            ged: ged::Ged::new(),
             mmio,
         }
     }
@@ -51,6 +54,11 @@ impl Bus {
     /// The boot timer (to read when the guest marked itself booted).
     pub fn boot_timer(&self) -> &boot_timer::BootTimer {
         &self.boot_timer
+    }
+
+    /// The ACPI Generic Event Device (power button).
+    pub fn ged(&self) -> &ged::Ged {
+        &self.ged
     }
 
     /// Flushes buffered console output (called when the VM stops).
@@ -79,6 +87,10 @@ impl Bus {
             platform::ACPI_SLEEP_STATUS_PORT
             | platform::ACPI_SLEEP_CONTROL_PORT
             | platform::ACPI_RESET_PORT => *first = 0,
+            platform::GED_STATUS_PORT => {
+                *first = self.ged.read();
+                data[1..].fill(0);
+            }
             _ => {}
         }
     }

@@ -11,6 +11,8 @@ use vm_memory::GuestMemoryMmap;
 use vmm_api::{ExitReason, VcpuRegs};
 
 use crate::arch::{cpuid, regs, regs::EntryMode, regs::RegsError};
+use crate::control::metrics::ExitKind;
+use crate::control::RunControl;
 use crate::devices::{Bus, BusAction};
 
 use super::vm::{Vm, VmError};
@@ -112,36 +114,48 @@ impl Vcpu {
     }
 
     /// Runs the vCPU until it stops the VM; sends the [`StopEvent`] to `stop`.
-    /// `first_run_us` gets the time of the boot vCPU's first `KVM_RUN`.
+    /// `first_run_us` gets the time of the boot vCPU's first `KVM_RUN`. Before
+    /// each `KVM_RUN` the vCPU parks if `ctl`'s gate says the VM is paused; each
+    /// exit is counted in `ctl`'s counters.
     pub fn run(
         mut self,
         bus: Arc<Bus>,
         stop: Sender<StopEvent>,
         start: Instant,
         first_run_us: Arc<AtomicU64>,
+        ctl: Arc<RunControl>,
     ) {
         if self.index == 0 {
             first_run_us.store(start.elapsed().as_micros() as u64 + 1, Ordering::SeqCst);
         }
-        let event = self.run_until_stop(&bus);
+        let event = self.run_until_stop(&bus, &ctl);
+        ctl.gate.exited(self.index);
         // The receiver may be gone if another vCPU stopped the VM first.
         let _ = stop.send(event);
     }
 
-    fn run_until_stop(&mut self, bus: &Bus) -> StopEvent {
+    fn run_until_stop(&mut self, bus: &Bus, ctl: &RunControl) -> StopEvent {
         let mut unknown_mmio_logged = 0u32;
+        let counters = ctl.counters.vcpu(self.index);
         loop {
+            ctl.gate.check(self.index);
+            let mut kind = ExitKind::Other;
             let outcome: Option<(ExitReason, String, bool)> = match self.fd.run() {
                 Ok(exit) => match exit {
-                    VcpuExit::IoOut(port, data) => match bus.pio_write(port, data) {
-                        BusAction::Continue => None,
-                        BusAction::Stop(reason, detail) => Some((reason, detail, false)),
-                    },
+                    VcpuExit::IoOut(port, data) => {
+                        kind = ExitKind::IoOut;
+                        match bus.pio_write(port, data) {
+                            BusAction::Continue => None,
+                            BusAction::Stop(reason, detail) => Some((reason, detail, false)),
+                        }
+                    }
                     VcpuExit::IoIn(port, data) => {
+                        kind = ExitKind::IoIn;
                         bus.pio_read(port, data);
                         None
                     }
                     VcpuExit::MmioRead(addr, data) => {
+                        kind = ExitKind::MmioRead;
                         if !bus.mmio_read(addr, data) {
                             data.fill(0xff);
                             log_unknown_mmio(&mut unknown_mmio_logged, addr, "read");
@@ -149,12 +163,16 @@ impl Vcpu {
                         None
                     }
                     VcpuExit::MmioWrite(addr, data) => {
+                        kind = ExitKind::MmioWrite;
                         if !bus.mmio_write(addr, data) {
                             log_unknown_mmio(&mut unknown_mmio_logged, addr, "write");
                         }
                         None
                     }
-                    VcpuExit::Hlt => None,
+                    VcpuExit::Hlt => {
+                        kind = ExitKind::Hlt;
+                        None
+                    }
                     VcpuExit::Shutdown => Some((
                         ExitReason::TripleFault,
                         "KVM_EXIT_SHUTDOWN: the guest triple-faulted".into(),
@@ -189,9 +207,13 @@ impl Vcpu {
                         true,
                     )),
                 },
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    kind = ExitKind::Interrupted;
+                    None
+                }
                 Err(e) => Some((ExitReason::VcpuError, format!("KVM_RUN failed: {e}"), true)),
             };
+            counters.count(kind);
             if let Some((reason, detail, with_regs)) = outcome {
                 return StopEvent {
                     reason,

@@ -800,7 +800,7 @@ mod tests {
             wait_for(|| g.rx.used().idx().load() == 1);
             let req = g.received()[0].0;
             assert_eq!((req.op, req.dst_port), (op::REQUEST, 52), "round {round}");
-            assert_ne!(irq.status() & INT_USED_RING, 0);
+            wait_for(|| irq.status() & INT_USED_RING != 0);
             // The guest accepts; the host reads OK.
             g.send(&gpkt(op::RESPONSE, 52, req.src_port, 0), &[]);
             events[TX].write(1).expect("kick");

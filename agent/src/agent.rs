@@ -1,0 +1,588 @@
+//! [`Agent`]: the handle a fabric controller embeds (the daemon is a thin
+//! layer over it). Apply a goal state, create/update/delete instances, read
+//! instances and the node report, subscribe to events, manage the image cache.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, watch};
+use vmm_api::DiskFormat;
+
+use crate::disks::DiskPreparer;
+use crate::events::AgentEvent;
+use crate::guest::{GuestChannel, GuestEndpoint};
+use crate::images::{ImageCache, ImageError, ImageInfo};
+use crate::instance::{
+    lock, new_shared, Desired, HealthPolicy, InstanceRecord, InstanceStatus, Runner, Shared,
+    StartMode,
+};
+use crate::lifecycle::InstanceState;
+use crate::report::{InstanceSummary, NodeReport, UpstreamStats};
+use crate::spec::{usage, GoalError, GoalState, InstanceSpec, NodeConfig};
+use crate::util::{now_unix_ms, write_json_atomic};
+use crate::vmm::VmmLauncher;
+
+/// Default host vsock port of the guest agent.
+pub const DEFAULT_GUEST_PORT: u32 = 1024;
+
+/// Agent settings.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where records, disks, images and sockets live.
+    pub state_dir: PathBuf,
+    /// This node.
+    pub node: NodeConfig,
+    /// Health and restart timings.
+    pub health: HealthPolicy,
+    /// The host vsock port the guest agent connects to.
+    pub guest_port: u32,
+    /// Events kept for slow subscribers (they see `Lagged` beyond that).
+    pub event_capacity: usize,
+}
+
+impl AgentConfig {
+    /// Defaults for everything but the state directory and node.
+    pub fn new(state_dir: impl Into<PathBuf>, node: NodeConfig) -> Self {
+        Self {
+            state_dir: state_dir.into(),
+            node,
+            health: HealthPolicy::default(),
+            guest_port: DEFAULT_GUEST_PORT,
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// The three seams the agent drives.
+#[derive(Clone)]
+pub struct Backends {
+    /// Starts VMMs.
+    pub launcher: Arc<dyn VmmLauncher>,
+    /// Makes disks.
+    pub disks: Arc<dyn DiskPreparer>,
+    /// Talks to guest agents.
+    pub guests: Arc<dyn GuestChannel>,
+}
+
+/// Errors opening the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The state directory is unusable.
+    #[error("state directory {path}: {source}; check that it exists and is writable")]
+    StateDir {
+        /// The path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A stored file is corrupt.
+    #[error("{path} is not valid: {why}; move it away to start without it")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+    /// The image cache.
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    /// The state directory's path is too long for unix sockets.
+    #[error("state directory {0} is too long: instance sockets would exceed 107 bytes; use a shorter path")]
+    PathTooLong(PathBuf),
+}
+
+/// What applying a goal did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyOutcome {
+    /// The incarnation now applied.
+    pub incarnation: u64,
+    /// Nothing changed (the same incarnation again).
+    pub unchanged: bool,
+    /// Created instances.
+    pub created: Vec<String>,
+    /// Instances whose spec changed (they restart with new disks).
+    pub updated: Vec<String>,
+    /// Instances being removed.
+    pub removed: Vec<String>,
+}
+
+pub(crate) struct Entry {
+    pub shared: Arc<Mutex<Shared>>,
+    pub desired: watch::Sender<Desired>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// What instance tasks share.
+pub(crate) struct Ctx {
+    pub cfg: AgentConfig,
+    pub launcher: Arc<dyn VmmLauncher>,
+    pub disks: Arc<dyn DiskPreparer>,
+    pub guests: Arc<dyn GuestChannel>,
+    pub images: ImageCache,
+    pub events: broadcast::Sender<AgentEvent>,
+    pub instances: Mutex<BTreeMap<String, Entry>>,
+    pub goal: Mutex<Option<GoalState>>,
+    pub goal_lock: tokio::sync::Mutex<()>,
+    pub upstream: Mutex<Option<UpstreamStats>>,
+}
+
+impl Ctx {
+    pub(crate) fn instance_dir(&self, id: &str) -> PathBuf {
+        self.cfg.state_dir.join("instances").join(id)
+    }
+
+    pub(crate) fn guest_endpoint(&self, id: &str, interval_ms: u32) -> GuestEndpoint {
+        GuestEndpoint {
+            uds_path: self.cfg.state_dir.join("run").join(format!("{id}.vsock")),
+            port: self.cfg.guest_port,
+            heartbeat_interval_ms: interval_ms,
+        }
+    }
+}
+
+/// The host agent. Cheap to clone; every clone is the same agent.
+#[derive(Clone)]
+pub struct Agent {
+    ctx: Arc<Ctx>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("state_dir", &self.ctx.cfg.state_dir)
+            .finish()
+    }
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, AgentError> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(AgentError::StateDir {
+            path: path.to_owned(),
+            source,
+        }),
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(|e| AgentError::Corrupt {
+                path: path.to_owned(),
+                why: e.to_string(),
+            }),
+    }
+}
+
+impl Agent {
+    /// Opens the state directory and resumes: the stored goal state is
+    /// re-applied and every stored instance is picked up again, re-adopting
+    /// VMMs that still run (same pid and process start time).
+    pub async fn open(cfg: AgentConfig, backends: Backends) -> Result<Agent, AgentError> {
+        let sd = cfg.state_dir.clone();
+        for sub in ["instances", "run", "images"] {
+            let p = sd.join(sub);
+            std::fs::create_dir_all(&p).map_err(|source| AgentError::StateDir { path: p, source })?;
+        }
+        // `<state>/run/<48-char id>.vsock_<port>` must fit in sun_path.
+        let longest = sd.join("run").join(format!(
+            "{}.vsock_{}",
+            "x".repeat(crate::spec::MAX_ID_LEN),
+            cfg.guest_port
+        ));
+        if longest.as_os_str().len() > 107 {
+            return Err(AgentError::PathTooLong(sd));
+        }
+        let images = ImageCache::open(sd.join("images"))?;
+        let goal: Option<GoalState> = read_json(&sd.join("goal.json"))?;
+        let mut records = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(sd.join("instances")) {
+            for e in rd.flatten() {
+                let p = e.path().join("record.json");
+                match read_json::<InstanceRecord>(&p) {
+                    Ok(Some(r)) if crate::spec::check_id(&r.spec.id).is_ok() => records.push(r),
+                    Ok(_) => {
+                        tracing::warn!("removing {}: no usable record", e.path().display());
+                        let _ = std::fs::remove_dir_all(e.path());
+                    }
+                    Err(err) => tracing::error!("{err}"),
+                }
+            }
+        }
+        let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
+        let ctx = Arc::new(Ctx {
+            launcher: backends.launcher,
+            disks: backends.disks,
+            guests: backends.guests,
+            images,
+            events,
+            instances: Mutex::new(BTreeMap::new()),
+            goal: Mutex::new(goal.clone()),
+            goal_lock: tokio::sync::Mutex::new(()),
+            upstream: Mutex::new(None),
+            cfg,
+        });
+        let agent = Agent { ctx };
+        let wanted: BTreeMap<String, InstanceSpec> = goal
+            .iter()
+            .flat_map(|g| g.instances.iter())
+            .map(|s| (s.id.clone(), s.clone()))
+            .collect();
+        {
+            let mut map = lock(&agent.ctx.instances);
+            for rec in records {
+                let desired = match wanted.get(&rec.spec.id) {
+                    Some(s) => Desired::Run(s.clone()),
+                    None => Desired::Removed,
+                };
+                tracing::info!(instance = %rec.spec.id, state = %rec.state, "resuming from the state directory");
+                let spec = rec.spec.clone();
+                let history = rec.history.clone();
+                agent.spawn_locked(&mut map, spec, history, desired, StartMode::Resume(Box::new(rec)));
+            }
+            for (id, spec) in &wanted {
+                if !map.contains_key(id) {
+                    agent.spawn_locked(&mut map, spec.clone(), Vec::new(), Desired::Run(spec.clone()), StartMode::New);
+                }
+            }
+        }
+        Ok(agent)
+    }
+
+    fn spawn_locked(
+        &self,
+        map: &mut BTreeMap<String, Entry>,
+        spec: InstanceSpec,
+        history: Vec<crate::lifecycle::Transition>,
+        desired: Desired,
+        mode: StartMode,
+    ) {
+        let shared = Arc::new(Mutex::new(new_shared(&spec, history)));
+        let (tx, rx) = watch::channel(desired);
+        let runner = Runner::new(self.ctx.clone(), spec.clone(), shared.clone(), rx);
+        let span = tracing::info_span!("instance", id = %spec.id);
+        let task = tokio::spawn(tracing::Instrument::instrument(runner.run(mode), span));
+        map.insert(
+            spec.id.clone(),
+            Entry {
+                shared,
+                desired: tx,
+                task,
+            },
+        );
+    }
+
+    /// This agent's configuration.
+    pub fn config(&self) -> &AgentConfig {
+        &self.ctx.cfg
+    }
+
+    /// Subscribes to events.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.ctx.events.subscribe()
+    }
+
+    /// The applied goal state.
+    pub fn goal(&self) -> Option<GoalState> {
+        lock(&self.ctx.goal).clone()
+    }
+
+    /// Applies a goal state: validates it, stores it, and reconciles the
+    /// instances towards it (in the background: watch the events or poll the
+    /// instances). The same incarnation again is a no-op; an older one fails.
+    pub async fn apply_goal(&self, goal: GoalState) -> Result<ApplyOutcome, GoalError> {
+        let _g = self.ctx.goal_lock.lock().await;
+        self.apply_locked(goal).await
+    }
+
+    async fn apply_locked(&self, goal: GoalState) -> Result<ApplyOutcome, GoalError> {
+        let current = self.goal();
+        if let Some(cur) = &current {
+            if goal.incarnation < cur.incarnation {
+                return Err(GoalError::Stale {
+                    got: goal.incarnation,
+                    current: cur.incarnation,
+                });
+            }
+            if goal.incarnation == cur.incarnation {
+                return if goal == *cur {
+                    Ok(ApplyOutcome {
+                        incarnation: goal.incarnation,
+                        unchanged: true,
+                        ..Default::default()
+                    })
+                } else {
+                    Err(GoalError::Conflict(goal.incarnation))
+                };
+            }
+        }
+        goal.validate(&self.ctx.cfg.node)?;
+        for s in &goal.instances {
+            if self.ctx.images.get(&s.image_sha256()).is_none() {
+                return Err(GoalError::UnknownImage {
+                    id: s.id.clone(),
+                    image: s.base_image.clone(),
+                });
+            }
+            if !s.role_package.is_dir() {
+                return Err(GoalError::Invalid {
+                    id: s.id.clone(),
+                    why: format!(
+                        "role_package {} is not a directory on this node",
+                        s.role_package.display()
+                    ),
+                });
+            }
+        }
+        write_json_atomic(&self.ctx.cfg.state_dir.join("goal.json"), &goal)
+            .map_err(GoalError::Persist)?;
+        *lock(&self.ctx.goal) = Some(goal.clone());
+        let mut out = ApplyOutcome {
+            incarnation: goal.incarnation,
+            ..Default::default()
+        };
+        {
+            let mut map = lock(&self.ctx.instances);
+            for spec in &goal.instances {
+                let want = Desired::Run(spec.clone());
+                match map.get(&spec.id) {
+                    Some(e) => {
+                        let failed = lock(&e.shared).lifecycle.state() == InstanceState::Failed;
+                        if *e.desired.borrow() != want {
+                            let was_removed = matches!(*e.desired.borrow(), Desired::Removed);
+                            e.desired.send_replace(want);
+                            if was_removed {
+                                out.created.push(spec.id.clone());
+                            } else {
+                                out.updated.push(spec.id.clone());
+                            }
+                        } else if failed {
+                            // A new incarnation retries failed instances.
+                            e.desired.send_modify(|_| {});
+                            out.updated.push(spec.id.clone());
+                        }
+                    }
+                    None => {
+                        self.spawn_locked(&mut map, spec.clone(), Vec::new(), want, StartMode::New);
+                        out.created.push(spec.id.clone());
+                    }
+                }
+            }
+            let keep: std::collections::BTreeSet<&str> =
+                goal.instances.iter().map(|s| s.id.as_str()).collect();
+            for (id, e) in map.iter() {
+                if !keep.contains(id.as_str()) && *e.desired.borrow() != Desired::Removed {
+                    e.desired.send_replace(Desired::Removed);
+                    out.removed.push(id.clone());
+                }
+            }
+        }
+        tracing::info!(incarnation = goal.incarnation, created = ?out.created, updated = ?out.updated, removed = ?out.removed, "goal state applied");
+        let _ = self.ctx.events.send(AgentEvent::GoalApplied {
+            incarnation: out.incarnation,
+            created: out.created.clone(),
+            updated: out.updated.clone(),
+            removed: out.removed.clone(),
+        });
+        Ok(out)
+    }
+
+    async fn edit_goal(
+        &self,
+        f: impl FnOnce(&mut Vec<InstanceSpec>) -> Result<(), GoalError>,
+    ) -> Result<ApplyOutcome, GoalError> {
+        let _g = self.ctx.goal_lock.lock().await;
+        let mut goal = self.goal().unwrap_or(GoalState {
+            incarnation: 0,
+            instances: Vec::new(),
+        });
+        f(&mut goal.instances)?;
+        goal.incarnation += 1;
+        self.apply_locked(goal).await
+    }
+
+    /// Adds one instance (a new goal incarnation).
+    pub async fn create_instance(&self, spec: InstanceSpec) -> Result<ApplyOutcome, GoalError> {
+        self.edit_goal(|v| {
+            if v.iter().any(|s| s.id == spec.id) {
+                return Err(GoalError::Exists(spec.id.clone()));
+            }
+            v.push(spec);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Replaces one instance's spec (a new goal incarnation).
+    pub async fn update_instance(&self, spec: InstanceSpec) -> Result<ApplyOutcome, GoalError> {
+        self.edit_goal(|v| match v.iter_mut().find(|s| s.id == spec.id) {
+            Some(s) => {
+                *s = spec;
+                Ok(())
+            }
+            None => Err(GoalError::NoSuchInstance(spec.id.clone())),
+        })
+        .await
+    }
+
+    /// Removes one instance (a new goal incarnation).
+    pub async fn delete_instance(&self, id: &str) -> Result<ApplyOutcome, GoalError> {
+        self.edit_goal(|v| {
+            let n = v.len();
+            v.retain(|s| s.id != id);
+            if v.len() == n {
+                return Err(GoalError::NoSuchInstance(id.into()));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every instance (without histories).
+    pub fn instances(&self) -> Vec<InstanceStatus> {
+        lock(&self.ctx.instances)
+            .values()
+            .map(|e| lock(&e.shared).snapshot(false))
+            .collect()
+    }
+
+    /// One instance with its transition history.
+    pub fn instance(&self, id: &str) -> Option<InstanceStatus> {
+        lock(&self.ctx.instances)
+            .get(id)
+            .map(|e| lock(&e.shared).snapshot(true))
+    }
+
+    /// The node report.
+    pub fn node_report(&self) -> NodeReport {
+        let node = &self.ctx.cfg.node;
+        let goal = self.goal();
+        let used = usage(goal.iter().flat_map(|g| g.instances.iter()));
+        let instances = self
+            .instances()
+            .into_iter()
+            .map(|s| InstanceSummary {
+                role: s.spec.role.clone(),
+                id: s.id,
+                state: s.state,
+                since_unix_ms: s.since_unix_ms,
+                last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
+                restarts: s.restarts,
+                role_state: s.role,
+                last_error: s.last_error,
+            })
+            .collect();
+        NodeReport {
+            node_id: node.node_id.clone(),
+            fault_domain: node.fault_domain,
+            update_domain: node.update_domain,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            generated_unix_ms: now_unix_ms(),
+            goal_incarnation: goal.map(|g| g.incarnation),
+            capacity: node.capacity,
+            used,
+            image_cache_bytes: self.ctx.images.total_bytes(),
+            instances,
+        }
+    }
+
+    /// Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        crate::report::prometheus(&self.node_report(), *lock(&self.ctx.upstream))
+    }
+
+    pub(crate) fn set_upstream_stats(&self, s: UpstreamStats) {
+        *lock(&self.ctx.upstream) = Some(s);
+    }
+
+    /// The image cache.
+    pub fn image_cache(&self) -> &ImageCache {
+        &self.ctx.images
+    }
+
+    fn references(&self) -> BTreeMap<String, usize> {
+        let mut refs = BTreeMap::new();
+        for e in lock(&self.ctx.instances).values() {
+            let sha = lock(&e.shared).status.spec.image_sha256();
+            *refs.entry(sha).or_insert(0) += 1;
+        }
+        for s in self.goal().iter().flat_map(|g| g.instances.iter()) {
+            refs.entry(s.image_sha256()).or_insert(1);
+        }
+        refs
+    }
+
+    /// Cached images with their reference counts.
+    pub fn images(&self) -> Vec<ImageInfo> {
+        let refs = self.references();
+        self.ctx
+            .images
+            .list()
+            .into_iter()
+            .map(|mut i| {
+                i.references = refs.get(&i.sha256).copied().unwrap_or(0);
+                i
+            })
+            .collect()
+    }
+
+    /// Imports a base image from a file (hashing it; verifying `expected`).
+    pub async fn import_image(
+        &self,
+        path: PathBuf,
+        format: DiskFormat,
+        expected: Option<String>,
+    ) -> Result<ImageInfo, ImageError> {
+        let cache = self.ctx.images.clone();
+        tokio::task::spawn_blocking(move || cache.import_file(&path, format, expected.as_deref()))
+            .await
+            .map_err(|e| ImageError::Io {
+                what: "import",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+    }
+
+    /// Deletes every image no instance uses; returns their hashes.
+    pub fn collect_images(&self) -> Vec<String> {
+        let refs = self.references();
+        let mut gone = Vec::new();
+        for i in self.ctx.images.list() {
+            if refs.get(&i.sha256).copied().unwrap_or(0) == 0
+                && self.ctx.images.remove(&i.sha256, 0).is_ok()
+            {
+                gone.push(i.sha256);
+            }
+        }
+        gone
+    }
+
+    /// Stops the agent's own tasks. VMMs keep running and their records stay,
+    /// so the next [`Agent::open`] on the state directory re-adopts them.
+    pub fn shutdown(&self) {
+        for e in lock(&self.ctx.instances).values() {
+            e.task.abort();
+        }
+    }
+
+    /// Waits until `f` holds for instance `id` or the timeout passes (for
+    /// tests and tools; uses tokio's clock).
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        timeout: std::time::Duration,
+        f: impl Fn(Option<&InstanceStatus>) -> bool,
+    ) -> Option<InstanceStatus> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.instance(id);
+            if f(s.as_ref()) {
+                return s;
+            }
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Err(_) => return None,
+                Ok(Err(broadcast::error::RecvError::Closed)) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+}

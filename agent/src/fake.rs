@@ -1,0 +1,470 @@
+//! Fakes of the three seams, for tests of the agent (and of controllers that
+//! embed it) without KVM, disks or guests. They run on tokio's clock, so tests
+//! can use `tokio::time::pause` to make timeouts and backoff instant.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+use vmm_api::{DiskConfig, DiskFormat, ExitReason, ExitReport};
+
+use crate::disks::{DiskPrepError, DiskPreparer, DiskRequest, PreparedDisks};
+use crate::guest::{GuestChannel, GuestEndpoint, GuestError, GuestEvent, GuestLink, HostCommand, RoleStatus};
+use crate::instance::lock;
+use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
+
+#[derive(Debug)]
+struct FakeVm {
+    instance: String,
+    start_time: u64,
+    exit: watch::Sender<Option<VmmExit>>,
+}
+
+#[derive(Debug, Default)]
+struct LauncherState {
+    next_pid: i32,
+    vms: BTreeMap<i32, FakeVm>,
+    launches: Vec<String>,
+    fail_launches: u32,
+    ignore_graceful: bool,
+}
+
+/// A fake [`VmmLauncher`]: "VMMs" are entries in a table that survive the
+/// agent (share one launcher between two agents to test re-adoption).
+#[derive(Debug, Clone, Default)]
+pub struct FakeLauncher {
+    st: Arc<Mutex<LauncherState>>,
+}
+
+fn report(reason: ExitReason, detail: &str) -> VmmExit {
+    VmmExit {
+        report: Some(ExitReport {
+            reason,
+            exit_code: reason.exit_code(),
+            detail: detail.into(),
+            boot_time_us: None,
+            first_run_us: None,
+            total_us: 0,
+            vcpu: None,
+            regs: None,
+        }),
+        status: Some(reason.exit_code()),
+        signal: None,
+        detail: detail.into(),
+    }
+}
+
+impl FakeLauncher {
+    /// A launcher with no VMs.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many times a VMM was launched for `instance`.
+    pub fn launches(&self, instance: &str) -> usize {
+        lock(&self.st).launches.iter().filter(|i| *i == instance).count()
+    }
+
+    /// The pid of `instance`'s running VMM.
+    pub fn running(&self, instance: &str) -> Option<i32> {
+        lock(&self.st)
+            .vms
+            .iter()
+            .find(|(_, v)| v.instance == instance)
+            .map(|(p, _)| *p)
+    }
+
+    /// Number of running VMMs.
+    pub fn running_count(&self) -> usize {
+        lock(&self.st).vms.len()
+    }
+
+    /// Ends `instance`'s VMM as if the guest did `reason`. Returns whether one ran.
+    pub fn exit(&self, instance: &str, reason: ExitReason) -> bool {
+        let mut st = lock(&self.st);
+        let pid = st
+            .vms
+            .iter()
+            .find(|(_, v)| v.instance == instance)
+            .map(|(p, _)| *p);
+        match pid.and_then(|p| st.vms.remove(&p)) {
+            Some(vm) => {
+                vm.exit
+                    .send_replace(Some(report(reason, &format!("fake {reason:?}"))));
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes the next `n` launches fail.
+    pub fn fail_launches(&self, n: u32) {
+        lock(&self.st).fail_launches = n;
+    }
+
+    /// Makes VMMs ignore graceful stops (to test the forced path).
+    pub fn ignore_graceful(&self, yes: bool) {
+        lock(&self.st).ignore_graceful = yes;
+    }
+
+    fn end(&self, pid: i32, exit: VmmExit) {
+        if let Some(vm) = lock(&self.st).vms.remove(&pid) {
+            vm.exit.send_replace(Some(exit));
+        }
+    }
+}
+
+#[async_trait]
+impl VmmLauncher for FakeLauncher {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let mut st = lock(&self.st);
+        st.launches.push(spec.instance_id.clone());
+        if st.fail_launches > 0 {
+            st.fail_launches -= 1;
+            return Err(VmmError::Spawn {
+                instance: spec.instance_id.clone(),
+                why: "fake launch failure".into(),
+            });
+        }
+        st.next_pid += 1;
+        let pid = 1000 + st.next_pid;
+        let start_time = 7000 + u64::from(st.next_pid.unsigned_abs());
+        let (tx, rx) = watch::channel(None);
+        st.vms.insert(
+            pid,
+            FakeVm {
+                instance: spec.instance_id.clone(),
+                start_time,
+                exit: tx,
+            },
+        );
+        Ok(Box::new(FakeHandle {
+            pid,
+            start_time,
+            rx,
+            launcher: self.clone(),
+            dir: spec.dir.clone(),
+        }))
+    }
+
+    async fn adopt(
+        &self,
+        spec: &LaunchSpec,
+        record: &VmmRecord,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let st = lock(&self.st);
+        match st.vms.get(&record.pid) {
+            Some(vm) if vm.start_time == record.start_time && vm.instance == spec.instance_id => {
+                Ok(Box::new(FakeHandle {
+                    pid: record.pid,
+                    start_time: vm.start_time,
+                    rx: vm.exit.subscribe(),
+                    launcher: self.clone(),
+                    dir: spec.dir.clone(),
+                }))
+            }
+            Some(_) => Err(VmmError::Gone {
+                pid: record.pid,
+                why: "the pid now belongs to another process".into(),
+            }),
+            None => Err(VmmError::Gone {
+                pid: record.pid,
+                why: "no such process".into(),
+            }),
+        }
+    }
+}
+
+/// A fake VMM.
+#[derive(Debug)]
+pub struct FakeHandle {
+    pid: i32,
+    start_time: u64,
+    rx: watch::Receiver<Option<VmmExit>>,
+    launcher: FakeLauncher,
+    dir: std::path::PathBuf,
+}
+
+#[async_trait]
+impl VmmHandle for FakeHandle {
+    fn record(&self) -> VmmRecord {
+        VmmRecord {
+            pid: self.pid,
+            start_time: self.start_time,
+            control_socket: None,
+            exit_report: self.dir.join("exit-report.json"),
+        }
+    }
+
+    async fn stop(&mut self, mode: StopMode) -> Result<(), VmmError> {
+        match mode {
+            StopMode::Graceful => {
+                if !lock(&self.launcher.st).ignore_graceful {
+                    self.launcher.end(
+                        self.pid,
+                        VmmExit {
+                            report: None,
+                            status: None,
+                            signal: Some(15),
+                            detail: "killed by signal 15".into(),
+                        },
+                    );
+                }
+            }
+            StopMode::Force => self.launcher.end(
+                self.pid,
+                VmmExit {
+                    report: None,
+                    status: None,
+                    signal: Some(9),
+                    detail: "killed by signal 9".into(),
+                },
+            ),
+        }
+        Ok(())
+    }
+
+    async fn wait(&mut self) -> VmmExit {
+        loop {
+            if let Some(e) = self.rx.borrow_and_update().clone() {
+                return e;
+            }
+            if self.rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct DiskState {
+    fail: BTreeMap<String, String>,
+    prepared: Vec<String>,
+    delay: Duration,
+}
+
+/// A fake [`DiskPreparer`]: writes three small files, or fails on request.
+#[derive(Debug, Clone, Default)]
+pub struct FakeDisks {
+    st: Arc<Mutex<DiskState>>,
+}
+
+impl FakeDisks {
+    /// A preparer that succeeds.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Makes preparation for `instance` fail with `why` (after writing a
+    /// partial file, as a real failure might).
+    pub fn fail_for(&self, instance: &str, why: &str) {
+        lock(&self.st).fail.insert(instance.into(), why.into());
+    }
+
+    /// Lets `instance` succeed again.
+    pub fn heal(&self, instance: &str) {
+        lock(&self.st).fail.remove(instance);
+    }
+
+    /// Makes preparation take this long (tokio's clock).
+    pub fn set_delay(&self, d: Duration) {
+        lock(&self.st).delay = d;
+    }
+
+    /// How many times disks were made for `instance`.
+    pub fn prepared(&self, instance: &str) -> usize {
+        lock(&self.st).prepared.iter().filter(|i| *i == instance).count()
+    }
+}
+
+#[async_trait]
+impl DiskPreparer for FakeDisks {
+    async fn prepare(&self, req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
+        let delay = lock(&self.st).delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let io = |e: std::io::Error| DiskPrepError::Other(e.to_string());
+        std::fs::write(req.dir.join("os.qcow2"), b"fake os").map_err(io)?;
+        if let Some(why) = lock(&self.st).fail.get(&req.instance_id) {
+            return Err(DiskPrepError::Other(why.clone()));
+        }
+        std::fs::write(req.dir.join("resource.raw"), b"fake resource").map_err(io)?;
+        std::fs::write(req.dir.join("role.raw"), b"fake role").map_err(io)?;
+        lock(&self.st).prepared.push(req.instance_id.clone());
+        let d = |name: &str, ro| DiskConfig {
+            path: req.dir.join(name),
+            format: DiskFormat::Raw,
+            backing: None,
+            read_only: ro,
+            serial: name.replace('.', "-"),
+        };
+        Ok(PreparedDisks {
+            os: d("os.qcow2", false),
+            resource: d("resource.raw", false),
+            role: d("role.raw", true),
+        })
+    }
+}
+
+/// How a fake guest behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestBehaviour {
+    /// Hello, Ready, heartbeats with the role ready.
+    Healthy,
+    /// Hello and heartbeats, the role never ready.
+    NotReady,
+    /// Hello, then nothing.
+    HelloOnly,
+    /// Nothing at all.
+    Silent,
+}
+
+#[derive(Debug)]
+struct GuestsState {
+    default: GuestBehaviour,
+    per: BTreeMap<String, GuestBehaviour>,
+    opens: BTreeMap<String, usize>,
+    commands: Vec<(String, HostCommand)>,
+    launcher: Option<FakeLauncher>,
+}
+
+/// A fake [`GuestChannel`]: a scripted guest per instance, heartbeating on
+/// tokio's clock. Change a guest's behaviour at any time with
+/// [`FakeGuests::set`].
+#[derive(Debug, Clone)]
+pub struct FakeGuests {
+    st: Arc<Mutex<GuestsState>>,
+}
+
+impl Default for FakeGuests {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeGuests {
+    /// Healthy guests.
+    pub fn new() -> Self {
+        Self {
+            st: Arc::new(Mutex::new(GuestsState {
+                default: GuestBehaviour::Healthy,
+                per: BTreeMap::new(),
+                opens: BTreeMap::new(),
+                commands: Vec::new(),
+                launcher: None,
+            })),
+        }
+    }
+
+    /// Guests that obey `Shutdown` by powering their fake VM off.
+    pub fn with_launcher(launcher: FakeLauncher) -> Self {
+        let g = Self::new();
+        lock(&g.st).launcher = Some(launcher);
+        g
+    }
+
+    /// Sets the behaviour of every guest without its own.
+    pub fn set_default(&self, b: GuestBehaviour) {
+        lock(&self.st).default = b;
+    }
+
+    /// Sets one instance's guest behaviour (takes effect at its next beat).
+    pub fn set(&self, instance: &str, b: GuestBehaviour) {
+        lock(&self.st).per.insert(instance.into(), b);
+    }
+
+    /// Commands the agent sent to `instance`'s guest.
+    pub fn commands(&self, instance: &str) -> Vec<HostCommand> {
+        lock(&self.st)
+            .commands
+            .iter()
+            .filter(|(i, _)| i == instance)
+            .map(|(_, c)| *c)
+            .collect()
+    }
+
+    fn behaviour(&self, instance: &str) -> GuestBehaviour {
+        let st = lock(&self.st);
+        st.per.get(instance).copied().unwrap_or(st.default)
+    }
+}
+
+#[async_trait]
+impl GuestChannel for FakeGuests {
+    async fn open(&self, instance_id: &str, ep: &GuestEndpoint) -> Result<GuestLink, GuestError> {
+        let (ev_tx, ev_rx) = mpsc::channel(64);
+        let (cmd_tx, mut cmd_rx) = mpsc::channel(16);
+        let boot = {
+            let mut st = lock(&self.st);
+            let n = st.opens.entry(instance_id.into()).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let me = self.clone();
+        let id = instance_id.to_string();
+        let interval = Duration::from_millis(u64::from(ep.heartbeat_interval_ms));
+        let task = tokio::spawn(async move {
+            let b = me.behaviour(&id);
+            if b == GuestBehaviour::Silent {
+                while let Some(c) = cmd_rx.recv().await {
+                    lock(&me.st).commands.push((id.clone(), c));
+                }
+                return;
+            }
+            let has_launcher = lock(&me.st).launcher.is_some();
+            let caps = guest_proto::Capabilities::ROLE.bits()
+                | if has_launcher {
+                    guest_proto::Capabilities::SHUTDOWN.bits()
+                } else {
+                    0
+                };
+            let mut boot_id = [0u8; 16];
+            boot_id[..8].copy_from_slice(&(boot as u64).to_le_bytes());
+            let hello = GuestEvent::Hello {
+                boot_id,
+                version: 1,
+                capabilities: caps,
+                agent_version: "fake-guest 0".into(),
+            };
+            if ev_tx.send(hello).await.is_err() {
+                return;
+            }
+            if b == GuestBehaviour::Healthy && ev_tx.send(GuestEvent::Ready).await.is_err() {
+                return;
+            }
+            let mut seq = 0u64;
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let role = match me.behaviour(&id) {
+                            GuestBehaviour::Healthy => RoleStatus::Ready,
+                            GuestBehaviour::NotReady => RoleStatus::Running,
+                            GuestBehaviour::HelloOnly | GuestBehaviour::Silent => continue,
+                        };
+                        let hb = GuestEvent::Heartbeat { seq, uptime_ms: seq * interval.as_millis() as u64, free_mem_kib: 1 << 20, role, role_restarts: 0 };
+                        seq += 1;
+                        if ev_tx.send(hb).await.is_err() { return; }
+                    }
+                    c = cmd_rx.recv() => match c {
+                        None => return,
+                        Some(c) => {
+                            let launcher = {
+                                let mut st = lock(&me.st);
+                                st.commands.push((id.clone(), c));
+                                st.launcher.clone()
+                            };
+                            if let (HostCommand::Shutdown { .. }, Some(l)) = (c, launcher) {
+                                l.exit(&id, ExitReason::PowerOff);
+                            }
+                        }
+                    },
+                }
+            }
+        });
+        Ok(GuestLink::new(ev_rx, cmd_tx, Some(task), None))
+    }
+}

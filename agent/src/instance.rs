@@ -1,0 +1,827 @@
+//! One task per instance: prepares disks, runs the VMM, watches the guest,
+//! restarts with backoff, trips the crash-loop guard, stops and cleans up.
+//! The task reconciles towards the instance's desired state (a `watch`
+//! channel the agent writes when a goal state changes it).
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::agent::Ctx;
+use crate::disks::{DiskRequest, PreparedDisks};
+use crate::events::AgentEvent;
+use crate::guest::{boot_id_hex, GuestEndpoint, GuestEvent, GuestLink, HostCommand, RoleStatus};
+use crate::lifecycle::{InstanceState, Lifecycle, Transition};
+use crate::spec::InstanceSpec;
+use crate::util::{now_unix_ms, write_json_atomic};
+use crate::vmm::{LaunchSpec, StopMode, VmmExit, VmmHandle, VmmRecord};
+
+/// What the goal wants of an instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Desired {
+    /// Running with this spec.
+    Run(InstanceSpec),
+    /// Gone.
+    Removed,
+}
+
+/// Health, restart and stop timings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthPolicy {
+    /// Heartbeat intervals without a frame before the guest counts as
+    /// unresponsive.
+    pub missed_heartbeats: u32,
+    /// Added to `missed_heartbeats` intervals.
+    pub heartbeat_grace: Duration,
+    /// Time from VMM start (or re-adoption) to the guest's hello.
+    pub boot_timeout: Duration,
+    /// First restart delay; doubles per recent failure.
+    pub backoff_initial: Duration,
+    /// Longest restart delay.
+    pub backoff_max: Duration,
+    /// Failures within `crash_loop_window` that mark an instance failed.
+    pub crash_loop_failures: u32,
+    /// The crash-loop window.
+    pub crash_loop_window: Duration,
+    /// How long a graceful stop may take before the VMM is killed.
+    pub stop_grace: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            missed_heartbeats: 3,
+            heartbeat_grace: Duration::from_secs(1),
+            boot_timeout: Duration::from_secs(60),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+            crash_loop_failures: 3,
+            crash_loop_window: Duration::from_secs(300),
+            stop_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+impl HealthPolicy {
+    /// How long without a frame means unresponsive, for this heartbeat interval.
+    pub fn heartbeat_timeout(&self, interval_ms: u32) -> Duration {
+        Duration::from_millis(u64::from(interval_ms)) * self.missed_heartbeats
+            + self.heartbeat_grace
+    }
+}
+
+/// What the guest told us about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GuestInfo {
+    /// Boot id, hex.
+    pub boot_id: String,
+    /// Negotiated protocol version.
+    pub protocol_version: u8,
+    /// Capability bits.
+    pub capabilities: u64,
+    /// The guest agent's version (escaped).
+    pub agent_version: String,
+}
+
+/// An instance as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceStatus {
+    /// The id.
+    pub id: String,
+    /// The spec being run.
+    pub spec: InstanceSpec,
+    /// Its state.
+    pub state: InstanceState,
+    /// Since when (ms since the Unix epoch).
+    pub since_unix_ms: u64,
+    /// Restarts since the instance was created (kept across agent restarts).
+    pub restarts: u32,
+    /// Failures inside the crash-loop window.
+    pub recent_failures: u32,
+    /// The last sign of life from the guest (ms since the Unix epoch).
+    pub last_heartbeat_unix_ms: Option<u64>,
+    /// The last heartbeat's sequence number.
+    pub heartbeat_seq: Option<u64>,
+    /// The role's state, as the guest reports it.
+    pub role: Option<RoleStatus>,
+    /// The guest agent.
+    pub guest: Option<GuestInfo>,
+    /// The VMM's pid while one runs.
+    pub vmm_pid: Option<i32>,
+    /// How the last VMM ended.
+    pub last_exit: Option<VmmExit>,
+    /// The last error (failed preparation, crash loop, launch error).
+    pub last_error: Option<String>,
+    /// Transitions, oldest first (empty in lists).
+    pub history: Vec<Transition>,
+}
+
+/// The state an instance task shares with the API.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub lifecycle: Lifecycle,
+    pub status: InstanceStatus,
+}
+
+impl Shared {
+    pub(crate) fn snapshot(&self, history: bool) -> InstanceStatus {
+        let mut s = self.status.clone();
+        s.state = self.lifecycle.state();
+        s.since_unix_ms = self.lifecycle.since_unix_ms();
+        if history {
+            s.history = self.lifecycle.history().cloned().collect();
+        }
+        s
+    }
+}
+
+/// What is stored per instance in `<state>/instances/<id>/record.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    /// Format version.
+    pub version: u32,
+    /// The spec.
+    pub spec: InstanceSpec,
+    /// The state when written.
+    pub state: InstanceState,
+    /// The disks, once made.
+    pub disks: Option<PreparedDisks>,
+    /// The VMM, while one runs.
+    pub vmm: Option<VmmRecord>,
+    /// The guest endpoint.
+    pub guest: GuestEndpoint,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// Recent transitions.
+    pub history: Vec<Transition>,
+}
+
+/// How a task starts.
+pub(crate) enum StartMode {
+    New,
+    Resume(Box<InstanceRecord>),
+}
+
+enum Sup {
+    Desired,
+    Exited(VmmExit),
+    Unresponsive(String),
+}
+
+enum RunEnd {
+    Stopped,
+    Failed,
+}
+
+pub(crate) struct Runner {
+    ctx: Arc<Ctx>,
+    id: String,
+    shared: Arc<Mutex<Shared>>,
+    desired: watch::Receiver<Desired>,
+    spec: InstanceSpec,
+    disks: Option<PreparedDisks>,
+    vmm: Option<VmmRecord>,
+    failures: VecDeque<Instant>,
+    restarts: u32,
+    guest_caps: u64,
+    boot_id: Option<[u8; 16]>,
+}
+
+impl Runner {
+    pub(crate) fn new(
+        ctx: Arc<Ctx>,
+        spec: InstanceSpec,
+        shared: Arc<Mutex<Shared>>,
+        desired: watch::Receiver<Desired>,
+    ) -> Self {
+        Self {
+            id: spec.id.clone(),
+            ctx,
+            shared,
+            desired,
+            spec,
+            disks: None,
+            vmm: None,
+            failures: VecDeque::new(),
+            restarts: 0,
+            guest_caps: 0,
+            boot_id: None,
+        }
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.ctx.instance_dir(&self.id)
+    }
+
+    fn disks_dir(&self) -> PathBuf {
+        self.dir().join("disks")
+    }
+
+    fn endpoint(&self) -> GuestEndpoint {
+        self.ctx.guest_endpoint(&self.id, self.spec.heartbeat_interval_ms)
+    }
+
+    fn state(&self) -> InstanceState {
+        lock(&self.shared).lifecycle.state()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut InstanceStatus)) {
+        f(&mut lock(&self.shared).status);
+    }
+
+    /// Moves the state machine, records it, persists and announces it.
+    fn go(&self, to: InstanceState, reason: impl Into<String>) {
+        let reason = reason.into();
+        let t = {
+            let mut sh = lock(&self.shared);
+            match sh.lifecycle.go(to, reason) {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::error!(instance = %self.id, "{e}");
+                    return;
+                }
+            }
+        };
+        tracing::info!(instance = %self.id, from = %t.from, to = %t.to, reason = %t.reason, "transition");
+        self.persist();
+        let _ = self.ctx.events.send(AgentEvent::Transition {
+            instance: self.id.clone(),
+            transition: t,
+        });
+    }
+
+    fn persist(&self) {
+        let (state, history) = {
+            let sh = lock(&self.shared);
+            (
+                sh.lifecycle.state(),
+                sh.lifecycle.history().cloned().collect(),
+            )
+        };
+        let rec = InstanceRecord {
+            version: 1,
+            spec: self.spec.clone(),
+            state,
+            disks: self.disks.clone(),
+            vmm: self.vmm.clone(),
+            guest: self.endpoint(),
+            restarts: self.restarts,
+            history,
+        };
+        let path = self.dir().join("record.json");
+        if let Err(e) = write_json_atomic(&path, &rec) {
+            tracing::error!(instance = %self.id, "cannot write {}: {e}", path.display());
+        }
+    }
+
+    fn current_desired(&mut self) -> Desired {
+        self.desired.borrow_and_update().clone()
+    }
+
+    /// Whether the goal wants something other than running `self.spec`.
+    fn desired_differs(&mut self) -> bool {
+        match &*self.desired.borrow_and_update() {
+            Desired::Removed => true,
+            Desired::Run(s) => *s != self.spec,
+        }
+    }
+
+    /// Waits for the goal to say anything about this instance.
+    async fn wait_change(&mut self) {
+        if self.desired.changed().await.is_err() {
+            // The agent is gone; nothing will ever change.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    pub(crate) async fn run(mut self, mode: StartMode) {
+        if let Err(e) = std::fs::create_dir_all(self.dir()) {
+            tracing::error!(instance = %self.id, "cannot create {}: {e}", self.dir().display());
+        }
+        let mut adopted = None;
+        if let StartMode::Resume(rec) = mode {
+            self.disks = rec.disks;
+            self.restarts = rec.restarts;
+            self.spec = rec.spec;
+            self.update(|s| {
+                s.restarts = rec.restarts;
+                s.spec = self.spec.clone();
+            });
+            if let Some(vr) = rec.vmm {
+                let ls = self.launch_spec();
+                match self.ctx.launcher.adopt(&ls, &vr).await {
+                    Ok(h) => {
+                        self.vmm = Some(vr.clone());
+                        self.update(|s| s.vmm_pid = Some(vr.pid));
+                        self.go(
+                            InstanceState::Booted,
+                            format!("re-adopted the running VMM (pid {}) after an agent restart", vr.pid),
+                        );
+                        adopted = Some(h);
+                    }
+                    Err(e) => {
+                        tracing::info!(instance = %self.id, "not re-adopting: {e}");
+                        self.vmm = None;
+                    }
+                }
+            }
+        } else {
+            self.persist();
+        }
+        loop {
+            // The goal first: removal, or a new spec.
+            match self.current_desired() {
+                Desired::Removed => {
+                    if let Some(h) = adopted.take() {
+                        self.go(InstanceState::Stopping, "removed from the goal state");
+                        self.stop_vmm(h, None).await;
+                    }
+                    if self.state() != InstanceState::Stopped {
+                        self.go(InstanceState::Stopped, "removed from the goal state");
+                    }
+                    if self.remove_and_unregister() {
+                        return;
+                    }
+                    self.go(InstanceState::Pending, "added to the goal state again");
+                    continue;
+                }
+                Desired::Run(spec) if spec != self.spec => {
+                    if let Some(h) = adopted.take() {
+                        self.go(InstanceState::Stopping, "the goal changed the spec");
+                        self.stop_vmm(h, None).await;
+                        self.go(InstanceState::Stopped, "the goal changed the spec");
+                        self.go(InstanceState::Pending, "starting with the new spec");
+                    }
+                    self.remove_disks();
+                    self.spec = spec;
+                    self.update(|s| s.spec = self.spec.clone());
+                    self.persist();
+                }
+                Desired::Run(_) => {}
+            }
+            if adopted.is_none() && self.disks.is_none() && !self.prepare().await {
+                self.wait_change().await;
+                if matches!(self.current_desired_peek(), Desired::Run(_)) {
+                    self.go(InstanceState::Pending, "the goal changed; trying again");
+                }
+                continue;
+            }
+            match self.run_vm(adopted.take()).await {
+                RunEnd::Stopped => {
+                    if matches!(self.current_desired_peek(), Desired::Run(_)) {
+                        self.go(InstanceState::Pending, "starting with the new spec");
+                    }
+                }
+                RunEnd::Failed => {
+                    self.wait_change().await;
+                    if matches!(self.current_desired_peek(), Desired::Run(_)) {
+                        self.go(InstanceState::Pending, "the goal was applied again; retrying");
+                        self.failures.clear();
+                        self.update(|s| s.recent_failures = 0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn current_desired_peek(&self) -> Desired {
+        self.desired.borrow().clone()
+    }
+
+    fn remove_disks(&mut self) {
+        if self.disks.take().is_some() || self.disks_dir().exists() {
+            let _ = std::fs::remove_dir_all(self.disks_dir());
+        }
+    }
+
+    /// Deletes everything of the instance and takes it out of the agent's map,
+    /// unless the goal wants it again (then `false`).
+    fn remove_and_unregister(&mut self) -> bool {
+        let mut map = lock(&self.ctx.instances);
+        if !matches!(&*self.desired.borrow(), Desired::Removed) {
+            return false;
+        }
+        let ep = self.endpoint();
+        let _ = std::fs::remove_file(&ep.uds_path);
+        let _ = std::fs::remove_file(ep.listen_path());
+        if let Err(e) = std::fs::remove_dir_all(self.dir()) {
+            tracing::warn!(instance = %self.id, "cannot remove {}: {e}", self.dir().display());
+        }
+        map.remove(&self.id);
+        drop(map);
+        tracing::info!(instance = %self.id, "removed");
+        let _ = self.ctx.events.send(AgentEvent::InstanceRemoved {
+            instance: self.id.clone(),
+        });
+        true
+    }
+
+    /// Makes the disks; on failure removes what was made and goes Failed.
+    async fn prepare(&mut self) -> bool {
+        self.go(InstanceState::PreparingDisks, "making the OS, resource and role disks");
+        let dir = self.disks_dir();
+        let _ = std::fs::remove_dir_all(&dir);
+        let result = match std::fs::create_dir_all(&dir) {
+            Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
+            Ok(()) => {
+                let sha = self.spec.image_sha256();
+                match self.ctx.images.get(&sha) {
+                    None => Err(format!(
+                        "base image sha256:{sha} is not in the image cache; import it"
+                    )),
+                    Some(img) => {
+                        let req = DiskRequest {
+                            instance_id: self.id.clone(),
+                            dir: dir.clone(),
+                            base: self.ctx.images.path_of(&sha),
+                            base_format: img.format,
+                            role_package: self.spec.role_package.clone(),
+                            resource_disk_bytes: self.spec.resource_disk_mib << 20,
+                        };
+                        self.ctx
+                            .disks
+                            .prepare(&req)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(d) => {
+                self.disks = Some(d);
+                self.persist();
+                true
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                self.update(|s| s.last_error = Some(e.clone()));
+                self.go(InstanceState::Failed, format!("disk preparation failed: {e}"));
+                false
+            }
+        }
+    }
+
+    fn launch_spec(&self) -> LaunchSpec {
+        let ep = self.endpoint();
+        LaunchSpec {
+            instance_id: self.id.clone(),
+            dir: self.dir(),
+            vcpus: self.spec.vcpus,
+            memory_mib: self.spec.memory_mib,
+            disks: self.disks.as_ref().map(|d| d.in_order()).unwrap_or_default(),
+            vsock: vmm_api::VsockConfig {
+                guest_cid: vmm_api::config::MIN_GUEST_CID,
+                uds_path: ep.uds_path,
+            },
+            guest_port: ep.port,
+            serial_path: self.dir().join("serial.log"),
+        }
+    }
+
+    async fn open_link(&self) -> Option<GuestLink> {
+        match self.ctx.guests.open(&self.id, &self.endpoint()).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::error!(instance = %self.id, "{e}");
+                None
+            }
+        }
+    }
+
+    fn set_vmm(&mut self, rec: Option<VmmRecord>) {
+        self.update(|s| s.vmm_pid = rec.as_ref().map(|r| r.pid));
+        self.vmm = rec;
+        self.persist();
+    }
+
+    async fn run_vm(&mut self, adopted: Option<Box<dyn VmmHandle>>) -> RunEnd {
+        let mut adopted = adopted;
+        let mut start_reason = String::from("starting the VMM");
+        loop {
+            let started = match adopted.take() {
+                Some(h) => Ok((h, self.open_link().await)),
+                None => {
+                    self.go(InstanceState::Starting, start_reason.clone());
+                    self.boot_id = None;
+                    match self.open_link().await {
+                        None => Err("cannot listen for the guest agent; see the agent log".to_string()),
+                        Some(link) => match self.ctx.launcher.launch(&self.launch_spec()).await {
+                            Ok(h) => Ok((h, Some(link))),
+                            Err(e) => Err(e.to_string()),
+                        },
+                    }
+                }
+            };
+            let failure = match started {
+                Err(e) => {
+                    self.update(|s| s.last_error = Some(e.clone()));
+                    self.go(InstanceState::Restarting, format!("the VMM did not start: {e}"));
+                    e
+                }
+                Ok((mut handle, mut link)) => {
+                    self.set_vmm(Some(handle.record()));
+                    match self.supervise(&mut handle, &mut link).await {
+                        Sup::Desired => {
+                            self.go(InstanceState::Stopping, "the goal state changed");
+                            self.stop_vmm(handle, link).await;
+                            self.go(InstanceState::Stopped, "stopped for the goal state");
+                            return RunEnd::Stopped;
+                        }
+                        Sup::Exited(exit) => {
+                            drop(link);
+                            let why = format!("the VMM exited: {}", exit.summary());
+                            self.vmm_exited(exit);
+                            self.go(InstanceState::Restarting, why.clone());
+                            why
+                        }
+                        Sup::Unresponsive(why) => {
+                            self.go(InstanceState::Unhealthy, why.clone());
+                            let _ = handle.stop(StopMode::Force).await;
+                            let exit = wait_bounded(&mut handle).await;
+                            drop(link);
+                            if let Some(exit) = exit {
+                                self.vmm_exited(exit);
+                            } else {
+                                self.set_vmm(None);
+                            }
+                            self.go(InstanceState::Restarting, format!("restarting: {why}"));
+                            why
+                        }
+                    }
+                }
+            };
+            // The crash-loop guard.
+            let now = Instant::now();
+            let window = self.ctx.cfg.health.crash_loop_window;
+            self.failures.push_back(now);
+            while self
+                .failures
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= window)
+            {
+                self.failures.pop_front();
+            }
+            let n = self.failures.len() as u32;
+            self.update(|s| s.recent_failures = n);
+            let policy = &self.ctx.cfg.health;
+            if n >= policy.crash_loop_failures {
+                let why = format!(
+                    "crash loop: {n} failures within {}s (last: {failure}); not restarting until the goal changes",
+                    window.as_secs()
+                );
+                self.update(|s| s.last_error = Some(why.clone()));
+                self.go(InstanceState::Failed, why);
+                return RunEnd::Failed;
+            }
+            let delay = policy
+                .backoff_initial
+                .saturating_mul(1 << (n.saturating_sub(1)).min(20))
+                .min(policy.backoff_max);
+            tracing::info!(instance = %self.id, ?delay, "restarting after backoff");
+            let t = tokio::time::sleep(delay);
+            tokio::pin!(t);
+            loop {
+                tokio::select! {
+                    _ = &mut t => break,
+                    _ = self.wait_change() => {
+                        if self.desired_differs() {
+                            self.go(InstanceState::Stopping, "the goal state changed");
+                            self.go(InstanceState::Stopped, "stopped for the goal state");
+                            return RunEnd::Stopped;
+                        }
+                    }
+                }
+            }
+            self.restarts += 1;
+            self.update(|s| s.restarts = self.restarts);
+            start_reason = format!("restart {} after {:?} backoff", self.restarts, delay);
+        }
+    }
+
+    fn vmm_exited(&mut self, exit: VmmExit) {
+        let _ = self.ctx.events.send(AgentEvent::VmmExited {
+            instance: self.id.clone(),
+            exit: exit.clone(),
+        });
+        self.update(|s| s.last_exit = Some(exit));
+        self.set_vmm(None);
+    }
+
+    async fn supervise(
+        &mut self,
+        handle: &mut Box<dyn VmmHandle>,
+        link: &mut Option<GuestLink>,
+    ) -> Sup {
+        let policy = self.ctx.cfg.health.clone();
+        let boot_deadline = Instant::now() + policy.boot_timeout;
+        let mut last_life: Option<Instant> = None;
+        loop {
+            let hb_timeout = policy.heartbeat_timeout(self.spec.heartbeat_interval_ms);
+            let deadline = last_life.map_or(boot_deadline, |t| t + hb_timeout);
+            tokio::select! {
+                exit = handle.wait() => return Sup::Exited(exit),
+                ev = next_event(link) => match ev {
+                    Some(ev) => self.on_guest(ev, &mut last_life),
+                    None => *link = None,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Sup::Unresponsive(match last_life {
+                        None => format!("the guest agent did not say hello within {:?}", policy.boot_timeout),
+                        Some(_) => format!("no heartbeat for {hb_timeout:?}"),
+                    });
+                }
+                _ = self.wait_change() => {
+                    if self.desired_differs() {
+                        return Sup::Desired;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_guest(&mut self, ev: GuestEvent, last_life: &mut Option<Instant>) {
+        let now = Instant::now();
+        let state = self.state();
+        match ev {
+            GuestEvent::Hello {
+                boot_id,
+                version,
+                capabilities,
+                agent_version,
+            } => {
+                *last_life = Some(now);
+                let rebooted = self.boot_id.is_some_and(|b| b != boot_id);
+                self.boot_id = Some(boot_id);
+                self.guest_caps = capabilities;
+                let info = GuestInfo {
+                    boot_id: boot_id_hex(&boot_id),
+                    protocol_version: version,
+                    capabilities,
+                    agent_version: agent_version.clone(),
+                };
+                let _ = self.ctx.events.send(AgentEvent::GuestHello {
+                    instance: self.id.clone(),
+                    boot_id: info.boot_id.clone(),
+                    agent_version: agent_version.clone(),
+                });
+                self.update(|s| {
+                    s.guest = Some(info);
+                    s.last_heartbeat_unix_ms = Some(now_unix_ms());
+                });
+                match state {
+                    InstanceState::Starting => self.go(
+                        InstanceState::Booted,
+                        format!("the guest agent said hello ({agent_version}, protocol {version})"),
+                    ),
+                    InstanceState::Ready if rebooted => {
+                        self.go(InstanceState::Booted, "the guest rebooted (new boot id)")
+                    }
+                    _ => {}
+                }
+            }
+            GuestEvent::Heartbeat {
+                seq,
+                role,
+                role_restarts: _,
+                ..
+            } => {
+                *last_life = Some(now);
+                self.update(|s| {
+                    s.last_heartbeat_unix_ms = Some(now_unix_ms());
+                    s.heartbeat_seq = Some(seq);
+                    s.role = Some(role);
+                });
+                match (state, role) {
+                    (InstanceState::Booted, RoleStatus::Ready) => {
+                        self.go(InstanceState::Ready, "a heartbeat says the role is ready")
+                    }
+                    (InstanceState::Ready, RoleStatus::Exited | RoleStatus::Failed) => self.go(
+                        InstanceState::Booted,
+                        format!("a heartbeat says the role is {role:?}"),
+                    ),
+                    _ => {}
+                }
+            }
+            GuestEvent::Ready => {
+                *last_life = Some(now);
+                if state == InstanceState::Booted {
+                    self.go(InstanceState::Ready, "the guest reported ready");
+                }
+            }
+            GuestEvent::RoleStarted { pid } => {
+                *last_life = Some(now);
+                tracing::info!(instance = %self.id, pid, "role started");
+            }
+            GuestEvent::RoleExited { pid, how } => {
+                *last_life = Some(now);
+                tracing::info!(instance = %self.id, pid, %how, "role exited");
+                let _ = self.ctx.events.send(AgentEvent::RoleExited {
+                    instance: self.id.clone(),
+                    how: how.clone(),
+                });
+                if state == InstanceState::Ready {
+                    self.go(InstanceState::Booted, format!("the role exited ({how})"));
+                }
+            }
+            GuestEvent::Pong { .. } => *last_life = Some(now),
+            GuestEvent::Disconnected {
+                reason,
+                misbehaving,
+            } => {
+                if misbehaving {
+                    let _ = self.ctx.events.send(AgentEvent::GuestMisbehaved {
+                        instance: self.id.clone(),
+                        reason,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stops a VMM: the guest's own shutdown if it can, then SIGTERM (or the
+    /// control socket), then SIGKILL.
+    async fn stop_vmm(&mut self, mut handle: Box<dyn VmmHandle>, link: Option<GuestLink>) {
+        let grace = self.ctx.cfg.health.stop_grace;
+        let half = grace / 2;
+        let mut exit = None;
+        if let Some(l) = &link {
+            if self.guest_caps & guest_proto::Capabilities::SHUTDOWN.bits() != 0 {
+                let deadline_ms = u32::try_from(half.as_millis()).unwrap_or(u32::MAX);
+                let _ = l.commands.try_send(HostCommand::Shutdown { deadline_ms });
+                exit = tokio::time::timeout(half, handle.wait()).await.ok();
+            }
+        }
+        if exit.is_none() {
+            if let Err(e) = handle.stop(StopMode::Graceful).await {
+                tracing::warn!(instance = %self.id, "{e}");
+            }
+            exit = tokio::time::timeout(half, handle.wait()).await.ok();
+        }
+        if exit.is_none() {
+            tracing::warn!(instance = %self.id, "the VMM did not stop within {grace:?}; killing it");
+            if let Err(e) = handle.stop(StopMode::Force).await {
+                tracing::warn!(instance = %self.id, "{e}");
+            }
+            exit = wait_bounded(&mut handle).await;
+        }
+        drop(link);
+        match exit {
+            Some(e) => self.vmm_exited(e),
+            None => {
+                tracing::error!(instance = %self.id, "the VMM survived SIGKILL for 10 s");
+                self.set_vmm(None);
+            }
+        }
+    }
+}
+
+async fn wait_bounded(handle: &mut Box<dyn VmmHandle>) -> Option<VmmExit> {
+    tokio::time::timeout(Duration::from_secs(10), handle.wait())
+        .await
+        .ok()
+}
+
+async fn next_event(link: &mut Option<GuestLink>) -> Option<GuestEvent> {
+    match link {
+        Some(l) => l.events.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning (the data are plain values).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn new_shared(spec: &InstanceSpec, history: Vec<Transition>) -> Shared {
+    let lifecycle = if history.is_empty() {
+        Lifecycle::new()
+    } else {
+        Lifecycle::resume(history)
+    };
+    Shared {
+        status: InstanceStatus {
+            id: spec.id.clone(),
+            spec: spec.clone(),
+            state: lifecycle.state(),
+            since_unix_ms: lifecycle.since_unix_ms(),
+            restarts: 0,
+            recent_failures: 0,
+            last_heartbeat_unix_ms: None,
+            heartbeat_seq: None,
+            role: None,
+            guest: None,
+            vmm_pid: None,
+            last_exit: None,
+            last_error: None,
+            history: Vec::new(),
+        },
+        lifecycle,
+    }
+}

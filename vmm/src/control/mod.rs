@@ -1,0 +1,33 @@
+//! The control socket (`--api-sock`): how the host agent drives and observes
+//! this VM. The protocol is `vmm_api::control` (reference: `docs/vmm-api.md`).
+//!
+//! - [`gate`]: pausing and resuming vCPUs (kick out of `KVM_RUN`, park).
+//! - [`metrics`]: exit counters, cheap on the vCPUs' hot path.
+//! - [`server`]: the unix socket, one thread per client, events to subscribers.
+//!
+//! [`RunControl`] is what the vCPU threads share with the control side; it
+//! exists whether or not a socket is configured (a load and a store per exit).
+
+pub mod gate;
+pub mod metrics;
+pub mod server;
+
+pub use server::{ControlError, ControlServer};
+
+/// What the vCPU run loops share with the control side.
+pub struct RunControl {
+    /// The pause gate.
+    pub gate: gate::Gate,
+    /// Exit counters and VM-wide counters.
+    pub counters: metrics::Counters,
+}
+
+impl RunControl {
+    /// Run control for `vcpus` vCPUs.
+    pub fn new(vcpus: u8) -> Self {
+        Self {
+            gate: gate::Gate::new(vcpus),
+            counters: metrics::Counters::new(vcpus),
+        }
+    }
+}
