@@ -180,7 +180,8 @@ impl Agent {
         let sd = cfg.state_dir.clone();
         for sub in ["instances", "run", "images"] {
             let p = sd.join(sub);
-            std::fs::create_dir_all(&p).map_err(|source| AgentError::StateDir { path: p, source })?;
+            std::fs::create_dir_all(&p)
+                .map_err(|source| AgentError::StateDir { path: p, source })?;
         }
         // `<state>/run/<48-char id>.vsock_<port>` must fit in sun_path.
         let longest = sd.join("run").join(format!(
@@ -236,11 +237,23 @@ impl Agent {
                 tracing::info!(instance = %rec.spec.id, state = %rec.state, "resuming from the state directory");
                 let spec = rec.spec.clone();
                 let history = rec.history.clone();
-                agent.spawn_locked(&mut map, spec, history, desired, StartMode::Resume(Box::new(rec)));
+                agent.spawn_locked(
+                    &mut map,
+                    spec,
+                    history,
+                    desired,
+                    StartMode::Resume(Box::new(rec)),
+                );
             }
             for (id, spec) in &wanted {
                 if !map.contains_key(id) {
-                    agent.spawn_locked(&mut map, spec.clone(), Vec::new(), Desired::Run(spec.clone()), StartMode::New);
+                    agent.spawn_locked(
+                        &mut map,
+                        spec.clone(),
+                        Vec::new(),
+                        Desired::Run(spec.clone()),
+                        StartMode::New,
+                    );
                 }
             }
         }

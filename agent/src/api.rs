@@ -44,12 +44,12 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ApiErrorBody { error: msg.into() })).into_response()
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
     serde_json::from_slice(body).map_err(|e| {
-        error(
+        Box::new(error(
             StatusCode::BAD_REQUEST,
             format!("the body is not valid JSON for this request: {e}; see docs/openapi.yaml"),
-        )
+        ))
     })
 }
 
@@ -86,7 +86,7 @@ async fn get_goal(State(a): State<Agent>) -> Response {
 async fn put_goal(State(a): State<Agent>, body: Bytes) -> Response {
     let goal: GoalState = match parse(&body) {
         Ok(g) => g,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match a.apply_goal(goal).await {
         Ok(out) => Json(out).into_response(),
@@ -146,10 +146,13 @@ pub struct ImportRequest {
 async fn import_image(State(a): State<Agent>, body: Bytes) -> Response {
     let req: ImportRequest = match parse(&body) {
         Ok(r) => r,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let res = match (&req.path, &req.url, &req.sha256) {
-        (Some(p), None, _) => a.import_image(p.clone(), req.format, req.sha256.clone()).await,
+        (Some(p), None, _) => {
+            a.import_image(p.clone(), req.format, req.sha256.clone())
+                .await
+        }
         (None, Some(u), Some(sha)) => {
             crate::upstream::import_image_url(
                 &a,

@@ -107,18 +107,19 @@ fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
         }
     })?;
     let res_path = req.dir.join("resource.raw");
-    vhd::ext4::create_resource_disk(&res_path, req.resource_disk_bytes, true, "resource")
-        .map_err(|source| DiskPrepError::Disk {
-            what: "create resource disk",
-            source,
-        })?;
-    let role_path = req.dir.join("role.raw");
-    vhd::ext4::create_role_disk(&role_path, &req.role_package, None, "role").map_err(
+    vhd::ext4::create_resource_disk(&res_path, req.resource_disk_bytes, true, "resource").map_err(
         |source| DiskPrepError::Disk {
-            what: "create role disk",
+            what: "create resource disk",
             source,
         },
     )?;
+    let role_path = req.dir.join("role.raw");
+    vhd::ext4::create_role_disk(&role_path, &req.role_package, None, "role").map_err(|source| {
+        DiskPrepError::Disk {
+            what: "create role disk",
+            source,
+        }
+    })?;
     Ok(PreparedDisks {
         os: DiskConfig {
             path: os_path,
@@ -197,7 +198,10 @@ mod tests {
             dir: dir.path().join("inst2"),
             ..req
         };
-        let e = VhdDiskPreparer.prepare(&bad).await.expect_err("no role dir");
+        let e = VhdDiskPreparer
+            .prepare(&bad)
+            .await
+            .expect_err("no role dir");
         assert!(e.to_string().contains("not a directory"), "{e}");
     }
 }

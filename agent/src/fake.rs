@@ -11,7 +11,9 @@ use tokio::sync::{mpsc, watch};
 use vmm_api::{DiskConfig, DiskFormat, ExitReason, ExitReport};
 
 use crate::disks::{DiskPrepError, DiskPreparer, DiskRequest, PreparedDisks};
-use crate::guest::{GuestChannel, GuestEndpoint, GuestError, GuestEvent, GuestLink, HostCommand, RoleStatus};
+use crate::guest::{
+    GuestChannel, GuestEndpoint, GuestError, GuestEvent, GuestLink, HostCommand, RoleStatus,
+};
 use crate::instance::lock;
 use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
 
@@ -64,7 +66,11 @@ impl FakeLauncher {
 
     /// How many times a VMM was launched for `instance`.
     pub fn launches(&self, instance: &str) -> usize {
-        lock(&self.st).launches.iter().filter(|i| *i == instance).count()
+        lock(&self.st)
+            .launches
+            .iter()
+            .filter(|i| *i == instance)
+            .count()
     }
 
     /// The pid of `instance`'s running VMM.
@@ -275,7 +281,11 @@ impl FakeDisks {
 
     /// How many times disks were made for `instance`.
     pub fn prepared(&self, instance: &str) -> usize {
-        lock(&self.st).prepared.iter().filter(|i| *i == instance).count()
+        lock(&self.st)
+            .prepared
+            .iter()
+            .filter(|i| *i == instance)
+            .count()
     }
 }
 
@@ -436,7 +446,8 @@ impl GuestChannel for FakeGuests {
                 return;
             }
             let mut seq = 0u64;
-            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {

@@ -520,7 +520,8 @@ impl<'a> Conn<'a> {
                     self.throttled_since = None;
                 }
             }
-            if self.logs_dropped > 0 && self.logs_dropped_reported.elapsed() >= Duration::from_secs(1)
+            if self.logs_dropped > 0
+                && self.logs_dropped_reported.elapsed() >= Duration::from_secs(1)
             {
                 tracing::warn!("{} guest log lines dropped", self.logs_dropped);
                 self.logs_dropped = 0;

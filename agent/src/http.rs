@@ -100,7 +100,10 @@ where
         let _ = conn.await;
     });
     let result = async {
-        let resp = sender.send_request(req).await.map_err(|e| ex(e.to_string()))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| ex(e.to_string()))?;
         let status = resp.status();
         let mut body = resp.into_body();
         let mut buf = Vec::new();

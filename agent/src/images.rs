@@ -178,7 +178,9 @@ impl ImageCache {
         source_name: &str,
     ) -> Result<ImageInfo, ImageError> {
         let expected = expected
-            .map(|e| crate::spec::parse_image_ref(e).ok_or_else(|| ImageError::BadReference(e.into())))
+            .map(|e| {
+                crate::spec::parse_image_ref(e).ok_or_else(|| ImageError::BadReference(e.into()))
+            })
             .transpose()?;
         let mut w = self.writer(source_name)?;
         let mut buf = vec![0u8; 1 << 20];
@@ -354,9 +356,14 @@ mod tests {
         assert_eq!(info.sha256, want);
         assert_eq!(info.size, 11);
         let p = cache.path_of(&want);
-        assert!(std::fs::metadata(&p).expect("meta").permissions().readonly());
+        assert!(std::fs::metadata(&p)
+            .expect("meta")
+            .permissions()
+            .readonly());
         // Again: the same entry, no new files.
-        let again = cache.import_file(&src, DiskFormat::Raw, None).expect("again");
+        let again = cache
+            .import_file(&src, DiskFormat::Raw, None)
+            .expect("again");
         assert_eq!(again.sha256, want);
         assert_eq!(cache.list().len(), 1);
         // A wrong hash is refused and leaves nothing behind.

@@ -169,7 +169,7 @@ pub(crate) enum StartMode {
 
 enum Sup {
     Desired,
-    Exited(VmmExit),
+    Exited(Box<VmmExit>),
     Unresponsive(String),
 }
 
@@ -223,7 +223,8 @@ impl Runner {
     }
 
     fn endpoint(&self) -> GuestEndpoint {
-        self.ctx.guest_endpoint(&self.id, self.spec.heartbeat_interval_ms)
+        self.ctx
+            .guest_endpoint(&self.id, self.spec.heartbeat_interval_ms)
     }
 
     fn state(&self) -> InstanceState {
@@ -320,7 +321,10 @@ impl Runner {
                         self.update(|s| s.vmm_pid = Some(vr.pid));
                         self.go(
                             InstanceState::Booted,
-                            format!("re-adopted the running VMM (pid {}) after an agent restart", vr.pid),
+                            format!(
+                                "re-adopted the running VMM (pid {}) after an agent restart",
+                                vr.pid
+                            ),
                         );
                         adopted = Some(h);
                     }
@@ -380,7 +384,10 @@ impl Runner {
                 RunEnd::Failed => {
                     self.wait_change().await;
                     if matches!(self.current_desired_peek(), Desired::Run(_)) {
-                        self.go(InstanceState::Pending, "the goal was applied again; retrying");
+                        self.go(
+                            InstanceState::Pending,
+                            "the goal was applied again; retrying",
+                        );
                         self.failures.clear();
                         self.update(|s| s.recent_failures = 0);
                     }
@@ -423,7 +430,10 @@ impl Runner {
 
     /// Makes the disks; on failure removes what was made and goes Failed.
     async fn prepare(&mut self) -> bool {
-        self.go(InstanceState::PreparingDisks, "making the OS, resource and role disks");
+        self.go(
+            InstanceState::PreparingDisks,
+            "making the OS, resource and role disks",
+        );
         let dir = self.disks_dir();
         let _ = std::fs::remove_dir_all(&dir);
         let result = match std::fs::create_dir_all(&dir) {
@@ -461,7 +471,10 @@ impl Runner {
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 self.update(|s| s.last_error = Some(e.clone()));
-                self.go(InstanceState::Failed, format!("disk preparation failed: {e}"));
+                self.go(
+                    InstanceState::Failed,
+                    format!("disk preparation failed: {e}"),
+                );
                 false
             }
         }
@@ -474,7 +487,11 @@ impl Runner {
             dir: self.dir(),
             vcpus: self.spec.vcpus,
             memory_mib: self.spec.memory_mib,
-            disks: self.disks.as_ref().map(|d| d.in_order()).unwrap_or_default(),
+            disks: self
+                .disks
+                .as_ref()
+                .map(|d| d.in_order())
+                .unwrap_or_default(),
             vsock: vmm_api::VsockConfig {
                 guest_cid: vmm_api::config::MIN_GUEST_CID,
                 uds_path: ep.uds_path,
@@ -510,7 +527,9 @@ impl Runner {
                     self.go(InstanceState::Starting, start_reason.clone());
                     self.boot_id = None;
                     match self.open_link().await {
-                        None => Err("cannot listen for the guest agent; see the agent log".to_string()),
+                        None => {
+                            Err("cannot listen for the guest agent; see the agent log".to_string())
+                        }
                         Some(link) => match self.ctx.launcher.launch(&self.launch_spec()).await {
                             Ok(h) => Ok((h, Some(link))),
                             Err(e) => Err(e.to_string()),
@@ -521,7 +540,10 @@ impl Runner {
             let failure = match started {
                 Err(e) => {
                     self.update(|s| s.last_error = Some(e.clone()));
-                    self.go(InstanceState::Restarting, format!("the VMM did not start: {e}"));
+                    self.go(
+                        InstanceState::Restarting,
+                        format!("the VMM did not start: {e}"),
+                    );
                     e
                 }
                 Ok((mut handle, mut link)) => {
@@ -536,7 +558,7 @@ impl Runner {
                         Sup::Exited(exit) => {
                             drop(link);
                             let why = format!("the VMM exited: {}", exit.summary());
-                            self.vmm_exited(exit);
+                            self.vmm_exited(*exit);
                             self.go(InstanceState::Restarting, why.clone());
                             why
                         }
@@ -625,7 +647,7 @@ impl Runner {
             let hb_timeout = policy.heartbeat_timeout(self.spec.heartbeat_interval_ms);
             let deadline = last_life.map_or(boot_deadline, |t| t + hb_timeout);
             tokio::select! {
-                exit = handle.wait() => return Sup::Exited(exit),
+                exit = handle.wait() => return Sup::Exited(Box::new(exit)),
                 ev = next_event(link) => match ev {
                     Some(ev) => self.on_guest(ev, &mut last_life),
                     None => *link = None,

@@ -116,7 +116,9 @@ pub struct Transition {
 
 /// A refused transition (a bug in the caller: the state is unchanged).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("illegal instance transition {from} -> {to} ({reason}); this is an agent bug, please report it")]
+#[error(
+    "illegal instance transition {from} -> {to} ({reason}); this is an agent bug, please report it"
+)]
 pub struct IllegalTransition {
     /// The current state.
     pub from: InstanceState,
@@ -264,7 +266,10 @@ mod tests {
                 InstanceState::ALL.iter().any(|f| f.can_go_to(s)) || s == Pending,
                 "{s} unreachable"
             );
-            assert!(InstanceState::ALL.iter().any(|t| s.can_go_to(*t)), "{s} is a dead end");
+            assert!(
+                InstanceState::ALL.iter().any(|t| s.can_go_to(*t)),
+                "{s} is a dead end"
+            );
         }
     }
 
@@ -289,7 +294,9 @@ mod tests {
         let h: Vec<_> = l.history().map(|t| (t.from, t.to)).collect();
         assert_eq!(h.first(), Some(&(Pending, PreparingDisks)));
         assert_eq!(h.last(), Some(&(Unhealthy, Restarting)));
-        assert!(l.history().all(|t| t.at_unix_ms > 0 && !t.reason.is_empty()));
+        assert!(l
+            .history()
+            .all(|t| t.at_unix_ms > 0 && !t.reason.is_empty()));
     }
 
     #[test]

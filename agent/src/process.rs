@@ -271,8 +271,12 @@ impl VmmHandle for ProcessHandle {
         let detail = match (&report, status, signal) {
             (Some(r), _, _) => format!("{:?}: {}", r.reason, r.detail),
             (None, _, Some(s)) => format!("killed by signal {s}"),
-            (None, Some(c), _) => format!("exited with status {c} without an exit report; see vmm.log"),
-            (None, None, None) => "exited (an adopted process: status unknown, no exit report)".into(),
+            (None, Some(c), _) => {
+                format!("exited with status {c} without an exit report; see vmm.log")
+            }
+            (None, None, None) => {
+                "exited (an adopted process: status unknown, no exit report)".into()
+            }
         };
         let e = VmmExit {
             report,
@@ -344,7 +348,11 @@ exit 10"#,
         );
         let cfg = VmConfig::from_file(&dir.path().join("vm.json")).expect("config");
         assert_eq!(cfg.memory_mib, 64);
-        assert!(cfg.cmdline.contains("reddog.vsock_port=1024"), "{}", cfg.cmdline);
+        assert!(
+            cfg.cmdline.contains("reddog.vsock_port=1024"),
+            "{}",
+            cfg.cmdline
+        );
         // wait() again returns the same.
         assert_eq!(h.wait().await, e);
     }
@@ -363,7 +371,10 @@ exit 10"#,
         // A record with the wrong start time is refused (a reused pid).
         let mut wrong = rec.clone();
         wrong.start_time += 1;
-        assert!(matches!(l.adopt(&s, &wrong).await, Err(VmmError::Gone { .. })));
+        assert!(matches!(
+            l.adopt(&s, &wrong).await,
+            Err(VmmError::Gone { .. })
+        ));
         h.stop(StopMode::Force).await.expect("kill");
         let e = h.wait().await;
         assert_eq!(e.signal, Some(9));
@@ -371,14 +382,21 @@ exit 10"#,
             .await
             .expect("adopted wait returns");
         assert_eq!(e2.status, None);
-        assert!(matches!(l.adopt(&s, &rec).await, Err(VmmError::Gone { .. })));
+        assert!(matches!(
+            l.adopt(&s, &rec).await,
+            Err(VmmError::Gone { .. })
+        ));
     }
 
     #[tokio::test]
     async fn missing_binary_is_a_clear_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let l = ProcessLauncher::new(ProcessLauncherConfig::new("/nonexistent/reddog-vmm", "/k"));
-        let e = l.launch(&spec(dir.path())).await.expect_err("no binary").to_string();
+        let e = l
+            .launch(&spec(dir.path()))
+            .await
+            .expect_err("no binary")
+            .to_string();
         assert!(e.contains("--vmm-binary"), "{e}");
     }
 }

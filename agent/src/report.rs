@@ -79,17 +79,63 @@ pub fn prometheus(r: &NodeReport, up: Option<UpstreamStats>) -> String {
     let mut o = String::new();
     let node = escape_label(&r.node_id);
     let gauge = |o: &mut String, name: &str, help: &str, v: u64| {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node=\"{node}\"}} {v}");
+        let _ = writeln!(
+            o,
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{node=\"{node}\"}} {v}"
+        );
     };
-    gauge(&mut o, "reddog_capacity_vcpus", "vCPUs the node offers.", u64::from(r.capacity.vcpus));
-    gauge(&mut o, "reddog_used_vcpus", "vCPUs of the goal's instances.", u64::from(r.used.vcpus));
-    gauge(&mut o, "reddog_capacity_memory_mib", "Memory the node offers, MiB.", r.capacity.memory_mib);
-    gauge(&mut o, "reddog_used_memory_mib", "Memory of the goal's instances, MiB.", r.used.memory_mib);
-    gauge(&mut o, "reddog_capacity_disk_mib", "Disk the node offers, MiB.", r.capacity.disk_mib);
-    gauge(&mut o, "reddog_used_disk_mib", "Resource disks of the goal's instances, MiB.", r.used.disk_mib);
-    gauge(&mut o, "reddog_image_cache_bytes", "Bytes in the image cache.", r.image_cache_bytes);
-    gauge(&mut o, "reddog_goal_incarnation", "The applied goal incarnation.", r.goal_incarnation.unwrap_or(0));
-    let _ = writeln!(o, "# HELP reddog_instances Instances per state.\n# TYPE reddog_instances gauge");
+    gauge(
+        &mut o,
+        "reddog_capacity_vcpus",
+        "vCPUs the node offers.",
+        u64::from(r.capacity.vcpus),
+    );
+    gauge(
+        &mut o,
+        "reddog_used_vcpus",
+        "vCPUs of the goal's instances.",
+        u64::from(r.used.vcpus),
+    );
+    gauge(
+        &mut o,
+        "reddog_capacity_memory_mib",
+        "Memory the node offers, MiB.",
+        r.capacity.memory_mib,
+    );
+    gauge(
+        &mut o,
+        "reddog_used_memory_mib",
+        "Memory of the goal's instances, MiB.",
+        r.used.memory_mib,
+    );
+    gauge(
+        &mut o,
+        "reddog_capacity_disk_mib",
+        "Disk the node offers, MiB.",
+        r.capacity.disk_mib,
+    );
+    gauge(
+        &mut o,
+        "reddog_used_disk_mib",
+        "Resource disks of the goal's instances, MiB.",
+        r.used.disk_mib,
+    );
+    gauge(
+        &mut o,
+        "reddog_image_cache_bytes",
+        "Bytes in the image cache.",
+        r.image_cache_bytes,
+    );
+    gauge(
+        &mut o,
+        "reddog_goal_incarnation",
+        "The applied goal incarnation.",
+        r.goal_incarnation.unwrap_or(0),
+    );
+    let _ = writeln!(
+        o,
+        "# HELP reddog_instances Instances per state.\n# TYPE reddog_instances gauge"
+    );
     for s in InstanceState::ALL {
         let n = r.instances.iter().filter(|i| i.state == s).count();
         let _ = writeln!(o, "reddog_instances{{state=\"{s}\"}} {n}");
@@ -106,9 +152,21 @@ pub fn prometheus(r: &NodeReport, up: Option<UpstreamStats>) -> String {
     }
     if let Some(u) = up {
         for (name, help, v) in [
-            ("reddog_upstream_pushed_total", "Node reports delivered upstream.", u.pushed),
-            ("reddog_upstream_failures_total", "Failed upstream pushes.", u.failures),
-            ("reddog_upstream_dropped_total", "Reports dropped from a full backlog.", u.dropped),
+            (
+                "reddog_upstream_pushed_total",
+                "Node reports delivered upstream.",
+                u.pushed,
+            ),
+            (
+                "reddog_upstream_failures_total",
+                "Failed upstream pushes.",
+                u.failures,
+            ),
+            (
+                "reddog_upstream_dropped_total",
+                "Reports dropped from a full backlog.",
+                u.dropped,
+            ),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         }

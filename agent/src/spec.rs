@@ -172,7 +172,9 @@ pub enum GoalError {
     #[error("instance {0:?} already exists; use update")]
     Exists(String),
     /// The goal could not be saved.
-    #[error("cannot save the goal state in the state directory: {0}; check the disk and permissions")]
+    #[error(
+        "cannot save the goal state in the state directory: {0}; check the disk and permissions"
+    )]
     Persist(#[source] std::io::Error),
 }
 
@@ -394,14 +396,25 @@ pub(crate) mod tests {
         for ok in ["a", "web-1", "0", &"x".repeat(MAX_ID_LEN)] {
             check_id(ok).expect(ok);
         }
-        for bad in ["", "-a", "A", "a_b", "a/b", "..", "a b", &"x".repeat(MAX_ID_LEN + 1)] {
+        for bad in [
+            "",
+            "-a",
+            "A",
+            "a_b",
+            "a/b",
+            "..",
+            "a b",
+            &"x".repeat(MAX_ID_LEN + 1),
+        ] {
             assert!(check_id(bad).is_err(), "{bad}");
         }
     }
 
+    type Mutation = fn(&mut InstanceSpec);
+
     #[test]
     fn field_bounds() {
-        let cases: Vec<(fn(&mut InstanceSpec), &str)> = vec![
+        let cases: Vec<(Mutation, &str)> = vec![
             (|s| s.vcpus = 0, "vcpus"),
             (|s| s.vcpus = 65, "vcpus"),
             (|s| s.memory_mib = 8, "memory_mib"),
@@ -440,10 +453,19 @@ pub(crate) mod tests {
         };
         g.validate(&node()).expect("fits");
         g.instances[1].memory_mib = 900;
-        let e = g.validate(&node()).expect_err("too much memory").to_string();
-        assert!(e.contains("1156 MiB of memory") && e.contains("1024"), "{e}");
+        let e = g
+            .validate(&node())
+            .expect_err("too much memory")
+            .to_string();
+        assert!(
+            e.contains("1156 MiB of memory") && e.contains("1024"),
+            "{e}"
+        );
         g.instances[1] = spec("a");
-        assert!(matches!(g.validate(&node()), Err(GoalError::DuplicateId(_))));
+        assert!(matches!(
+            g.validate(&node()),
+            Err(GoalError::DuplicateId(_))
+        ));
         let mut n = node();
         n.max_instances = 1;
         g.instances[1] = spec("b");

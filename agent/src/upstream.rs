@@ -121,8 +121,8 @@ pub async fn import_image_url(
         url: url.into(),
         why,
     };
-    let expected =
-        crate::spec::parse_image_ref(sha256).ok_or_else(|| ImageError::BadReference(sha256.into()))?;
+    let expected = crate::spec::parse_image_ref(sha256)
+        .ok_or_else(|| ImageError::BadReference(sha256.into()))?;
     if let Some(i) = agent.image_cache().get(&expected) {
         return Ok(i);
     }

@@ -575,7 +575,16 @@ impl Client {
         self.next_id += 1;
         let line =
             encode_line(&Request { id, op }).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.writer.write_all(&line)?;
+        if let Err(e) = self.writer.write_all(&line) {
+            // The VMM may have refused the connection (`busy`) and closed it:
+            // its answer is still there to read.
+            if let Ok(ServerMessage::Response(r)) = self.read_message() {
+                if let (None, Err(api)) = (r.id, r.outcome) {
+                    return Err(ClientError::Api(api));
+                }
+            }
+            return Err(ClientError::Io(e));
+        }
         loop {
             match self.read_message()? {
                 ServerMessage::Event(e) => self.events.push_back(e),

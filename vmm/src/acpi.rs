@@ -96,8 +96,9 @@ fn power_button_and_ged(body: &mut Vec<u8>) {
     );
     let gdat = aml::Path::new("GDAT");
     let read = aml::Store::new(&aml::Local(0), &gdat);
+    // Target Zero (NullName): the result is only tested.
     let bit = aml::And::new(
-        &aml::Local(1),
+        &aml::ZERO,
         &aml::Local(0),
         &platform::GED_EVENT_POWER_BUTTON,
     );

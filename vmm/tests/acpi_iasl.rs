@@ -108,3 +108,39 @@ fn iasl_reads_virtio_mmio_devices_in_the_dsdt() {
     assert_eq!(dsl.matches("\"LNRO0005\"").count(), 2, "{dsl}");
     assert!(dsl.contains("0xD0001000"), "{dsl}");
 }
+
+#[test]
+fn iasl_reads_the_power_button_and_its_generic_event_device() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dsl = disassemble(dir.path(), "dsdt", &acpi::dsdt(&[]));
+    let squashed: String = dsl.split_whitespace().collect::<Vec<_>>().join(" ");
+    for want in [
+        "Device (_SB.PWRB)",
+        "EisaId (\"PNP0C0C\")",
+        "Device (_SB.GED0)",
+        "\"ACPI0013\"",
+        // GED_IRQ (23), edge triggered, active high.
+        "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000017, }",
+        // GED_STATUS_PORT, one byte.
+        "OperationRegion (GDST, SystemIO, 0x0604, One)",
+        "Field (GDST, ByteAcc, NoLock, Preserve) { GDAT, 8 }",
+        "Method (_EVT, 1, Serialized)",
+        "Local0 = GDAT",
+        "If (((Local0 & One) != Zero))",
+        "Notify (\\_SB.PWRB, 0x80)",
+    ] {
+        assert!(squashed.contains(want), "missing {want:?} in {dsl}");
+    }
+    // The disassembly compiles back without errors or warnings.
+    let out = Command::new("iasl")
+        .arg("-p")
+        .arg("recompiled")
+        .arg("dsdt.dsl")
+        .current_dir(dir.path())
+        .output()
+        .expect("run iasl");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("0 Errors, 0 Warnings"), "{text}");
+}

@@ -1,1 +1,196 @@
-fn main() {}
+//! `reddog-agent`: the host agent daemon. A thin layer over `agent::Agent`:
+//! flags -> config, the REST API on a unix socket (and TCP when asked),
+//! upstream node reports, logs as text or JSON.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent::fake::{FakeDisks, FakeGuests, FakeLauncher};
+use agent::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::{Agent, AgentConfig, Backends, Capacity, NodeConfig};
+use anyhow::Context;
+use clap::{Parser, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The reddog host agent.
+#[derive(Debug, Parser)]
+#[command(name = "reddog-agent", version)]
+struct Args {
+    /// State directory: records, disks, image cache, sockets.
+    #[arg(long, default_value = "/var/lib/reddog")]
+    state_dir: PathBuf,
+    /// API unix socket [default: <state-dir>/agent.sock].
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address (unauthenticated: trusted networks only).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Node id [default: the host name].
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Fault domain.
+    #[arg(long, default_value_t = 0)]
+    fault_domain: u32,
+    /// Update domain.
+    #[arg(long, default_value_t = 0)]
+    update_domain: u32,
+    /// vCPUs for instances [default: the host's CPUs].
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory for instances, MiB [default: 7/8 of the host's].
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Disk for resource disks, MiB.
+    #[arg(long, default_value_t = 100 * 1024)]
+    disk_mib: u64,
+    /// Most instances.
+    #[arg(long, default_value_t = agent::spec::DEFAULT_MAX_INSTANCES)]
+    max_instances: usize,
+    /// Push node reports to this http:// URL.
+    #[arg(long)]
+    upstream_url: Option<String>,
+    /// Seconds between node reports.
+    #[arg(long, default_value_t = 10)]
+    upstream_interval_secs: u64,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// The reddog-vmm binary.
+    #[arg(long, default_value = "reddog-vmm")]
+    vmm_binary: PathBuf,
+    /// Guest kernel.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs (reddog-guest as /init).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line ({vsock_port} and {instance_id} are replaced).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Pass --api-sock to reddog-vmm (once it has a control socket).
+    #[arg(long)]
+    vmm_control_socket: bool,
+    /// Host vsock port the guest agent connects to.
+    #[arg(long, default_value_t = agent::agent::DEFAULT_GUEST_PORT)]
+    guest_port: u32,
+    /// Seconds from VMM start to the guest's hello.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout_secs: u64,
+    /// Missed heartbeat intervals before a restart.
+    #[arg(long, default_value_t = 3)]
+    missed_heartbeats: u32,
+    /// Run with fake VMMs, disks and guests (tests and demos without KVM).
+    #[arg(long, hide = true)]
+    fake: bool,
+}
+
+fn host_memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|k| k.parse::<u64>().ok())
+        })
+        .map(|kib| kib / 1024 * 7 / 8)
+        .unwrap_or(1024)
+}
+
+fn init_logging(f: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("REDDOG_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match f {
+        LogFormat::Text => b.init(),
+        LogFormat::Json => b.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(args.log_format);
+    let node_id = args.node_id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "node".into())
+    });
+    let capacity = Capacity {
+        vcpus: args.vcpus.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| u32::try_from(n.get()).unwrap_or(1))
+                .unwrap_or(1)
+        }),
+        memory_mib: args.memory_mib.unwrap_or_else(host_memory_mib),
+        disk_mib: args.disk_mib,
+    };
+    let mut node = NodeConfig::new(node_id, capacity);
+    node.fault_domain = args.fault_domain;
+    node.update_domain = args.update_domain;
+    node.max_instances = args.max_instances;
+    let mut cfg = AgentConfig::new(&args.state_dir, node);
+    cfg.guest_port = args.guest_port;
+    cfg.health.boot_timeout = Duration::from_secs(args.boot_timeout_secs);
+    cfg.health.missed_heartbeats = args.missed_heartbeats;
+    let backends = if args.fake {
+        tracing::warn!("running with fake VMMs, disks and guests");
+        let l = FakeLauncher::new();
+        Backends {
+            guests: Arc::new(FakeGuests::with_launcher(l.clone())),
+            launcher: Arc::new(l),
+            disks: Arc::new(FakeDisks::new()),
+        }
+    } else {
+        let kernel = args
+            .kernel
+            .clone()
+            .context("--kernel is required (the guest kernel every instance boots)")?;
+        let mut pl = ProcessLauncherConfig::new(&args.vmm_binary, kernel);
+        pl.initrd = args.initrd.clone();
+        if let Some(c) = &args.cmdline {
+            pl.cmdline = c.clone();
+        }
+        pl.control_socket = args.vmm_control_socket;
+        Backends {
+            launcher: Arc::new(ProcessLauncher::new(pl)),
+            disks: Arc::new(agent::disks::VhdDiskPreparer),
+            guests: Arc::new(agent::guest::VsockGuestChannel::default()),
+        }
+    };
+    let agent = Agent::open(cfg, backends)
+        .await
+        .context("cannot open the state directory")?;
+    let sock = args
+        .api_socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("agent.sock"));
+    let _unix = agent::api::serve_unix(agent.clone(), &sock)?;
+    tracing::info!(socket = %sock.display(), "API listening");
+    if let Some(addr) = &args.listen {
+        let (local, _) = agent::api::serve_tcp(agent.clone(), addr).await?;
+        tracing::info!(%local, "API listening on TCP");
+    }
+    if let Some(url) = &args.upstream_url {
+        let mut u = agent::upstream::UpstreamConfig::new(url.clone());
+        u.interval = Duration::from_secs(args.upstream_interval_secs.max(1));
+        agent::upstream::spawn_pusher(agent.clone(), u)?;
+    }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down; VMMs keep running and are re-adopted at the next start");
+    agent.shutdown();
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}

@@ -231,7 +231,8 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         // An exited thread does not hold up a pause.
         std::thread::sleep(Duration::from_millis(20));
-        gate.pause(Duration::from_secs(5)).expect("pause with exited threads");
+        gate.pause(Duration::from_secs(5))
+            .expect("pause with exited threads");
         gate.resume();
     }
 

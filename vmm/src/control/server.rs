@@ -111,7 +111,7 @@ pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
         }
         Ok(_) => {
             return Err(err(
-                "exists and is not a socket; refusing to replace it".into(),
+                "exists and is not a socket; refusing to replace it".into()
             ))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

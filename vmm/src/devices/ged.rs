@@ -76,4 +76,29 @@ mod tests {
         assert_eq!(ged.read(), platform::GED_EVENT_POWER_BUTTON);
         assert_eq!(ged.read(), 0);
     }
+
+    #[test]
+    fn the_bus_routes_the_status_port() {
+        let serial = crate::devices::serial::SerialDevice::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            Box::new(std::io::sink()),
+        );
+        let bus = crate::devices::Bus::new(
+            serial,
+            crate::devices::boot_timer::BootTimer::new(std::time::Instant::now()),
+            Default::default(),
+        );
+        let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        bus.ged().connect_irq(evt.try_clone().expect("clone"));
+        bus.ged().press_power_button().expect("press");
+        let mut data = [0u8; 1];
+        bus.pio_read(platform::GED_STATUS_PORT, &mut data);
+        assert_eq!(data[0], platform::GED_EVENT_POWER_BUTTON);
+        bus.pio_read(platform::GED_STATUS_PORT, &mut data);
+        assert_eq!(data[0], 0, "reading cleared it");
+        // Writes are ignored.
+        bus.pio_write(platform::GED_STATUS_PORT, &[0xff]);
+        bus.pio_read(platform::GED_STATUS_PORT, &mut data);
+        assert_eq!(data[0], 0);
+    }
 }

@@ -256,19 +256,29 @@ impl VsockQueues {
             let len = match RxChain::new(chain) {
                 Ok(rx) => {
                     let cap = rx.payload_capacity();
-                    let Some((hdr, n)) = muxer.recv_pkt(&mut self.rx_payload[..cap]) else {
-                        // Nothing after all: leave the buffer to the guest.
-                        self.rx.go_to_previous_position();
-                        break;
-                    };
-                    match rx.write(&self.mem, &hdr, &self.rx_payload[..n]) {
-                        Ok(len) => len,
-                        Err(e) => {
-                            if self.log.allow() {
-                                tracing::debug!("virtio-vsock: {e}");
+                    match muxer.recv_pkt(&mut self.rx_payload[..cap]) {
+                        Some((hdr, n)) => match rx.write(&self.mem, &hdr, &self.rx_payload[..n]) {
+                            Ok(len) => len,
+                            Err(e) => {
+                                if self.log.allow() {
+                                    tracing::debug!("virtio-vsock: {e}");
+                                }
+                                muxer.rx_failed(&hdr);
+                                0
                             }
-                            muxer.rx_failed(&hdr);
+                        },
+                        None if muxer.has_rx() => {
+                            // Only data waits and this buffer holds a header
+                            // alone: give it back empty, try the next one.
+                            if self.log.allow() {
+                                tracing::debug!("virtio-vsock: rx buffer without room for data");
+                            }
                             0
+                        }
+                        None => {
+                            // Nothing after all: leave the buffer to the guest.
+                            self.rx.go_to_previous_position();
+                            break;
                         }
                     }
                 }
@@ -676,6 +686,43 @@ mod tests {
         g.post_rx(0);
         q.process_rx(&mut s.muxer);
         assert_eq!(g.received()[0].0.op, op::RST);
+    }
+
+    #[test]
+    fn header_only_rx_buffers_do_not_stall_data() {
+        let mut s = setup();
+        let listener = port_listener(&s.path, 1024);
+        let m = mem();
+        let mut g = Guest::new(&m);
+        let (rx, tx) = g.queues();
+        let mut q = VsockQueues::new(m.clone(), rx, tx);
+        g.send(&gpkt(op::REQUEST, 4000, 1024, 0), &[]);
+        q.process_tx(&mut s.muxer);
+        let (mut host, _) = listener.accept().expect("accepted");
+        g.post_rx(64);
+        q.process_rx(&mut s.muxer); // RESPONSE
+        g.received();
+        host.write_all(b"data").expect("write");
+        for _ in 0..100 {
+            s.muxer.handle_events();
+            if s.muxer.has_rx() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Two buffers with no room for payload: returned empty, no spin.
+        g.post_rx(0);
+        g.post_rx(0);
+        let p = q.process_rx(&mut s.muxer);
+        assert!(p.used && !p.more);
+        assert_eq!(g.rx.used().idx().load(), 3);
+        assert!(s.muxer.has_rx());
+        // A real buffer gets the data.
+        g.rx_seen = 3;
+        g.post_rx(64);
+        q.process_rx(&mut s.muxer);
+        let got = g.received();
+        assert_eq!((got[0].0.op, &got[0].1[..]), (op::RW, &b"data"[..]));
     }
 
     #[test]

@@ -712,10 +712,16 @@ impl Muxer {
     }
 
     /// The next packet for the guest, its payload (at most `buf.len()`
-    /// bytes) in `buf`. Connections take turns.
+    /// bytes) in `buf`. Connections take turns. `None` after one pass over
+    /// the queue found nothing that fits: then, if [`Muxer::has_rx`] still
+    /// holds, what waits is data and `buf` is empty.
     pub fn recv_pkt(&mut self, buf: &mut [u8]) -> Option<(PacketHeader, usize)> {
         let now = Instant::now();
-        while let Some(item) = self.rxq.pop_front() {
+        // One pass: a connection that cannot use `buf` goes back to the end.
+        for _ in 0..self.rxq.len() {
+            let Some(item) = self.rxq.pop_front() else {
+                break;
+            };
             match item {
                 RxItem::Ctrl(h) => {
                     self.ctrl_queued = self.ctrl_queued.saturating_sub(1);

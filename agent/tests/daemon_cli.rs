@@ -1,0 +1,140 @@
+//! `reddog-agent --fake` driven by the `reddog` CLI over the unix socket.
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn reddog(sock: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_reddog"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run reddog")
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[test]
+fn daemon_and_cli() {
+    let dir = tempfile::Builder::new()
+        .prefix("rdg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let state = dir.path().join("state");
+    let sock = dir.path().join("agent.sock");
+    let child = Command::new(env!("CARGO_BIN_EXE_reddog-agent"))
+        .args([
+            "--fake",
+            "--log-format",
+            "json",
+            "--node-id",
+            "n7",
+            "--vcpus",
+            "4",
+            "--memory-mib",
+            "2048",
+        ])
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--api-socket")
+        .arg(&sock)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn reddog-agent");
+    let mut d = Daemon(child);
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the agent did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let img = dir.path().join("base.raw");
+    std::fs::write(&img, b"image").expect("write");
+    let imported: serde_json::Value = serde_json::from_str(&ok(reddog(
+        &sock,
+        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
+    )))
+    .expect("json");
+    let sha = imported["sha256"].as_str().expect("sha").to_string();
+    let goal = serde_json::json!({
+        "incarnation": 1,
+        "instances": [{
+            "id": "web-1", "role": "web", "base_image": format!("sha256:{sha}"),
+            "role_package": dir.path(), "vcpus": 2, "memory_mib": 512
+        }]
+    });
+    let gfile = dir.path().join("goal.json");
+    std::fs::write(&gfile, goal.to_string()).expect("write");
+    let out = ok(reddog(
+        &sock,
+        &["goal", "put", gfile.to_str().expect("utf8")],
+    ));
+    assert!(out.contains("web-1"), "{out}");
+    let t = Instant::now();
+    loop {
+        let list = ok(reddog(&sock, &["instances"]));
+        if list.contains("ready") {
+            assert!(list.starts_with("ID"), "{list}");
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "not ready: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let node: serde_json::Value =
+        serde_json::from_str(&ok(reddog(&sock, &["node"]))).expect("json");
+    assert_eq!(node["node_id"], "n7");
+    assert_eq!(node["used"]["vcpus"], 2);
+    let one = ok(reddog(&sock, &["instance", "web-1"]));
+    assert!(one.contains("preparing_disks"), "{one}");
+    // A refused goal: a clear message, non-zero exit.
+    std::fs::write(&gfile, r#"{"incarnation": 0}"#).expect("write");
+    let o = reddog(&sock, &["goal", "put", gfile.to_str().expect("utf8")]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("older"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // SIGTERM: a clean exit.
+    let pid = rustix::process::Pid::from_raw(i32::try_from(d.0.id()).expect("pid")).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).expect("term");
+    let t = Instant::now();
+    loop {
+        if let Some(st) = d.0.try_wait().expect("wait") {
+            assert!(st.success(), "{st}");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the agent did not exit"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut logs = String::new();
+    if let Some(mut e) = d.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut logs).expect("logs");
+    }
+    let first = logs.lines().next().unwrap_or_default();
+    assert!(
+        serde_json::from_str::<serde_json::Value>(first).is_ok(),
+        "JSON logs: {first}"
+    );
+}

@@ -1,0 +1,358 @@
+//! The real guest channel: a "guest" connects to `<uds>_<port>` as the VMM's
+//! hybrid vsock would, speaks guest-proto, and misbehaves in every way the
+//! protocol document lists.
+
+use std::time::Duration;
+
+use agent::guest::{
+    GuestChannel, GuestEndpoint, GuestEvent, GuestLimits, HostCommand, VsockGuestChannel,
+};
+use guest_proto::{
+    Capabilities, Decoded, Frame, GuestMsg, Heartbeat, Hello, HostMsg, RoleState, StreamDecoder,
+    MAX_FRAME_LEN,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn enc(msg: &GuestMsg<'_>) -> Vec<u8> {
+    let mut out = [0u8; MAX_FRAME_LEN];
+    let n = msg.encode(1, &mut out).expect("encode");
+    out[..n].to_vec()
+}
+
+fn hello(caps: Capabilities) -> Vec<u8> {
+    enc(&GuestMsg::Hello(Hello {
+        min_version: 1,
+        max_version: 1,
+        boot_id: [9; 16],
+        capabilities: caps,
+        agent_version: "test-guest\x1b[31m",
+    }))
+}
+
+fn heartbeat(seq: u64) -> Vec<u8> {
+    enc(&GuestMsg::Heartbeat(Heartbeat {
+        seq,
+        uptime_ms: seq * 100,
+        load_avg_x100: [0; 3],
+        free_mem_kib: 1000,
+        role_state: RoleState::Ready,
+        role_restarts: 0,
+    }))
+}
+
+struct T {
+    _dir: tempfile::TempDir,
+    ep: GuestEndpoint,
+    link: agent::guest::GuestLink,
+}
+
+async fn open(limits: GuestLimits) -> T {
+    let dir = tempfile::Builder::new()
+        .prefix("rdg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let ep = GuestEndpoint {
+        uds_path: dir.path().join("v.sock"),
+        port: 1024,
+        heartbeat_interval_ms: 500,
+    };
+    let link = VsockGuestChannel::new(limits)
+        .open("a", &ep)
+        .await
+        .expect("open");
+    T {
+        _dir: dir,
+        ep,
+        link,
+    }
+}
+
+async fn next(link: &mut agent::guest::GuestLink) -> GuestEvent {
+    tokio::time::timeout(Duration::from_secs(20), link.events.recv())
+        .await
+        .expect("an event in time")
+        .expect("channel open")
+}
+
+async fn read_host_msg(s: &mut UnixStream, dec: &mut StreamDecoder) -> Option<String> {
+    loop {
+        if let Decoded::Frame {
+            frame: Frame::Known { msg, .. },
+            ..
+        } = dec.next_frame::<HostMsg>()
+        {
+            return Some(format!("{msg:?}"));
+        }
+        let n = tokio::time::timeout(Duration::from_secs(20), s.read(dec.spare_mut()))
+            .await
+            .ok()?
+            .ok()?;
+        if n == 0 {
+            return None;
+        }
+        dec.commit(n);
+    }
+}
+
+#[tokio::test]
+async fn a_well_behaved_guest_session() {
+    let mut t = open(GuestLimits::default()).await;
+    assert!(t.ep.listen_path().ends_with("v.sock_1024"));
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::ROLE | Capabilities::SHUTDOWN))
+        .await
+        .expect("write");
+    let mut dec = StreamDecoder::new();
+    let ack = read_host_msg(&mut s, &mut dec).await.expect("ack");
+    assert!(
+        ack.contains("HelloAck") && ack.contains("heartbeat_interval_ms: 500"),
+        "{ack}"
+    );
+    match next(&mut t.link).await {
+        GuestEvent::Hello {
+            agent_version,
+            version,
+            ..
+        } => {
+            assert_eq!(version, 1);
+            assert_eq!(
+                agent_version, "test-guest\\u{1b}[31m",
+                "control characters escaped"
+            );
+        }
+        e => panic!("{e:?}"),
+    }
+    // Frames split across writes, byte by byte.
+    let mut bytes = heartbeat(0);
+    bytes.extend(enc(&GuestMsg::Ready));
+    for b in bytes {
+        s.write_all(&[b]).await.expect("write");
+    }
+    assert!(matches!(
+        next(&mut t.link).await,
+        GuestEvent::Heartbeat { seq: 0, .. }
+    ));
+    assert_eq!(next(&mut t.link).await, GuestEvent::Ready);
+    // Host commands reach the guest.
+    t.link
+        .commands
+        .send(HostCommand::Shutdown { deadline_ms: 100 })
+        .await
+        .expect("cmd");
+    let m = read_host_msg(&mut s, &mut dec).await.expect("shutdown");
+    assert!(m.contains("Shutdown"), "{m}");
+    // A command without the capability is not sent; Ping needs none.
+    t.link
+        .commands
+        .send(HostCommand::SetHeartbeatInterval(1000))
+        .await
+        .expect("cmd");
+    t.link
+        .commands
+        .send(HostCommand::Ping(42))
+        .await
+        .expect("cmd");
+    let m = read_host_msg(&mut s, &mut dec).await.expect("ping");
+    assert!(m.contains("Ping") && m.contains("42"), "{m}");
+    drop(s);
+    assert!(matches!(
+        next(&mut t.link).await,
+        GuestEvent::Disconnected {
+            misbehaving: false,
+            ..
+        }
+    ));
+    // The guest reconnects and starts again with Hello.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("reconnect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    assert!(matches!(next(&mut t.link).await, GuestEvent::Hello { .. }));
+    // Dropping the link removes the socket.
+    let path = t.ep.listen_path();
+    drop(t.link);
+    assert!(!path.exists());
+}
+
+async fn expect_misbehaving(t: &mut T, why: &str) {
+    loop {
+        match next(&mut t.link).await {
+            GuestEvent::Disconnected {
+                reason,
+                misbehaving,
+            } => {
+                assert!(misbehaving, "{reason}");
+                assert!(reason.contains(why), "{reason} should mention {why}");
+                return;
+            }
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn garbage_and_protocol_violations_close_the_connection() {
+    let mut t = open(GuestLimits::default()).await;
+    // Garbage: a framing error.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").await.expect("write");
+    expect_misbehaving(&mut t, "framing").await;
+    // The first frame is not Hello.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&heartbeat(0)).await.expect("write");
+    expect_misbehaving(&mut t, "not Hello").await;
+    // A second Hello.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    expect_misbehaving(&mut t, "second Hello").await;
+    // Role messages without the ROLE capability: frame errors, then closed.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    for pid in 0..12 {
+        let m = enc(&GuestMsg::RoleStarted(guest_proto::RoleStarted { pid }));
+        s.write_all(&m).await.expect("write");
+    }
+    expect_misbehaving(&mut t, "frame errors").await;
+    // An oversized length field.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&[0x52, 0x44, 1, 2, 0xff, 0xff, 0, 0])
+        .await
+        .expect("write");
+    expect_misbehaving(&mut t, "framing").await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_guests_time_out() {
+    let mut t = open(GuestLimits::default()).await;
+    // Connected, never says hello.
+    let _s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    expect_misbehaving(&mut t, "no Hello").await;
+    // Half a frame, then nothing.
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    s.write_all(&heartbeat(1)[..10]).await.expect("write");
+    expect_misbehaving(&mut t, "incomplete").await;
+}
+
+#[tokio::test]
+async fn a_flooding_guest_is_throttled_then_closed() {
+    let limits = GuestLimits {
+        frames_per_sec: 50.0,
+        frame_burst: 10.0,
+        max_throttled: Duration::from_millis(500),
+        ..GuestLimits::default()
+    };
+    let mut t = open(limits).await;
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    let writer = tokio::spawn(async move {
+        let mut seq = 0;
+        // Bounded: the host closes the connection long before this ends.
+        while seq < 100_000 {
+            if s.write_all(&heartbeat(seq)).await.is_err() {
+                break;
+            }
+            seq += 1;
+        }
+        seq
+    });
+    let start = std::time::Instant::now();
+    let mut beats = 0;
+    loop {
+        match next(&mut t.link).await {
+            GuestEvent::Heartbeat { .. } => beats += 1,
+            GuestEvent::Disconnected {
+                reason,
+                misbehaving,
+            } => {
+                assert!(
+                    misbehaving && reason.contains("frames per second"),
+                    "{reason}"
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    let sent = writer.await.expect("writer");
+    // Throttled: far fewer heartbeats delivered than written, at about the rate.
+    assert!(beats < 200, "{beats} of {sent}");
+    assert!(start.elapsed() >= Duration::from_millis(400));
+}
+
+#[tokio::test]
+async fn one_guest_flooding_does_not_delay_another() {
+    let limits = GuestLimits {
+        frames_per_sec: 20.0,
+        frame_burst: 5.0,
+        max_throttled: Duration::from_secs(30),
+        ..GuestLimits::default()
+    };
+    let mut bad = open(limits.clone()).await;
+    let mut good = open(limits).await;
+    let mut bs = UnixStream::connect(bad.ep.listen_path())
+        .await
+        .expect("connect");
+    bs.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    let flood = tokio::spawn(async move {
+        for seq in 0..5000 {
+            if bs.write_all(&heartbeat(seq)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut gs = UnixStream::connect(good.ep.listen_path())
+        .await
+        .expect("connect");
+    let t = std::time::Instant::now();
+    gs.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    assert!(matches!(
+        next(&mut good.link).await,
+        GuestEvent::Hello { .. }
+    ));
+    gs.write_all(&heartbeat(0)).await.expect("write");
+    assert!(matches!(
+        next(&mut good.link).await,
+        GuestEvent::Heartbeat { .. }
+    ));
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    // Drain a little of the bad one so it makes progress, then stop.
+    let _ = next(&mut bad.link).await;
+    flood.abort();
+}
