@@ -573,6 +573,9 @@ fn serve(
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     let _ = reader_thread.join();
+    if result.is_empty() && stop.load(Ordering::SeqCst) {
+        result = "closed by the agent (stopping)".into();
+    }
     if result.is_empty() {
         result = why
             .lock()

@@ -69,7 +69,12 @@ pub fn base_image() -> Result<PathBuf, OsImageError> {
     h.update(LAYOUT_VERSION.as_bytes());
     h.update(pkg.sha256.as_bytes());
     h.update(artifacts::sha256_file(&agent)?.as_bytes());
-    let key: String = h.finalize().iter().take(16).map(|b| format!("{b:02x}")).collect();
+    let key: String = h
+        .finalize()
+        .iter()
+        .take(16)
+        .map(|b| format!("{b:02x}"))
+        .collect();
     let images = artifacts::cache_root()?.join("os-images");
     let dir = images.join(&key);
     let image = dir.join("base.img");
@@ -126,13 +131,24 @@ fn build_base(pkg: &artifacts::AptPackage, agent: &Path, tmp: &Path) -> Result<(
 
     let root = tmp.join("root");
     for d in [
-        "bin", "sbin", "etc", "dev", "proc", "sys", "run", "var", "mnt/resource", "role",
+        "bin",
+        "sbin",
+        "etc",
+        "dev",
+        "proc",
+        "sys",
+        "run",
+        "var",
+        "mnt/resource",
+        "role",
         "home/reddog",
     ] {
         let p = root.join(d);
         fs::create_dir_all(&p).map_err(io(&p))?;
     }
-    let chmod = |p: &Path, mode: u32| fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io(p));
+    let chmod = |p: &Path, mode: u32| {
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).map_err(io(p))
+    };
     for (d, mode) in [("tmp", 0o1777), ("root", 0o700)] {
         let p = root.join(d);
         fs::create_dir_all(&p).map_err(io(&p))?;
@@ -162,7 +178,12 @@ fn build_base(pkg: &artifacts::AptPackage, agent: &Path, tmp: &Path) -> Result<(
         let p = root.join(f);
         fs::write(&p, text).map_err(io(&p))?;
     }
-    vhd::ext4::create_role_disk(&tmp.join("base.img"), &root, Some(BASE_IMAGE_SIZE), "reddog-os")?;
+    vhd::ext4::create_role_disk(
+        &tmp.join("base.img"),
+        &root,
+        Some(BASE_IMAGE_SIZE),
+        "reddog-os",
+    )?;
     let _ = fs::remove_dir_all(&root);
     let _ = fs::remove_dir_all(&pkgroot);
     let _ = fs::remove_file(&deb);

@@ -27,7 +27,9 @@ struct Opts {
 
 fn parse() -> Result<Opts, String> {
     let mut args = std::env::args().skip(1);
-    let socket = args.next().ok_or("usage: guest-listener <socket> [--interval-ms N] [--shutdown-after N] [--deadline-ms D]")?;
+    let socket = args.next().ok_or(
+        "usage: guest-listener <socket> [--interval-ms N] [--shutdown-after N] [--deadline-ms D]",
+    )?;
     let mut o = Opts {
         socket,
         interval_ms: 1000,
@@ -100,7 +102,9 @@ fn serve(mut s: UnixStream, o: &Opts, conn: u32) -> Result<bool, String> {
                             beats_since_ready += 1;
                         }
                     }
-                    GuestMsg::RoleStarted(r) => out(&format!("conn={conn} role-started pid={}", r.pid)),
+                    GuestMsg::RoleStarted(r) => {
+                        out(&format!("conn={conn} role-started pid={}", r.pid))
+                    }
                     GuestMsg::RoleExited(r) => {
                         let how = match r.status {
                             ExitStatus::Code(c) => format!("code={c}"),
@@ -133,9 +137,18 @@ fn serve(mut s: UnixStream, o: &Opts, conn: u32) -> Result<bool, String> {
             }
             if let Some(n) = o.shutdown_after {
                 if ready && beats_since_ready >= n && !shutdown_sent {
-                    send(&mut s, HostMsg::Shutdown(Shutdown { deadline_ms: o.deadline_ms }), version)?;
+                    send(
+                        &mut s,
+                        HostMsg::Shutdown(Shutdown {
+                            deadline_ms: o.deadline_ms,
+                        }),
+                        version,
+                    )?;
                     shutdown_sent = true;
-                    out(&format!("conn={conn} sent shutdown deadline_ms={}", o.deadline_ms));
+                    out(&format!(
+                        "conn={conn} sent shutdown deadline_ms={}",
+                        o.deadline_ms
+                    ));
                 }
             }
         }
