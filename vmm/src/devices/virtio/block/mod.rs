@@ -9,4 +9,4 @@ mod device;
 mod request;
 
 pub use device::{BlockDevice, BlockError};
-pub use request::{process_chain, RequestError, MAX_REQUEST_BYTES, SERIAL_LEN};
+pub use request::{process_chain, RequestError, Target, MAX_REQUEST_BYTES, SERIAL_LEN};
