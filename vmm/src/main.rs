@@ -5,61 +5,110 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
-use clap::Parser;
 use vmm_api::{
     BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig, VsockConfig,
 };
 
-/// Boot one VM. Flags override the config file's fields.
-#[derive(Parser, Debug)]
-#[command(name = "reddog-vmm", version, about)]
+const USAGE: &str = "\
+reddog-vmm: boot one VM. Flags override the config file's fields.
+
+Usage: reddog-vmm [OPTIONS]
+
+Options:
+  --config <FILE>          JSON VM config (vmm_api::VmConfig)
+  --kernel <FILE>          kernel: vmlinux ELF (PVH or 64-bit entry) or bzImage
+  --cmdline <TEXT>         kernel command line
+  --initrd <FILE>          initial ramdisk
+  --vcpus <N>              number of vCPUs (1-64)
+  --memory-mib <N>         guest memory in MiB (32 or more)
+  --boot-protocol <P>      auto, pvh or linux64
+  --serial <WHERE>         serial console: stdout, null or a file path
+  --disk <SPEC>            a virtio-blk disk, repeatable:
+                           path=IMG,format=raw|qcow2|vhd[,backing=BASE,backing_format=F][,ro][,serial=ID]
+  --vsock <SPEC>           a virtio-vsock device: cid=N,uds=PATH (hybrid: the host connects to PATH
+                           and writes `CONNECT <port>`; guest connections to the host go to PATH_<port>)
+  --virtio-mmio-cmdline    also list the virtio-mmio devices on the kernel command line
+                           (virtio_mmio.device=), for kernels that do not read them from ACPI
+  --timeout-ms <N>         wall-clock limit in milliseconds
+  --api-sock <PATH>        serve the control socket (docs/vmm-api.md) on this unix socket
+  --exit-report <FILE>     write the exit report (JSON) here instead of stderr
+  -h, --help               print this help
+  -V, --version            print the version
+";
+
+/// The command line. Parsed by hand: a full argument-parsing library is a
+/// large share of the binary's text, and every VMM on a blade maps it.
+#[derive(Debug, Default)]
 struct Args {
-    /// JSON VM config (vmm_api::VmConfig).
-    #[arg(long)]
     config: Option<PathBuf>,
-    /// Kernel: vmlinux ELF (PVH or 64-bit entry) or bzImage.
-    #[arg(long)]
     kernel: Option<PathBuf>,
-    /// Kernel command line.
-    #[arg(long)]
     cmdline: Option<String>,
-    /// Initial ramdisk.
-    #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Number of vCPUs.
-    #[arg(long)]
     vcpus: Option<u8>,
-    /// Guest memory in MiB.
-    #[arg(long)]
     memory_mib: Option<u32>,
-    /// Entry protocol: auto, pvh or linux64.
-    #[arg(long, value_parser = parse_protocol)]
     boot_protocol: Option<BootProtocol>,
-    /// Serial console: "stdout", "null" or a file path.
-    #[arg(long)]
     serial: Option<String>,
-    /// A virtio-blk disk: `path=IMG,format=raw|qcow2|vhd[,backing=BASE,backing_format=F][,ro][,serial=ID]`.
-    /// Repeat for more disks.
-    #[arg(long, value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
-    /// A virtio-vsock device: `cid=N,uds=PATH` (hybrid: host connects to PATH and
-    /// writes `CONNECT <port>`; guest connections to the host go to `PATH_<port>`).
-    #[arg(long, value_parser = parse_vsock)]
     vsock: Option<VsockConfig>,
-    /// Also list the virtio-mmio devices on the kernel command line
-    /// (`virtio_mmio.device=`), for kernels that do not read them from ACPI.
-    #[arg(long)]
     virtio_mmio_cmdline: bool,
-    /// Wall-clock limit in milliseconds.
-    #[arg(long)]
     timeout_ms: Option<u64>,
-    /// Serve the control socket (vmm_api::control, docs/vmm-api.md) on this
-    /// unix socket path: pause, resume, shutdown, info, metrics, events.
-    #[arg(long)]
     api_sock: Option<PathBuf>,
-    /// Write the exit report (JSON) to this file instead of stderr.
-    #[arg(long)]
     exit_report: Option<PathBuf>,
+}
+
+/// What the command line asks for.
+enum Parsed {
+    Run(Box<Args>),
+    Help,
+    Version,
+}
+
+fn number<T: std::str::FromStr>(flag: &str, v: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    v.parse()
+        .map_err(|e| format!("invalid value {v:?} for {flag}: {e}"))
+}
+
+impl Args {
+    fn parse(mut it: impl Iterator<Item = String>) -> Result<Parsed, String> {
+        let mut a = Args::default();
+        while let Some(arg) = it.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || -> Result<String, String> {
+                match &inline {
+                    Some(v) => Ok(v.clone()),
+                    None => it
+                        .next()
+                        .ok_or_else(|| format!("{flag} needs a value (see --help)")),
+                }
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(Parsed::Help),
+                "-V" | "--version" => return Ok(Parsed::Version),
+                "--config" => a.config = Some(value()?.into()),
+                "--kernel" => a.kernel = Some(value()?.into()),
+                "--cmdline" => a.cmdline = Some(value()?),
+                "--initrd" => a.initrd = Some(value()?.into()),
+                "--vcpus" => a.vcpus = Some(number(&flag, &value()?)?),
+                "--memory-mib" => a.memory_mib = Some(number(&flag, &value()?)?),
+                "--boot-protocol" => a.boot_protocol = Some(parse_protocol(&value()?)?),
+                "--serial" => a.serial = Some(value()?),
+                "--disk" => a.disk.push(parse_disk(&value()?)?),
+                "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
+                "--virtio-mmio-cmdline" if inline.is_none() => a.virtio_mmio_cmdline = true,
+                "--timeout-ms" => a.timeout_ms = Some(number(&flag, &value()?)?),
+                "--api-sock" => a.api_sock = Some(value()?.into()),
+                "--exit-report" => a.exit_report = Some(value()?.into()),
+                other => return Err(format!("unexpected argument {other:?} (see --help)")),
+            }
+        }
+        Ok(Parsed::Run(Box::new(a)))
+    }
 }
 
 fn parse_protocol(s: &str) -> Result<BootProtocol, String> {
@@ -190,7 +239,21 @@ fn init_logging() {
 
 fn main() {
     let start = Instant::now();
-    let args = Args::parse();
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(Parsed::Run(args)) => args,
+        Ok(Parsed::Help) => {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
+        Ok(Parsed::Version) => {
+            println!("reddog-vmm {}", env!("CARGO_PKG_VERSION"));
+            std::process::exit(0);
+        }
+        Err(e) => {
+            eprintln!("reddog-vmm: error: {e}");
+            std::process::exit(2);
+        }
+    };
     init_logging();
     let code = match run(&args, start) {
         Ok(code) => code,
@@ -236,4 +299,61 @@ fn write_report(args: &Args, report: &vmm_api::ExitReport) -> anyhow::Result<()>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Parsed, String> {
+        Args::parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn flags_and_values() {
+        let Ok(Parsed::Run(a)) = parse(&[
+            "--kernel",
+            "/k",
+            "--cmdline=a b=c",
+            "--vcpus",
+            "2",
+            "--disk",
+            "path=/d,format=raw,ro,serial=x",
+            "--disk=path=/e,format=qcow2,backing=/b,backing_format=raw",
+            "--vsock",
+            "cid=3,uds=/v",
+            "--virtio-mmio-cmdline",
+        ]) else {
+            panic!("should parse");
+        };
+        assert_eq!(a.kernel.as_deref(), Some(std::path::Path::new("/k")));
+        assert_eq!(a.cmdline.as_deref(), Some("a b=c"));
+        assert_eq!(a.vcpus, Some(2));
+        assert_eq!(a.disk.len(), 2);
+        assert!(a.disk[0].read_only);
+        assert_eq!(
+            a.disk[1].backing.as_ref().map(|b| b.format),
+            Some(DiskFormat::Raw)
+        );
+        assert_eq!(a.vsock.as_ref().map(|v| v.guest_cid), Some(3));
+        assert!(a.virtio_mmio_cmdline);
+        assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
+        assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
+    }
+
+    #[test]
+    fn bad_command_lines_say_what_is_wrong() {
+        for (args, want) in [
+            (vec!["--vcpus"], "needs a value"),
+            (vec!["--vcpus", "many"], "invalid value"),
+            (vec!["--bogus"], "unexpected argument"),
+            (vec!["--boot-protocol", "efi"], "unknown boot protocol"),
+            (vec!["--disk", "path=/d"], "never guessed"),
+            (vec!["--vsock", "uds=/v"], "cid="),
+            (vec!["--virtio-mmio-cmdline=yes"], "unexpected argument"),
+        ] {
+            let err = parse(&args).err().unwrap_or_default();
+            assert!(err.contains(want), "{args:?}: {err:?}");
+        }
+    }
 }
