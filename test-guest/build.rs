@@ -1,6 +1,6 @@
 //! Builds the test guest from `guest/` with gcc and GNU binutils:
 //!
-//! 1. compile `entry.S` and `main.c` once;
+//! 1. compile `entry.S`, `main.c` and `agent.c` once;
 //! 2. link them twice with `guest.ld.S` (run through the preprocessor): with the
 //!    PVH note (`test-guest-pvh.elf`) and without (`test-guest-nopvh.elf`);
 //! 3. `objcopy -O binary` the note-less ELF into a flat payload and put a Linux
@@ -17,6 +17,9 @@ const LOAD_ADDR: u64 = 0x10_0000;
 const CMDLINE_MAX: u32 = 4095;
 /// Setup sectors after the boot sector: the setup part of the bzImage is (1 + 1) * 512 bytes.
 const SETUP_SECTS: u8 = 1;
+
+/// What is compiled and linked, in link order (`entry.S` first: it holds the entry points).
+const SOURCES: &[&str] = &["entry.S", "main.c", "agent.c"];
 
 const CFLAGS: &[&str] = &[
     "-std=gnu11",
@@ -90,17 +93,18 @@ fn build() -> Result<()> {
     check_tool(&tools.cc)?;
 
     let include = format!("-I{}", src.display());
-    let entry_o = out.join("entry.o");
-    let main_o = out.join("main.o");
-    for (source, object) in [("entry.S", &entry_o), ("main.c", &main_o)] {
+    let mut objects = Vec::new();
+    for source in SOURCES {
+        let object = out.join(Path::new(source).with_extension("o"));
         let mut cmd = Command::new(&tools.cc);
         cmd.args(CFLAGS)
             .arg(&include)
             .arg("-c")
             .arg(src.join(source))
             .arg("-o")
-            .arg(object);
+            .arg(&object);
         run(&mut cmd)?;
+        objects.push(object);
     }
 
     let pvh_elf = out.join("test-guest-pvh.elf");
@@ -124,8 +128,7 @@ fn build() -> Result<()> {
             .arg(&script)
             .arg("-o")
             .arg(elf)
-            .arg(&entry_o)
-            .arg(&main_o);
+            .args(&objects);
         run(&mut ld)?;
     }
 

@@ -84,6 +84,24 @@ halt_forever:
 	jmp	halt_forever
 
 /*
+ * Interrupt handlers of the vsock agent (agent.c fills the IDT, only when it
+ * runs). The LAPIC timer and the device interrupt just end the `hlt` of the
+ * agent's loop; the device's also sets agent_irq, so that the agent reads and
+ * acknowledges the device's interrupt status.
+ */
+	.globl	agent_isr_timer, agent_isr_device, agent_isr_spurious
+agent_isr_device:
+	movb	$1, agent_irq(%rip)
+agent_isr_timer:
+	pushq	%rax
+	movq	agent_lapic_eoi(%rip), %rax
+	movl	$0, (%rax)
+	popq	%rax
+	iretq
+agent_isr_spurious:
+	iretq
+
+/*
  * AP trampoline, copied to TRAMPOLINE_ADDR and started by SIPI vector 0x08
  * (cs = 0x0800, ip = 0, real mode). Position independent.
  */

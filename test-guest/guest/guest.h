@@ -21,4 +21,11 @@
 /* Longest command line we read (bytes, without the terminating NUL). */
 #define CMDLINE_MAX 4095
 
+/*
+ * Memory of the optional vsock agent (queues, buffers, IDT, state): reserved
+ * after the stack, not in the file and not zeroed at boot (the agent
+ * initialises what it uses, and only when it runs).
+ */
+#define AGENT_MEM_SIZE 0x20000
+
 #endif

@@ -6,15 +6,9 @@
  * Everything read from guest memory was written by the VMM under test, so
  * every pointer is range checked and every walk is bounded.
  */
-#include <stddef.h>
-#include <stdint.h>
-
 #include "guest.h"
-
-typedef uint8_t u8;
-typedef uint16_t u16;
-typedef uint32_t u32;
-typedef uint64_t u64;
+#include "util.h"
+#include "agent.h"
 
 /* --- ports and machine registers ---------------------------------------- */
 
@@ -29,7 +23,6 @@ typedef uint64_t u64;
 #define I8042_RESET 0xfe
 #define PORT_DEBUG_EXIT 0xf4
 
-#define MSR_APIC_BASE 0x1b
 #define MSR_X2APIC_SVR 0x80f
 #define MSR_X2APIC_ICR 0x830
 #define XAPIC_SVR 0xf0
@@ -38,9 +31,6 @@ typedef uint64_t u64;
 #define ICR_DELIVERY_PENDING (1u << 12)
 #define ICR_INIT_ALL_BUT_SELF 0x000c4500u
 #define ICR_SIPI_ALL_BUT_SELF (0x000c4600u | (TRAMPOLINE_ADDR >> 12))
-
-/* Everything below 4 GiB is identity mapped by entry.S; nothing else is. */
-#define PHYS_LIMIT (4ull << 30)
 
 /* Bounds on what we accept from the VMM. */
 #define MEMMAP_MAX 128
@@ -57,40 +47,6 @@ void halt_forever(void) __attribute__((noreturn));
 void guest_main(u32 protocol, u64 info) __attribute__((noreturn));
 extern const u8 ap_trampoline_start[], ap_trampoline_end[];
 
-static inline void outb(u16 port, u8 value)
-{
-	__asm__ volatile("outb %0, %1" : : "a"(value), "Nd"(port));
-}
-
-static inline u64 rdtsc(void)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
-	return ((u64)hi << 32) | lo;
-}
-
-static inline u64 rdmsr(u32 msr)
-{
-	u32 lo, hi;
-	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
-	return ((u64)hi << 32) | lo;
-}
-
-static inline void wrmsr(u32 msr, u64 value)
-{
-	__asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)value), "d"((u32)(value >> 32)));
-}
-
-static inline void cpuid(u32 leaf, u32 *eax, u32 *ebx, u32 *ecx, u32 *edx)
-{
-	__asm__ volatile("cpuid" : "=a"(*eax), "=b"(*ebx), "=c"(*ecx), "=d"(*edx) : "a"(leaf), "c"(0));
-}
-
-static inline void cpu_relax(void)
-{
-	__asm__ volatile("pause" : : : "memory");
-}
-
 /* Waits about `cycles` TSC cycles; also bounded by iterations if the TSC is stuck. */
 static void delay(u64 cycles)
 {
@@ -99,45 +55,21 @@ static void delay(u64 cycles)
 		cpu_relax();
 }
 
-/* --- physical memory ------------------------------------------------------ */
-
-/* Is [addr, addr + len) non-null and inside our identity map? */
-static int phys_ok(u64 addr, u64 len)
-{
-	return addr != 0 && len <= PHYS_LIMIT && addr <= PHYS_LIMIT - len;
-}
-
-/* A pointer to physical memory the compiler cannot reason about. */
-static volatile u8 *phys(u64 addr)
-{
-	volatile u8 *p = (volatile u8 *)(uintptr_t)addr;
-	__asm__("" : "+r"(p));
-	return p;
-}
-
-typedef u32 __attribute__((aligned(1), may_alias)) u32_unaligned;
-typedef u64 __attribute__((aligned(1), may_alias)) u64_unaligned;
-
-static u8 rd8(u64 addr) { return *phys(addr); }
-static u32 rd32(u64 addr) { return *(volatile u32_unaligned *)phys(addr); }
-static u64 rd64(u64 addr) { return *(volatile u64_unaligned *)phys(addr); }
-static void wr32(u64 addr, u32 v) { *(volatile u32_unaligned *)phys(addr) = v; }
-
 /* --- serial output -------------------------------------------------------- */
 
 /* The VMM's UART is always ready, so we skip the LSR poll: one exit per byte. */
-static void put_char(char c)
+void put_char(char c)
 {
 	outb(PORT_COM1, (u8)c);
 }
 
-static void put_str(const char *s)
+void put_str(const char *s)
 {
 	while (*s)
 		put_char(*s++);
 }
 
-static void put_hex(u64 v)
+void put_hex(u64 v)
 {
 	char buf[16];
 	int n = 0;
@@ -150,7 +82,7 @@ static void put_hex(u64 v)
 		put_char(buf[--n]);
 }
 
-static void put_dec(u64 v)
+void put_dec(u64 v)
 {
 	char buf[20];
 	int n = 0;
@@ -279,10 +211,11 @@ struct options {
 	enum exit_mode exit;
 	int smp;
 	int quiet;
+	struct agent_options agent;
 };
 
 /* Does the token [tok, tok + len) equal the string s? */
-static int token_is(const char *tok, u32 len, const char *s)
+int token_is(const char *tok, u32 len, const char *s)
 {
 	u32 i = 0;
 	for (; i < len; i++)
@@ -291,9 +224,13 @@ static int token_is(const char *tok, u32 len, const char *s)
 	return s[i] == 0;
 }
 
-static struct options parse_options(const char *cmdline)
+static void parse_options(const char *cmdline, struct options *o)
 {
-	struct options o = { .exit = EXIT_ACPI, .smp = 1, .quiet = 0 };
+	/* Field by field: no memset/memcpy of the agent options on the boot path. */
+	o->exit = EXIT_ACPI;
+	o->smp = 1;
+	o->quiet = 0;
+	o->agent.seen = 0; /* the rest is set up by the first agent option */
 	const char *p = cmdline;
 	while (*p) {
 		while (*p == ' ' || *p == '\t' || *p == '\n')
@@ -306,13 +243,14 @@ static struct options parse_options(const char *cmdline)
 			continue;
 		for (u32 m = 0; m < sizeof(exit_names) / sizeof(exit_names[0]); m++)
 			if (len > 5 && token_is(tok, 5, "exit=") && token_is(tok + 5, len - 5, exit_names[m]))
-				o.exit = (enum exit_mode)m;
+				o->exit = (enum exit_mode)m;
 		if (token_is(tok, len, "smp=0"))
-			o.smp = 0;
+			o->smp = 0;
 		if (token_is(tok, len, "quiet"))
-			o.quiet = 1;
+			o->quiet = 1;
+		if (agent_option_letter(tok[0]))
+			agent_parse_option(&o->agent, tok, len);
 	}
-	return o;
 }
 
 /* --- ACPI ------------------------------------------------------------------ */
@@ -578,6 +516,26 @@ static void __attribute__((noreturn)) leave(enum exit_mode mode, int quiet)
 	halt_forever();
 }
 
+void agent_power_off(int quiet)
+{
+	leave(EXIT_ACPI, quiet);
+}
+
+void agent_triple_fault(int quiet)
+{
+	leave(EXIT_TRIPLE_FAULT, quiet);
+}
+
+/* Bytes of usable RAM (type 1) in the memory map. */
+static u64 usable_ram(const struct boot_info *boot)
+{
+	u64 total = 0;
+	for (u32 i = 0; i < boot->memmap_entries; i++)
+		if (boot->memmap[i].type == 1)
+			total += boot->memmap[i].size;
+	return total;
+}
+
 /* --- main ----------------------------------------------------------------------- */
 
 void guest_main(u32 protocol, u64 info)
@@ -595,9 +553,13 @@ void guest_main(u32 protocol, u64 info)
 		read_pvh(&boot, info);
 	else
 		read_boot_params(&boot, info);
-	struct options opt = parse_options(boot.cmdline);
-	if (opt.quiet)
+	struct options opt;
+	parse_options(boot.cmdline, &opt);
+	if (opt.quiet) {
+		if (opt.agent.seen && opt.agent.enabled)
+			agent_main(&opt.agent, usable_ram(&boot), 1);
 		leave(opt.exit, 1);
+	}
 
 	put_str("boot-protocol: ");
 	put_str(boot.protocol);
@@ -652,6 +614,8 @@ void guest_main(u32 protocol, u64 info)
 	}
 	put_char('\n');
 
+	if (opt.agent.seen && opt.agent.enabled)
+		agent_main(&opt.agent, usable_ram(&boot), 0);
 	leave(opt.exit, 0);
 }
 

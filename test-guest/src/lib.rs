@@ -52,6 +52,7 @@ mod tests {
         offset: usize,
         paddr: u64,
         filesz: usize,
+        memsz: u64,
     }
 
     struct Elf {
@@ -82,6 +83,7 @@ mod tests {
                 offset: usize::try_from(u64_at(b, ph + 0x08)?).ok()?,
                 paddr: u64_at(b, ph + 0x18)?,
                 filesz: usize::try_from(u64_at(b, ph + 0x20)?).ok()?,
+                memsz: u64_at(b, ph + 0x28)?,
             });
         }
         Some(Elf {
@@ -162,5 +164,22 @@ mod tests {
         );
         let init_size = u32_at(&bz, 0x260).expect("init_size");
         assert!(init_size as usize >= payload.len());
+    }
+
+    #[test]
+    fn stack_and_agent_memory_are_reserved_but_not_in_the_file() {
+        // 16 KiB of stack and 128 KiB for the vsock agent (guest/guest.h
+        // AGENT_MEM_SIZE) follow the loaded bytes: in memsz and the bzImage's
+        // init_size, not in the files.
+        const RESERVED: u64 = (16 + 128) * 1024;
+        let bytes = read(elf_path());
+        let elf = parse_elf(&bytes).expect("a valid ELF64 x86_64 file");
+        let load: Vec<&Phdr> = elf.phdrs.iter().filter(|p| p.kind == PT_LOAD).collect();
+        assert_eq!(load.len(), 1);
+        assert!(load[0].memsz >= load[0].filesz as u64 + RESERVED);
+        let bz = read(bzimage_path());
+        let init_size = u32_at(&bz, 0x260).expect("init_size");
+        assert_eq!(u64::from(init_size), load[0].memsz);
+        assert!(bz.len() < 64 * 1024, "{} bytes", bz.len());
     }
 }

@@ -293,8 +293,11 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("d.raw");
         std::fs::write(&path, vec![0u8; 4096]).expect("disk");
-        let disk = vhd::open(&path, vhd::Format::Raw, vhd::OpenOptions::read_write()).expect("open");
-        let irq = Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd")));
+        let disk =
+            vhd::open(&path, vhd::Format::Raw, vhd::OpenOptions::read_write()).expect("open");
+        let irq = Arc::new(Interrupt::new(
+            EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+        ));
         let mut worker = Worker {
             disk,
             read_only: false,
