@@ -1,0 +1,564 @@
+//! The whole agent on this host's KVM, at speed: real `reddog-vmm` processes,
+//! real disks (qcow2 overlay, ext4 resource and role disks), the real vsock
+//! guest channel, and the tiny bare-metal test guest speaking guest-proto over
+//! virtio-vsock in place of a Linux guest (see `test-guest/README.md`).
+//!
+//! KVM tests: they fail, never skip, without /dev/kvm.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use agent::disks::VhdDiskPreparer;
+use agent::guest::{GuestLimits, VsockGuestChannel};
+use agent::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::upstream::{spawn_pusher, UpstreamConfig};
+use agent::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
+use agent::{
+    Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
+};
+use async_trait::async_trait;
+
+/// The test guest's vsock window: after the three disks (OS, resource, role).
+const VSOCK_BASE: &str = "0xd0003000";
+
+fn require_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        panic!("this test needs /dev/kvm (read/write): {e}. KVM tests do not skip");
+    }
+}
+
+/// Picks the guest's behaviour from the instance id's first word
+/// (`ok-1`, `silent-1`, `crash-1`, `garbage-1`): one `ProcessLauncher` each,
+/// differing only in the test guest's command line.
+struct ModeLauncher {
+    by_mode: HashMap<&'static str, ProcessLauncher>,
+}
+
+impl ModeLauncher {
+    fn new(vmm: &Path) -> Self {
+        let mut by_mode = HashMap::new();
+        for (mode, extra) in [
+            ("ok", "hb_mode=normal"),
+            ("silent", "hb_mode=silent"),
+            ("crash", "hb_mode=crash crash_after=2"),
+            ("garbage", "hb_mode=garbage"),
+        ] {
+            let mut cfg = ProcessLauncherConfig::new(vmm, test_guest::elf_path());
+            cfg.cmdline = format!(
+                "quiet exit=acpi smp=0 vsock={VSOCK_BASE} agent_port={{vsock_port}} {extra}"
+            );
+            by_mode.insert(mode, ProcessLauncher::new(cfg));
+        }
+        Self { by_mode }
+    }
+
+    fn pick(&self, id: &str) -> &ProcessLauncher {
+        let mode = id.split('-').next().unwrap_or("ok");
+        self.by_mode.get(mode).unwrap_or(&self.by_mode["ok"])
+    }
+}
+
+#[async_trait]
+impl VmmLauncher for ModeLauncher {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+        self.pick(&spec.instance_id).launch(spec).await
+    }
+
+    async fn adopt(
+        &self,
+        spec: &LaunchSpec,
+        record: &VmmRecord,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        self.pick(&spec.instance_id).adopt(spec, record).await
+    }
+}
+
+/// A one-thread HTTP server on 127.0.0.1 that records POSTed node reports.
+struct Upstream {
+    url: String,
+    reports: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+fn upstream() -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("http://{}/node", listener.local_addr().expect("addr"));
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let sink = reports.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(10_000) {
+            let Ok(mut s) = conn else { continue };
+            let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 8192];
+            // Read headers, then the body by Content-Length.
+            let body = loop {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + len {
+                        match s.read(&mut chunk) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    break buf.get(end + 4..end + 4 + len).map(<[u8]>::to_vec);
+                }
+            };
+            if let Some(v) = body.and_then(|b| serde_json::from_slice(&b).ok()) {
+                sink.lock().expect("lock").push(v);
+            }
+            let _ = s.write_all(
+                b"HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+            );
+        }
+    });
+    Upstream { url, reports }
+}
+
+struct Harness {
+    agent: Agent,
+    image: String,
+    role: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(upstream_url: Option<&str>) -> Harness {
+    require_kvm();
+    let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
+    let dir = tempfile::Builder::new()
+        .prefix("rdg-e2e")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let node = NodeConfig::new(
+        "node-e2e",
+        Capacity {
+            vcpus: 16,
+            memory_mib: 8192,
+            disk_mib: 10_000,
+        },
+    );
+    let mut cfg = AgentConfig::new(dir.path().join("state"), node);
+    cfg.health.boot_timeout = Duration::from_secs(20);
+    cfg.health.missed_heartbeats = 3;
+    cfg.health.heartbeat_grace = Duration::from_millis(500);
+    cfg.health.backoff_initial = Duration::from_millis(200);
+    cfg.health.backoff_max = Duration::from_secs(1);
+    cfg.health.stop_grace = Duration::from_secs(2);
+    let backends = Backends {
+        launcher: Arc::new(ModeLauncher::new(&vmm)),
+        disks: Arc::new(VhdDiskPreparer),
+        guests: Arc::new(VsockGuestChannel::new(GuestLimits::default())),
+    };
+    let agent = Agent::open(cfg, backends).await.expect("open agent");
+    if let Some(url) = upstream_url {
+        let mut u = UpstreamConfig::new(url);
+        u.interval = Duration::from_millis(300);
+        spawn_pusher(agent.clone(), u).expect("upstream pusher");
+    }
+    let base = dir.path().join("base.raw");
+    std::fs::write(&base, vec![0u8; 4 << 20]).expect("base image");
+    let image = agent
+        .image_cache()
+        .import_file(&base, vmm_api::DiskFormat::Raw, None)
+        .expect("import base")
+        .reference();
+    let role = dir.path().join("role");
+    std::fs::create_dir(&role).expect("role dir");
+    std::fs::write(role.join("index.html"), "<h1>reddog</h1>\n").expect("role file");
+    Harness {
+        agent,
+        image,
+        role,
+        _dir: dir,
+    }
+}
+
+impl Harness {
+    fn spec(&self, id: &str) -> InstanceSpec {
+        InstanceSpec {
+            id: id.into(),
+            role: "web".into(),
+            base_image: self.image.clone(),
+            role_package: self.role.clone(),
+            vcpus: 1,
+            memory_mib: 64,
+            resource_disk_mib: 16,
+            env: Default::default(),
+            heartbeat_interval_ms: 200,
+        }
+    }
+
+    async fn apply(&self, incarnation: u64, ids: &[&str]) {
+        let goal = GoalState {
+            incarnation,
+            instances: ids.iter().map(|i| self.spec(i)).collect(),
+        };
+        self.agent.apply_goal(goal).await.expect("goal accepted");
+    }
+
+    async fn wait(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        f: impl Fn(&agent::InstanceStatus) -> bool,
+    ) -> agent::InstanceStatus {
+        match self.agent.wait_for(id, limit, |s| s.is_some_and(&f)).await {
+            Some(s) => s,
+            None => panic!(
+                "{id}: never {what} within {limit:?}: {:#?}",
+                self.agent.instance(id)
+            ),
+        }
+    }
+}
+
+impl Harness {
+    /// Polls until the instance's heartbeat sequence has moved on by three
+    /// (heartbeats update the status without an event).
+    async fn heartbeats_advance(&self, id: &str) {
+        let seq = |h: &Harness| h.agent.instance(id).and_then(|s| s.heartbeat_seq);
+        let first = seq(self);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = seq(self);
+            if let (Some(a), Some(b)) = (first, now) {
+                if b >= a + 3 {
+                    return;
+                }
+            } else if first.is_none() && now.is_some_and(|b| b >= 3) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id}: heartbeats stopped at {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn pid_alive(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_ready_reported_upstream_and_a_killed_vmm_is_restarted() {
+    let up = upstream();
+    let h = harness(Some(&up.url)).await;
+    let started = Instant::now();
+    h.apply(1, &["ok-1", "ok-2"]).await;
+    for id in ["ok-1", "ok-2"] {
+        let s = h
+            .wait(id, "ready", Duration::from_secs(60), |s| {
+                s.state == InstanceState::Ready
+            })
+            .await;
+        assert!(s.vmm_pid.is_some());
+        h.heartbeats_advance(id).await;
+    }
+    eprintln!(
+        "goal to both ready with heartbeats: {:?}",
+        started.elapsed()
+    );
+
+    // The controller hears about both, ready, from the node heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let seen = up.reports.lock().expect("lock").iter().any(|r| {
+            let s = r.to_string();
+            s.contains("\"ok-1\"") && s.contains("\"ok-2\"") && s.matches("\"ready\"").count() >= 2
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no upstream report with both instances ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // kill -9 one VMM: the agent restarts it; the other is untouched.
+    let victim = h
+        .agent
+        .instance("ok-1")
+        .and_then(|s| s.vmm_pid)
+        .expect("pid");
+    let other = h
+        .agent
+        .instance("ok-2")
+        .and_then(|s| s.vmm_pid)
+        .expect("pid");
+    let r = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status();
+    assert!(r.is_ok_and(|s| s.success()));
+    let s = h
+        .wait(
+            "ok-1",
+            "restarted and ready",
+            Duration::from_secs(60),
+            |s| {
+                s.state == InstanceState::Ready
+                    && s.restarts >= 1
+                    && s.vmm_pid.is_some_and(|p| p != victim)
+            },
+        )
+        .await;
+    assert_eq!(s.restarts, 1);
+    let o = h.agent.instance("ok-2").expect("ok-2");
+    assert_eq!(
+        (o.vmm_pid, o.restarts, o.state),
+        (Some(other), 0, InstanceState::Ready)
+    );
+
+    // Removing them stops both VMMs.
+    h.apply(2, &[]).await;
+    for id in ["ok-1", "ok-2"] {
+        assert!(
+            h.agent
+                .wait_for(id, Duration::from_secs(30), |s| s.is_none())
+                .await
+                .is_none(),
+            "{id} not removed"
+        );
+    }
+    let pid = h.agent.instance("ok-1").and_then(|s| s.vmm_pid);
+    assert!(pid.is_none());
+    assert!(!pid_alive(other), "ok-2's VMM still running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_guest_is_restarted_a_crash_loop_fails_and_a_hostile_guest_is_cut_off() {
+    let h = harness(None).await;
+    h.apply(1, &["ok-1", "silent-1", "crash-1", "garbage-1"])
+        .await;
+
+    // The well-behaved neighbour is ready throughout.
+    h.wait("ok-1", "ready", Duration::from_secs(60), |s| {
+        s.state == InstanceState::Ready
+    })
+    .await;
+
+    // A guest that goes silent after Hello is restarted after the timeout.
+    h.wait("silent-1", "restarted", Duration::from_secs(60), |s| {
+        s.restarts >= 1
+    })
+    .await;
+
+    // A guest that crashes after two heartbeats, every time: failed after 3.
+    let s = h
+        .wait("crash-1", "failed", Duration::from_secs(90), |s| {
+            s.state == InstanceState::Failed
+        })
+        .await;
+    assert!(
+        s.last_error.as_deref().is_some_and(|e| !e.is_empty()),
+        "{s:#?}"
+    );
+    assert!(s.vmm_pid.is_none());
+
+    // A guest that sends garbage is disconnected and never gets ready.
+    let g = h.agent.instance("garbage-1").expect("garbage-1");
+    assert_ne!(g.state, InstanceState::Ready, "{g:#?}");
+
+    // Through all of it, the good instance kept its VMM and stayed ready.
+    let ok = h.agent.instance("ok-1").expect("ok-1");
+    assert_eq!(
+        (ok.state, ok.restarts),
+        (InstanceState::Ready, 0),
+        "{ok:#?}"
+    );
+    h.apply(2, &[]).await;
+    for id in ["ok-1", "silent-1", "crash-1", "garbage-1"] {
+        assert!(
+            h.agent
+                .wait_for(id, Duration::from_secs(30), |s| s.is_none())
+                .await
+                .is_none(),
+            "{id} not removed"
+        );
+    }
+}
+
+/// `reddog-agent` (the daemon, real backends) as a child process.
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_daemon(state: &Path, sock: &Path, vmm: &Path, log: &Path) -> Daemon {
+    let cmdline = format!("quiet exit=acpi smp=0 vsock={VSOCK_BASE} agent_port={{vsock_port}}");
+    let log = std::fs::File::create(log).expect("log file");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_reddog-agent"))
+        .args([
+            "--node-id",
+            "n-e2e",
+            "--vcpus",
+            "8",
+            "--memory-mib",
+            "4096",
+            "--disk-mib",
+            "1000",
+        ])
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--api-socket")
+        .arg(sock)
+        .arg("--vmm-binary")
+        .arg(vmm)
+        .arg("--kernel")
+        .arg(test_guest::elf_path())
+        .arg("--cmdline")
+        .arg(cmdline)
+        .args(["--boot-timeout-secs", "20"])
+        .stderr(log)
+        .spawn()
+        .expect("spawn reddog-agent");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the agent did not create its socket"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Daemon(child)
+}
+
+fn cli(sock: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_reddog"))
+        .arg("--socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run reddog");
+    assert!(
+        o.status.success(),
+        "reddog {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn instance_json(sock: &Path, id: &str) -> serde_json::Value {
+    let out = cli(sock, &["instance", id]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{id}: not JSON ({e}): {out}"))
+}
+
+fn wait_json(
+    sock: &Path,
+    id: &str,
+    what: &str,
+    f: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let t = Instant::now();
+    loop {
+        let v = instance_json(sock, id);
+        if f(&v) {
+            return v;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "{id} never {what}: {v}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
+    require_kvm();
+    let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
+    let dir = tempfile::Builder::new()
+        .prefix("rdg-adopt")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let (state, sock) = (dir.path().join("state"), dir.path().join("agent.sock"));
+    let d = start_daemon(&state, &sock, &vmm, &dir.path().join("agent1.log"));
+
+    let img = dir.path().join("base.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).expect("base");
+    let imported: serde_json::Value = serde_json::from_str(&cli(
+        &sock,
+        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
+    ))
+    .expect("json");
+    let sha = imported["sha256"].as_str().expect("sha").to_string();
+    let role = dir.path().join("role");
+    std::fs::create_dir(&role).expect("role");
+    std::fs::write(role.join("index.html"), "hi\n").expect("role file");
+    let instances: Vec<serde_json::Value> = ["a-1", "a-2"]
+        .iter()
+        .map(|id| {
+            serde_json::json!({
+                "id": id, "role": "web", "base_image": format!("sha256:{sha}"),
+                "role_package": role, "vcpus": 1, "memory_mib": 64, "resource_disk_mib": 16,
+                "heartbeat_interval_ms": 200
+            })
+        })
+        .collect();
+    let goal = serde_json::json!({ "incarnation": 1, "instances": instances });
+    let gfile = dir.path().join("goal.json");
+    std::fs::write(&gfile, goal.to_string()).expect("goal");
+    cli(&sock, &["goal", "put", gfile.to_str().expect("utf8")]);
+    let mut pids = Vec::new();
+    for id in ["a-1", "a-2"] {
+        let v = wait_json(&sock, id, "ready", |v| v["state"] == "ready");
+        pids.push(v["vmm_pid"].as_i64().expect("pid"));
+    }
+
+    // kill -9 the agent: its VMMs keep running.
+    let agent_pid = d.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-9", &agent_pid])
+        .status()
+        .is_ok_and(|s| s.success()));
+    drop(d);
+    std::thread::sleep(Duration::from_millis(500));
+    for p in &pids {
+        assert!(pid_alive(*p as i32), "VMM {p} died with the agent");
+    }
+
+    // A new agent on the same state directory adopts the same VMMs: same pids,
+    // no restart, and the guests' heartbeats resume.
+    let _ = std::fs::remove_file(&sock);
+    let _d2 = start_daemon(&state, &sock, &vmm, &dir.path().join("agent2.log"));
+    for (id, pid) in ["a-1", "a-2"].iter().zip(&pids) {
+        let v = wait_json(&sock, id, "ready again with heartbeats", |v| {
+            v["state"] == "ready" && v["last_heartbeat_unix_ms"].is_u64()
+        });
+        assert_eq!(
+            v["vmm_pid"].as_i64(),
+            Some(*pid),
+            "{id} was not adopted: {v}"
+        );
+        assert_eq!(v["restarts"].as_u64(), Some(0), "{id}: {v}");
+        let seq0 = v["heartbeat_seq"].as_u64();
+        let v2 = wait_json(&sock, id, "heartbeating", |v| {
+            v["heartbeat_seq"].as_u64() > seq0
+        });
+        assert_eq!(v2["vmm_pid"].as_i64(), Some(*pid));
+    }
+}
