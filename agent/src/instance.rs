@@ -627,6 +627,13 @@ impl Runner {
     }
 
     fn vmm_exited(&mut self, exit: VmmExit) {
+        tracing::info!(
+            instance = %self.id,
+            status = exit.status,
+            signal = exit.signal,
+            "VMM exited: {}",
+            exit.summary()
+        );
         let _ = self.ctx.events.send(AgentEvent::VmmExited {
             instance: self.id.clone(),
             exit: exit.clone(),

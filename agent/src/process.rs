@@ -14,6 +14,12 @@ use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
 
 use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
 
+/// The default guest kernel command line: the serial console, ACPI reboot, a
+/// panic resets the VM, and `reddog.agent_port=` tells `reddog-guest` the host
+/// vsock port it connects to (`docs/guest-agent.md`).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=acpi panic=-1 quiet reddog.agent_port={vsock_port}";
+
 /// How to run `reddog-vmm`.
 #[derive(Debug, Clone)]
 pub struct ProcessLauncherConfig {
@@ -38,8 +44,7 @@ impl ProcessLauncherConfig {
             vmm_binary: vmm_binary.into(),
             kernel: kernel.into(),
             initrd: None,
-            cmdline: "console=ttyS0 reboot=acpi panic=-1 quiet reddog.vsock_port={vsock_port}"
-                .into(),
+            cmdline: DEFAULT_CMDLINE.into(),
             boot_protocol: BootProtocol::Auto,
             control_socket: false,
         }
@@ -349,7 +354,7 @@ exit 10"#,
         let cfg = VmConfig::from_file(&dir.path().join("vm.json")).expect("config");
         assert_eq!(cfg.memory_mib, 64);
         assert!(
-            cfg.cmdline.contains("reddog.vsock_port=1024"),
+            cfg.cmdline.contains("reddog.agent_port=1024"),
             "{}",
             cfg.cmdline
         );

@@ -254,8 +254,45 @@ impl Harness {
     }
 }
 
+/// Whatever happens in a test, its VMMs do not outlive it: the agent leaves
+/// VMMs running when it stops (by design), so the test kills what is left.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for s in self.agent.instances() {
+            if let Some(pid) = s.vmm_pid {
+                kill9(pid);
+            }
+        }
+    }
+}
+
+fn kill9(pid: i32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+}
+
+/// Kills the listed VMMs when dropped (for the daemon test, whose agent runs
+/// in another process).
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            kill9(*pid);
+        }
+    }
+}
+
 fn pid_alive(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    // A zombie (exited, not yet reaped by its parent) is not running.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .is_some_and(|zombie| !zombie)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,6 +565,7 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
         let v = wait_json(&sock, id, "ready", |v| v["state"] == "ready");
         pids.push(v["vmm_pid"].as_i64().expect("pid"));
     }
+    let _guard = KillOnDrop(pids.iter().map(|p| *p as i32).collect());
 
     // kill -9 the agent: its VMMs keep running.
     let agent_pid = d.0.id().to_string();

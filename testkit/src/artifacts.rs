@@ -522,6 +522,26 @@ pub fn busybox_static() -> Result<PathBuf, ArtifactError> {
     Ok(path)
 }
 
+/// The shared libraries and the loader a dynamically linked host program
+/// needs, as `ldd` lists them (absolute paths; the vDSO left out).
+pub fn shared_libraries(program: &Path) -> Result<Vec<PathBuf>, ArtifactError> {
+    let out = run(Command::new("ldd").arg(program))?;
+    Ok(parse_ldd(&String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)" or
+            // "/lib64/ld-linux-x86-64.so.2 (0x...)".
+            let path = l.split_once("=>").map_or(l, |(_, p)| p.trim());
+            let path = path.split_whitespace().next()?;
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 /// The workspace root (this crate's parent directory).
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -606,6 +626,18 @@ mod tests {
             Some("irqbypass")
         );
         assert_eq!(module_name(OsStr::new("modules.dep")), None);
+    }
+
+    #[test]
+    fn ldd_output_is_parsed() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibext2fs.so.2 => /lib/x86_64-linux-gnu/libext2fs.so.2 (0x1)\n\t/lib64/ld-linux-x86-64.so.2 (0x2)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                PathBuf::from("/lib/x86_64-linux-gnu/libext2fs.so.2"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2")
+            ]
+        );
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //! - [`bzimage`]: `vmlinux` out of a bzImage (LZ4 legacy payload).
 //! - [`nested`]: real KVM (AMD SVM) inside a QEMU-TCG machine, for booting
 //!   unmodified Linux guests with reddog-vmm on hosts whose own KVM cannot.
+//! - [`agent_scenario`]: the whole host agent with real Debian guests, in the
+//!   nested machine or on this host's KVM (the nested agent test, the demo).
 
+pub mod agent_scenario;
 pub mod artifacts;
 pub mod bzimage;
 pub mod cpio;

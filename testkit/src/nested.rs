@@ -252,7 +252,13 @@ poweroff -f
 enum FileData {
     Bytes(Vec<u8>),
     Host(PathBuf),
+    /// A dynamically linked host program: copied with the shared libraries
+    /// `ldd` lists, each at its own path.
+    Program(PathBuf),
 }
+
+/// Called with each line of the outer console as it arrives.
+pub type LineSink = Box<dyn FnMut(&str) + Send>;
 
 /// One QEMU-TCG outer machine with real KVM inside.
 pub struct OuterMachine {
@@ -260,6 +266,7 @@ pub struct OuterMachine {
     files: Vec<(String, u32, FileData)>,
     scenario: String,
     timeout: Duration,
+    live: std::sync::Mutex<Option<LineSink>>,
 }
 
 impl OuterMachine {
@@ -270,6 +277,7 @@ impl OuterMachine {
             files: Vec::new(),
             scenario: String::new(),
             timeout: DEFAULT_TIMEOUT,
+            live: std::sync::Mutex::new(None),
         }
     }
 
@@ -284,6 +292,29 @@ impl OuterMachine {
     pub fn host_file(mut self, dest: &str, mode: u32, src: &Path) -> Self {
         self.files
             .push((dest.to_owned(), mode, FileData::Host(src.to_owned())));
+        self
+    }
+
+    /// Copies the dynamically linked host program `src` to `dest`, with the
+    /// shared libraries and loader `ldd` lists for it (at the same paths as on
+    /// the host), e.g. `mkfs.ext4` for the agent's disks. The outer machine
+    /// runs the host's own libraries, so this only works for programs of this
+    /// host's architecture.
+    pub fn host_program(mut self, dest: &str, src: &Path) -> Self {
+        self.files
+            .push((dest.to_owned(), 0o755, FileData::Program(src.to_owned())));
+        self
+    }
+
+    /// Hands every line of the outer console to `sink` as it arrives (the
+    /// scenario's own output goes to `/out/scenario.log`; it reaches the
+    /// console live only when written to `/dev/console`). The whole console
+    /// is still returned in the report.
+    pub fn live_lines(self, sink: impl FnMut(&str) + Send + 'static) -> Self {
+        *self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Box::new(sink));
         self
     }
 
@@ -324,12 +355,25 @@ impl OuterMachine {
             w.file(&format!("lib/kvm/{}.ko", m.name), 0o644, &m.bytes)?;
         }
         w.file("scenario.sh", 0o755, self.scenario.as_bytes())?;
+        let mut libs_written = std::collections::BTreeSet::new();
         for (dest, mode, data) in &self.files {
             match data {
                 FileData::Bytes(b) => w.file(dest, *mode, b)?,
                 FileData::Host(src) => {
                     let b = std::fs::read(src).map_err(io(src.display().to_string()))?;
                     w.file(dest, *mode, &b)?;
+                }
+                FileData::Program(src) => {
+                    let b = std::fs::read(src).map_err(io(src.display().to_string()))?;
+                    w.file(dest, *mode, &b)?;
+                    for lib in artifacts::shared_libraries(src)? {
+                        if !libs_written.insert(lib.clone()) {
+                            continue;
+                        }
+                        let b = std::fs::read(&lib).map_err(io(lib.display().to_string()))?;
+                        let rel = lib.to_string_lossy().trim_start_matches('/').to_owned();
+                        w.file(&rel, 0o755, &b)?;
+                    }
                 }
             }
         }
@@ -387,8 +431,13 @@ impl OuterMachine {
             source,
         })?;
         let echo = std::env::var_os("REDDOG_NESTED_ECHO").is_some();
-        let stdout = reader(child.stdout.take(), echo);
-        let stderr = reader(child.stderr.take(), false);
+        let live = self
+            .live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let stdout = reader(child.stdout.take(), echo, live);
+        let stderr = reader(child.stderr.take(), false, None);
         let status = wait_with_limit(&mut child, self.timeout);
         let elapsed = started.elapsed();
         let out = join(stdout);
@@ -423,11 +472,17 @@ impl OuterMachine {
     }
 }
 
-fn reader<R: Read + Send + 'static>(src: Option<R>, echo: bool) -> Option<JoinHandle<Vec<u8>>> {
+fn reader<R: Read + Send + 'static>(
+    src: Option<R>,
+    echo: bool,
+    mut live: Option<LineSink>,
+) -> Option<JoinHandle<Vec<u8>>> {
     let mut src = src?;
     Some(std::thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = [0u8; 8192];
+        // Start of the line not yet handed to `live`.
+        let mut line_start = 0;
         loop {
             match src.read(&mut buf) {
                 Ok(0) | Err(_) => break,
@@ -436,7 +491,19 @@ fn reader<R: Read + Send + 'static>(src: Option<R>, echo: bool) -> Option<JoinHa
                         let _ = std::io::stderr().write_all(&buf[..n]);
                     }
                     all.extend_from_slice(&buf[..n]);
+                    if let Some(sink) = live.as_mut() {
+                        while let Some(i) = all[line_start..].iter().position(|&b| b == b'\n') {
+                            let line = String::from_utf8_lossy(&all[line_start..line_start + i]);
+                            sink(line.trim_end_matches('\r'));
+                            line_start += i + 1;
+                        }
+                    }
                 }
+            }
+        }
+        if let Some(sink) = live.as_mut() {
+            if line_start < all.len() {
+                sink(String::from_utf8_lossy(&all[line_start..]).trim_end_matches('\r'));
             }
         }
         all
