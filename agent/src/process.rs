@@ -33,7 +33,8 @@ pub struct ProcessLauncherConfig {
     pub cmdline: String,
     /// How to enter the kernel.
     pub boot_protocol: BootProtocol,
-    /// Pass `--api-sock <dir>/api.sock` (once `reddog-vmm` has a control socket).
+    /// Pass `--api-sock <dir>/api.sock`: graceful stops then press the guest's
+    /// ACPI power button through it before any signal.
     pub control_socket: bool,
 }
 
@@ -46,7 +47,7 @@ impl ProcessLauncherConfig {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.into(),
             boot_protocol: BootProtocol::Auto,
-            control_socket: false,
+            control_socket: true,
         }
     }
 }
@@ -206,6 +207,22 @@ impl VmmLauncher for ProcessLauncher {
     }
 }
 
+/// Asks a VMM to press the guest's ACPI power button (`shutdown acpi` on its
+/// control socket), waiting at most 2 s for the answer.
+fn acpi_shutdown(sock: &std::path::Path) -> Result<(), String> {
+    use vmm_api::control::{Client, Op, ShutdownMode};
+    let mut c = Client::connect(sock).map_err(|e| e.to_string())?;
+    c.set_timeout(Some(Duration::from_secs(2)))
+        .map_err(|e| e.to_string())?;
+    c.request(Op::Shutdown {
+        mode: ShutdownMode::Acpi,
+    })
+    .map_err(|e| e.to_string())?
+    .into_result()
+    .map(|_: serde_json::Value| ())
+    .map_err(|e| e.to_string())
+}
+
 /// A `reddog-vmm` process: our child, or adopted by pid + start time.
 #[derive(Debug)]
 pub struct ProcessHandle {
@@ -236,6 +253,21 @@ impl VmmHandle for ProcessHandle {
         if self.child.is_none() && process_start_time(self.pid) != Some(self.start_time) {
             // An adopted VMM that is gone; never signal whoever has its pid now.
             return Ok(());
+        }
+        if mode == StopMode::Graceful {
+            // The ACPI power button through the VMM's control socket, when it
+            // has one; the caller escalates to Force after its deadline.
+            if let Some(sock) = self.control_socket.clone() {
+                let asked = tokio::task::spawn_blocking(move || acpi_shutdown(&sock)).await;
+                match asked {
+                    Ok(Ok(())) => return Ok(()),
+                    Ok(Err(e)) => tracing::warn!(
+                        pid = self.pid,
+                        "ACPI shutdown through the control socket failed ({e}); sending SIGTERM"
+                    ),
+                    Err(e) => tracing::warn!(pid = self.pid, "control-socket task failed: {e}"),
+                }
+            }
         }
         let sig = match mode {
             StopMode::Graceful => Signal::TERM,

@@ -48,7 +48,8 @@ pub struct VmmRecord {
 /// How to stop a VMM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopMode {
-    /// Ask (SIGTERM today; the control socket's shutdown once it lands).
+    /// Ask: the ACPI power button through the control socket when the VMM has
+    /// one, SIGTERM otherwise.
     Graceful,
     /// Kill it (SIGKILL).
     Force,

@@ -600,3 +600,66 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
         assert_eq!(v2["vmm_pid"].as_i64(), Some(*pid));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socket() {
+    use agent::vmm::StopMode;
+    require_kvm();
+    let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
+    let dir = tempfile::Builder::new()
+        .prefix("rdg-acpi")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mut cfg = ProcessLauncherConfig::new(&vmm, test_guest::elf_path());
+    cfg.cmdline = "quiet exit=hang smp=0".into();
+    assert!(cfg.control_socket, "VMMs get a control socket by default");
+    let spec = LaunchSpec {
+        instance_id: "acpi-1".into(),
+        dir: dir.path().to_owned(),
+        vcpus: 1,
+        memory_mib: 32,
+        disks: vec![],
+        vsock: vmm_api::VsockConfig {
+            guest_cid: 3,
+            uds_path: dir.path().join("vsock.sock"),
+        },
+        guest_port: 1024,
+        serial_path: dir.path().join("serial.log"),
+    };
+    let mut h = ProcessLauncher::new(cfg)
+        .launch(&spec)
+        .await
+        .expect("launch");
+    let record = h.record();
+    let _guard = KillOnDrop(vec![record.pid]);
+    let sock = record.control_socket.clone().expect("a control socket");
+    let t = Instant::now();
+    while !sock.exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no control socket at {}",
+            sock.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop(StopMode::Graceful)
+        .await
+        .expect("graceful stop asked");
+    let presses = tokio::task::spawn_blocking(move || {
+        let mut c = vmm_api::control::Client::connect(&sock).expect("connect");
+        c.metrics().expect("metrics").power_button_presses
+    })
+    .await
+    .expect("metrics task");
+    assert_eq!(
+        presses, 1,
+        "the graceful stop pressed the power button once"
+    );
+    // The test guest ignores the button (it is not an ACPI OS): the caller's
+    // escalation kills it.
+    h.stop(StopMode::Force).await.expect("kill");
+    let exit = tokio::time::timeout(Duration::from_secs(10), h.wait())
+        .await
+        .expect("exited");
+    assert_eq!(exit.signal, Some(9), "{exit:?}");
+}

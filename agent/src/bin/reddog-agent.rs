@@ -73,9 +73,10 @@ struct Args {
     /// Kernel command line ({vsock_port} and {instance_id} are replaced).
     #[arg(long)]
     cmdline: Option<String>,
-    /// Pass --api-sock to reddog-vmm (once it has a control socket).
+    /// Do not give each reddog-vmm a control socket (graceful stops then go
+    /// straight to SIGTERM instead of the guest's ACPI power button).
     #[arg(long)]
-    vmm_control_socket: bool,
+    no_vmm_control_socket: bool,
     /// Host vsock port the guest agent connects to.
     #[arg(long, default_value_t = agent::agent::DEFAULT_GUEST_PORT)]
     guest_port: u32,
@@ -159,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         if let Some(c) = &args.cmdline {
             pl.cmdline = c.clone();
         }
-        pl.control_socket = args.vmm_control_socket;
+        pl.control_socket = !args.no_vmm_control_socket;
         Backends {
             launcher: Arc::new(ProcessLauncher::new(pl)),
             disks: Arc::new(agent::disks::VhdDiskPreparer),
