@@ -356,3 +356,59 @@ async fn one_guest_flooding_does_not_delay_another() {
     let _ = next(&mut bad.link).await;
     flood.abort();
 }
+
+fn hello_versions(min_version: u8, max_version: u8) -> Vec<u8> {
+    let mut out = [0u8; MAX_FRAME_LEN];
+    let msg = GuestMsg::Hello(Hello {
+        min_version,
+        max_version,
+        boot_id: [7; 16],
+        capabilities: Capabilities::ROLE,
+        agent_version: "from-the-future",
+    });
+    // The guest frames its Hello with the newest version it speaks: encode the
+    // payload with today's layout and put it in a frame of that version.
+    let n = msg.encode(1, &mut out).expect("encode");
+    let payload = out[guest_proto::HEADER_LEN..n].to_vec();
+    let mut frame = [0u8; MAX_FRAME_LEN];
+    let m =
+        guest_proto::encode_raw_frame(max_version, guest_proto::kind::HELLO, &payload, &mut frame)
+            .expect("raw frame");
+    frame[..m].to_vec()
+}
+
+#[tokio::test]
+async fn a_hello_from_a_newer_guest_settles_on_the_common_version() {
+    let mut t = open(GuestLimits::default()).await;
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello_versions(1, 9)).await.expect("write");
+    let mut dec = StreamDecoder::new();
+    let ack = read_host_msg(&mut s, &mut dec).await.expect("ack");
+    assert!(
+        ack.contains("HelloAck") && ack.contains("version: 1"),
+        "{ack}"
+    );
+    match next(&mut t.link).await {
+        GuestEvent::Hello { version, .. } => assert_eq!(version, 1),
+        e => panic!("{e:?}"),
+    }
+    // The session then works at version 1.
+    s.write_all(&heartbeat(0)).await.expect("write");
+    loop {
+        if let GuestEvent::Heartbeat { .. } = next(&mut t.link).await {
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hello_with_only_future_versions_is_refused() {
+    let mut t = open(GuestLimits::default()).await;
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello_versions(5, 9)).await.expect("write");
+    expect_misbehaving(&mut t, "no common protocol version").await;
+}
