@@ -4,6 +4,8 @@
 // `wait4` (for the child's peak RSS) is a raw syscall.
 #![allow(unsafe_code)]
 
+pub mod agent_kit;
+
 use std::io::Read;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

@@ -24,6 +24,7 @@ pub mod cmdline;
 pub mod link;
 pub mod manifest;
 pub mod pid1;
+pub mod power_button;
 pub mod probe;
 pub mod role;
 pub mod sys;

@@ -77,6 +77,7 @@ fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
     if let Err(e) = sys::loopback_up() {
         say(&format!("loopback: {e}"));
     }
+    guest_agent::power_button::spawn_watcher(wait);
     let role_dir = Path::new(pid1::ROLE_MOUNT);
     let cfg = AgentConfig {
         link: link_config(Arc::new(transport::Vsock {

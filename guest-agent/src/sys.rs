@@ -266,6 +266,14 @@ pub fn catch_signals(signals: &[libc::c_int]) -> Result<(), SysError> {
     Ok(())
 }
 
+/// Raises `sig` on the calling thread (the process's handler notes it).
+pub fn raise_signal(sig: libc::c_int) -> Result<(), SysError> {
+    // SAFETY: raise(3) with a valid signal number; the installed handler only
+    // touches an atomic.
+    let r = unsafe { libc::raise(sig) };
+    check("raise", r.into()).map(|_| ())
+}
+
 /// The signals caught since the last call (and forgets them).
 pub fn take_signals() -> Vec<libc::c_int> {
     let bits = PENDING_SIGNALS.swap(0, std::sync::atomic::Ordering::SeqCst);
