@@ -1,56 +1,17 @@
-//! The guest initramfs for real Linux guests: `reddog-guest` (static) as
-//! `/init`, plus the kernel's virtio and vsock modules in load order, listed in
-//! `/etc/reddog/modules` for `reddog-guest` to load with `finit_module`.
+//! The guest initramfs for real Linux guests ([`guest_image::initramfs`]),
+//! with a statically linked `reddog-guest` built from this workspace.
 
-use crate::artifacts::{self, ArtifactError, KernelArtifacts};
-use crate::cpio::{CpioError, CpioWriter};
+use guest_image::KernelArtifacts;
 
-/// The modules a guest needs for virtio-mmio disks and vsock (their
-/// dependencies are added from each module's `depends=`).
-pub const GUEST_MODULES: [&str; 3] = ["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"];
+pub use guest_image::initramfs::{InitramfsError, GUEST_MODULES};
 
-/// Errors building the guest initramfs.
-#[derive(Debug, thiserror::Error)]
-pub enum GuestImageError {
-    /// A kernel artifact or the static build failed.
-    #[error(transparent)]
-    Artifact(#[from] ArtifactError),
-    /// The archive could not be written.
-    #[error("building the guest initramfs: {0}")]
-    Cpio(#[from] CpioError),
-    /// A file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
+/// The old name of [`InitramfsError`].
+pub type GuestImageError = InitramfsError;
 
 /// Builds the guest initramfs for `kernel` with a statically linked
-/// `reddog-guest` from this workspace. Returns the archive and the module names
-/// in load order.
+/// `reddog-guest` from this workspace ([`crate::artifacts::static_bin`]).
+/// Returns the archive and the module names in load order.
 pub fn initramfs(kernel: &KernelArtifacts) -> Result<(Vec<u8>, Vec<String>), GuestImageError> {
-    let agent = artifacts::static_bin("guest-agent", "reddog-guest")?;
-    let init = std::fs::read(&agent).map_err(|source| GuestImageError::Read {
-        path: agent.display().to_string(),
-        source,
-    })?;
-    let modules = kernel.modules_with_deps(&GUEST_MODULES)?;
-    let mut w = CpioWriter::new(Vec::new());
-    w.file("init", 0o755, &init)?;
-    for d in ["dev", "proc", "sys", "tmp"] {
-        w.dir(d, 0o755)?;
-    }
-    let mut list = String::new();
-    for m in &modules {
-        let path = format!("lib/modules/{}.ko", m.name);
-        w.file(&path, 0o644, &m.bytes)?;
-        list.push('/');
-        list.push_str(&path);
-        list.push('\n');
-    }
-    w.file("etc/reddog/modules", 0o644, list.as_bytes())?;
-    Ok((w.finish()?, modules.into_iter().map(|m| m.name).collect()))
+    let agent = crate::artifacts::static_bin("guest-agent", "reddog-guest")?;
+    guest_image::initramfs(kernel, &agent)
 }

@@ -1,8 +1,10 @@
-//! `reddog`: the user-facing command line. `reddog image ...` is the disk
-//! image tool (create, create-diff, info, check, convert); the other commands
-//! drive a running `reddog-agent` over its unix socket.
+//! `reddog`: the user-facing command line. `reddog image ...` is the image
+//! tool: disk images (create, create-diff, info, check, convert: the `vhd`
+//! crate) and the guest's artifacts (kernel, initramfs, os-base: the
+//! `guest-image` crate); the other commands drive a running `reddog-agent` over
+//! its unix socket.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use agent::client::ApiClient;
 use anyhow::Context;
@@ -27,9 +29,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create, inspect, check and convert raw, qcow2 and VHD disk images.
+    /// Disk images (raw, qcow2, VHD) and the guest's kernel, initramfs and OS base image.
     #[command(subcommand)]
-    Image(vhd::cli::ImageCommand),
+    Image(ImageCmd),
     /// The goal state.
     #[command(subcommand)]
     Goal(GoalCommand),
@@ -45,6 +47,116 @@ enum Command {
     /// The agent's image cache.
     #[command(subcommand)]
     Cache(CacheCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    #[command(flatten)]
+    Disk(vhd::cli::ImageCommand),
+    /// Fetch Debian 12's stock cloud kernel with apt (checked against apt's
+    /// sha256), extract and cache it; print the paths of the bzImage, vmlinux and
+    /// modules directory as JSON.
+    Kernel {
+        /// The cache root (default `$REDDOG_CACHE`, else `$HOME/.cache/reddog`).
+        #[arg(long, value_name = "DIR")]
+        cache: Option<PathBuf>,
+    },
+    /// Build the guest initramfs: a static reddog-guest as /init plus the cached
+    /// kernel's virtio and vsock modules (fetching the kernel if needed).
+    Initramfs {
+        /// A statically linked reddog-guest.
+        #[arg(long, value_name = "PATH")]
+        guest_agent: PathBuf,
+        /// Where to write the initramfs (newc cpio).
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+        /// The kernel cache root (default `$REDDOG_CACHE`, else `$HOME/.cache/reddog`).
+        #[arg(long, value_name = "DIR")]
+        kernel_cache: Option<PathBuf>,
+    },
+    /// Build the OS base image: raw ext4 (label reddog-os) with Debian's
+    /// busybox-static and a static reddog-guest as /sbin/reddog-guest.
+    OsBase {
+        /// A statically linked reddog-guest.
+        #[arg(long, value_name = "PATH")]
+        guest_agent: PathBuf,
+        /// Where to write the image.
+        #[arg(long, short = 'o', value_name = "FILE")]
+        output: PathBuf,
+    },
+}
+
+fn kernel_in(cache: Option<&Path>) -> anyhow::Result<guest_image::KernelArtifacts> {
+    let cache = match cache {
+        Some(c) => c.to_owned(),
+        None => guest_image::artifacts::cache_root()?,
+    };
+    let k = guest_image::debian_kernel_in(&cache)?;
+    k.verify()?;
+    Ok(k)
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+/// `reddog image ...`: returns the exit code.
+fn image(cmd: &ImageCmd) -> anyhow::Result<i32> {
+    match cmd {
+        ImageCmd::Disk(cmd) => return Ok(vhd::cli::run(cmd)?),
+        ImageCmd::Kernel { cache } => {
+            let k = kernel_in(cache.as_deref())?;
+            print_json(&serde_json::json!({
+                "package": k.package,
+                "version": k.version,
+                "release": k.release,
+                "deb_sha256": k.deb_sha256,
+                "dir": k.dir,
+                "bzimage": k.vmlinuz,
+                "vmlinux": k.vmlinux,
+                "modules_dir": k.modules_dir,
+            }))?;
+        }
+        ImageCmd::Initramfs {
+            guest_agent,
+            output,
+            kernel_cache,
+        } => {
+            // Refuse a dynamic guest agent before fetching anything.
+            guest_image::artifacts::require_static(
+                guest_agent,
+                "build reddog-guest with RUSTFLAGS=\"-C target-feature=+crt-static\"",
+            )?;
+            let k = kernel_in(kernel_cache.as_deref())?;
+            let (bytes, modules) = guest_image::initramfs(&k, guest_agent)?;
+            std::fs::write(output, &bytes)
+                .with_context(|| format!("cannot write {}", output.display()))?;
+            print_json(&serde_json::json!({
+                "initramfs": output,
+                "bytes": bytes.len(),
+                "modules": modules,
+                "kernel_release": k.release,
+                "vmlinux": k.vmlinux,
+                "bzimage": k.vmlinuz,
+            }))?;
+        }
+        ImageCmd::OsBase {
+            guest_agent,
+            output,
+        } => {
+            let busybox = guest_image::os_image::write_base_image(guest_agent, output)?;
+            print_json(&serde_json::json!({
+                "image": output,
+                "format": "raw",
+                "label": "reddog-os",
+                "size": guest_image::os_image::BASE_IMAGE_SIZE,
+                "busybox_static": busybox,
+                "layout": guest_image::os_image::LAYOUT_VERSION,
+            }))?;
+        }
+    }
+    Ok(0)
 }
 
 #[derive(Debug, Subcommand)]
@@ -146,7 +258,7 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::Image(cmd) = &cli.cmd {
-        let code = vhd::cli::run(cmd)?;
+        let code = image(cmd)?;
         std::process::exit(code);
     }
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -1,4 +1,4 @@
-//! Just enough ELF64 (little-endian) reading for the test artifacts: program
+//! Just enough ELF64 (little-endian) reading for the image artifacts: program
 //! headers (is a binary static? does a kernel carry the PVH note?) and sections
 //! (a kernel module's `.modinfo`). Every offset is bounds-checked: the input is a
 //! downloaded file.
