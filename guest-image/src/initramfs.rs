@@ -11,6 +11,11 @@ use crate::cpio::{CpioError, CpioWriter};
 /// dependencies are added from each module's `depends=`).
 pub const GUEST_MODULES: [&str; 3] = ["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"];
 
+/// Modules added when the kernel has them as modules (when they are built in,
+/// there is nothing to load): the ACPI power button and the input event
+/// devices through which `reddog-guest` sees it being pressed.
+pub const OPTIONAL_GUEST_MODULES: [&str; 2] = ["button", "evdev"];
+
 /// Errors building the guest initramfs.
 #[derive(Debug, thiserror::Error)]
 pub enum InitramfsError {
@@ -47,7 +52,20 @@ pub fn initramfs(
         "build reddog-guest with RUSTFLAGS=\"-C target-feature=+crt-static\" \
          (cargo build --release -p guest-agent --target x86_64-unknown-linux-gnu)",
     )?;
-    let modules = kernel.modules_with_deps(&GUEST_MODULES)?;
+    let mut modules = kernel.modules_with_deps(&GUEST_MODULES)?;
+    for name in OPTIONAL_GUEST_MODULES {
+        match kernel.modules_with_deps(&[name]) {
+            Ok(extra) => {
+                for m in extra {
+                    if !modules.iter().any(|x| x.name == m.name) {
+                        modules.push(m);
+                    }
+                }
+            }
+            Err(artifacts::ArtifactError::NoModule { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
     let mut w = CpioWriter::new(Vec::new());
     w.file("init", 0o755, &init)?;
     for d in ["dev", "proc", "sys", "tmp"] {

@@ -22,9 +22,9 @@ use vmm_api::ExitReason;
 const AGENT_PORT: u32 = 1024;
 const WEB_PORT: u16 = 8080;
 
-#[test]
-fn web_role_becomes_ready_heartbeats_flow_and_shutdown_powers_off() {
-    let started = Instant::now();
+/// Everything a web-role guest needs: kernel, initramfs, OS overlay over the
+/// cached base, resource and role disks, vsock, the host-side listener.
+fn web_role_vm(started: Instant) -> (testkit::KernelArtifacts, InnerVm, tempfile::TempDir) {
     let k = testkit::debian_kernel().unwrap_or_else(|e| panic!("Debian's cloud kernel: {e}"));
     let (initrd, modules) = testkit::guest::initramfs(&k).expect("guest initramfs");
     let base = os_image::base_image().expect("OS base image");
@@ -69,6 +69,13 @@ fn web_role_becomes_ready_heartbeats_flow_and_shutdown_powers_off() {
     let listener =
         testkit::artifacts::static_bin("testkit", "guest-listener").expect("guest-listener");
     vm.bins = vec![("guest-listener".into(), listener)];
+    (k, vm, work)
+}
+
+#[test]
+fn web_role_becomes_ready_heartbeats_flow_and_shutdown_powers_off() {
+    let started = Instant::now();
+    let (k, mut vm, _work) = web_role_vm(started);
     vm.before = Some(format!(
         "/bin/guest-listener /tmp/vm.sock_{AGENT_PORT} --interval-ms 500 --shutdown-after 3 --deadline-ms 5000 > /out/listener 2>&1 &\n"
     ));
@@ -127,6 +134,57 @@ fn web_role_becomes_ready_heartbeats_flow_and_shutdown_powers_off() {
         .count();
     assert!(beats >= 3, "{beats} heartbeats\n{all}");
     assert!(lines.iter().any(|l| l.contains("state=Ready")), "{all}");
+    assert_eq!(run.status, Some(0), "{all}");
+    let report = run.report.as_ref().expect("exit report");
+    assert_eq!(report.reason, ExitReason::PowerOff, "{all}");
+}
+
+/// The host's `shutdown acpi` on the VMM's control socket presses the guest's
+/// power button (GED -> Linux's button driver -> KEY_POWER on evdev), and
+/// reddog-guest runs the same orderly shutdown as for the host's Shutdown frame.
+#[test]
+fn the_acpi_power_button_shuts_the_guest_down_in_order() {
+    let started = Instant::now();
+    let (k, mut vm, _work) = web_role_vm(started);
+    let ctl = testkit::artifacts::static_bin("testkit", "vmm-ctl").expect("vmm-ctl");
+    vm.bins.push(("vmm-ctl".into(), ctl));
+    vm.extra_args.push("--api-sock /tmp/vm.api".into());
+    // No Shutdown frame from the listener: only the power button.
+    vm.before = Some(format!(
+        "/bin/guest-listener /tmp/vm.sock_{AGENT_PORT} --interval-ms 500 > /out/listener 2>&1 &\n"
+    ));
+    vm.during = Some(
+        "i=0\n\
+         while ! grep -q ' ready' /out/listener 2>/dev/null; do\n\
+           i=$((i+1)); [ $i -gt 600 ] && { echo 'guest never ready'; exit 1; }; sleep 0.1\n\
+         done\n\
+         sleep 1\n\
+         /bin/vmm-ctl /tmp/vm.api shutdown-acpi\n"
+            .into(),
+    );
+    let run = nested::run_vmm(&k, &vm).unwrap_or_else(|e| panic!("nested run: {e}"));
+    eprintln!(
+        "outer machine {:.1} s (reddog-vmm inside {} ms), whole test {:.1} s",
+        run.outer.elapsed.as_secs_f64(),
+        run.report.as_ref().map_or(0, |r| r.total_us / 1000),
+        started.elapsed().as_secs_f64()
+    );
+    let during = run.outer.section("during").unwrap_or("").to_owned();
+    let all = format!("--- during\n{during}\n{}", run.describe());
+    assert!(during.contains("ok {\"mode\":\"acpi\"}"), "the VMM took the request\n{all}");
+    let guest = run.lines("reddog-guest");
+    let has = |l: &str| guest.iter().any(|g| g.starts_with(l));
+    for want in [
+        "module button ok",
+        "module evdev ok",
+        "power-button: watching",
+        "role ready: pid",
+        "power-button: pressed; shutting down",
+        "unmounted /role",
+        "poweroff",
+    ] {
+        assert!(has(want), "guest console lacks {want:?}\n{all}");
+    }
     assert_eq!(run.status, Some(0), "{all}");
     let report = run.report.as_ref().expect("exit report");
     assert_eq!(report.reason, ExitReason::PowerOff, "{all}");
