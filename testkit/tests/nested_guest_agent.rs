@@ -171,7 +171,10 @@ fn the_acpi_power_button_shuts_the_guest_down_in_order() {
     );
     let during = run.outer.section("during").unwrap_or("").to_owned();
     let all = format!("--- during\n{during}\n{}", run.describe());
-    assert!(during.contains("ok {\"mode\":\"acpi\"}"), "the VMM took the request\n{all}");
+    assert!(
+        during.contains("ok {\"mode\":\"acpi\"}"),
+        "the VMM took the request\n{all}"
+    );
     let guest = run.lines("reddog-guest");
     let has = |l: &str| guest.iter().any(|g| g.starts_with(l));
     for want in [
