@@ -195,6 +195,17 @@ pub async fn request_unix(
 pub async fn download(
     url: &HttpUrl,
     timeout: Duration,
+    sink: impl FnMut(&[u8]) -> Result<(), String> + Send,
+) -> Result<StatusCode, HttpError> {
+    download_with_length(url, timeout, |_| {}, sink).await
+}
+
+/// [`download`], telling `on_length` the body's announced length (the
+/// `Content-Length` header, if any) before the first chunk.
+pub async fn download_with_length(
+    url: &HttpUrl,
+    timeout: Duration,
+    on_length: impl FnOnce(Option<u64>) + Send,
     mut sink: impl FnMut(&[u8]) -> Result<(), String> + Send,
 ) -> Result<StatusCode, HttpError> {
     let ex = |why: String| HttpError::Exchange {
@@ -224,6 +235,12 @@ pub async fn download(
         if !status.is_success() {
             return Ok(status);
         }
+        on_length(
+            resp.headers()
+                .get(hyper::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok()),
+        );
         let mut body = resp.into_body();
         loop {
             // The timeout is per read: a stalled server fails, a slow big

@@ -174,10 +174,15 @@ enum GoalCommand {
 enum CacheCommand {
     /// List cached base images.
     List,
-    /// Import a base image file (a path on the agent's node).
+    /// Import a base image: a file on the agent's node, or an http:// URL
+    /// (downloaded here with a progress bar, then imported; `--sha256` required).
     Import {
-        /// The image.
-        path: PathBuf,
+        /// The image file (or use --url).
+        #[arg(required_unless_present = "url", conflicts_with = "url")]
+        path: Option<PathBuf>,
+        /// Download the image from this http:// URL.
+        #[arg(long)]
+        url: Option<String>,
         /// Its format: raw, qcow2 or vhd.
         #[arg(long, short = 'f')]
         format: String,
@@ -238,10 +243,26 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
         Command::Cache(CacheCommand::List) => c.call(Method::GET, "/v1/images", None).await?,
         Command::Cache(CacheCommand::Import {
             path,
+            url,
             format,
             sha256,
         }) => {
-            let path = std::path::absolute(path)?;
+            // A URL is downloaded next to us (same node) with a progress bar,
+            // then imported like a file; the agent checks the sha256.
+            let tmp = match url {
+                Some(u) => {
+                    if sha256.is_none() {
+                        anyhow::bail!("--url needs --sha256: a download is only imported when its hash is known");
+                    }
+                    Some(download_with_progress(u).await?)
+                }
+                None => None,
+            };
+            let path = match (&tmp, path) {
+                (Some(t), _) => t.path().to_owned(),
+                (None, Some(p)) => std::path::absolute(p)?,
+                (None, None) => anyhow::bail!("give an image path or --url"),
+            };
             let body = serde_json::json!({ "path": path, "format": format, "sha256": sha256 });
             c.call(Method::POST, "/v1/images", Some(serde_json::to_vec(&body)?))
                 .await?
@@ -253,6 +274,65 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
         Err(_) => print!("{out}"),
     }
     Ok(())
+}
+
+/// Downloads `url` into a temporary file, drawing a progress bar on stderr.
+async fn download_with_progress(url: &str) -> anyhow::Result<tempfile::NamedTempFile> {
+    use std::io::Write as _;
+    let parsed = agent::http::HttpUrl::parse(url)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix("reddog-import-")
+        .tempfile()?;
+    let started = std::time::Instant::now();
+    let total = std::sync::Mutex::new(None::<u64>);
+    let mut done = 0u64;
+    let mut last_draw = std::time::Instant::now() - std::time::Duration::from_secs(1);
+    let draw = |done: u64, total: Option<u64>, last: bool| {
+        let mib = |b: u64| b as f64 / (1 << 20) as f64;
+        let rate = mib(done) / started.elapsed().as_secs_f64().max(1e-3);
+        let line = match total {
+            Some(t) if t > 0 => {
+                let pct = (done.min(t) * 100 / t) as usize;
+                let bar: String = (0..30)
+                    .map(|i| if i * 100 / 30 < pct { '#' } else { ' ' })
+                    .collect();
+                format!(
+                    "\r[{bar}] {pct:3}% {:.1}/{:.1} MiB {rate:.1} MiB/s",
+                    mib(done),
+                    mib(t)
+                )
+            }
+            _ => format!("\r{:.1} MiB {rate:.1} MiB/s", mib(done)),
+        };
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "{line}{}", if last { "\n" } else { "" });
+        let _ = err.flush();
+    };
+    let status = agent::http::download_with_length(
+        &parsed,
+        std::time::Duration::from_secs(30),
+        |len| *total.lock().unwrap_or_else(|p| p.into_inner()) = len,
+        |chunk| {
+            tmp.write_all(chunk).map_err(|e| e.to_string())?;
+            done += chunk.len() as u64;
+            if last_draw.elapsed() >= std::time::Duration::from_millis(100) {
+                last_draw = std::time::Instant::now();
+                draw(
+                    done,
+                    *total.lock().unwrap_or_else(|p| p.into_inner()),
+                    false,
+                );
+            }
+            Ok(())
+        },
+    )
+    .await?;
+    if !status.is_success() {
+        anyhow::bail!("download {url}: HTTP {status}");
+    }
+    draw(done, *total.lock().unwrap_or_else(|p| p.into_inner()), true);
+    tmp.as_file().sync_all()?;
+    Ok(tmp)
 }
 
 fn main() -> anyhow::Result<()> {
