@@ -1,21 +1,16 @@
 //! `reddog cache import --url`: the CLI downloads with a progress bar and the
 //! agent imports the file, checking its sha256.
 
+mod common;
+
+use common::Daemon;
+
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Serves `body` at any path to `n` clients on 127.0.0.1, then stops.
 fn serve(body: Vec<u8>, n: usize) -> String {
@@ -63,11 +58,7 @@ fn import_by_url_shows_progress_and_checks_the_hash() {
         .spawn()
         .expect("spawn reddog-agent");
     let _d = Daemon(child);
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(t.elapsed() < Duration::from_secs(20), "no agent socket");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_socket(&sock);
     let body: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
     let sha = hex(&Sha256::digest(&body));
     let url = serve(body, 2);

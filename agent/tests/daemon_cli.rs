@@ -1,16 +1,11 @@
 //! `reddog-agent --fake` driven by the `reddog` CLI over the unix socket.
 
+mod common;
+
+use common::Daemon;
+
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn reddog(sock: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_reddog"))
@@ -58,14 +53,7 @@ fn daemon_and_cli() {
         .spawn()
         .expect("spawn reddog-agent");
     let mut d = Daemon(child);
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the agent did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::wait_for_socket(&sock);
     let img = dir.path().join("base.raw");
     std::fs::write(&img, b"image").expect("write");
     let imported: serde_json::Value = serde_json::from_str(&ok(reddog(

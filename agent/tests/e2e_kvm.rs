@@ -5,6 +5,10 @@
 //!
 //! KVM tests: they fail, never skip, without /dev/kvm.
 
+mod common;
+
+use common::Daemon;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -435,16 +439,6 @@ async fn a_silent_guest_is_restarted_a_crash_loop_fails_and_a_hostile_guest_is_c
     }
 }
 
-/// `reddog-agent` (the daemon, real backends) as a child process.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn start_daemon(state: &Path, sock: &Path, vmm: &Path, log: &Path) -> Daemon {
     let cmdline = format!("quiet exit=acpi smp=0 vsock={VSOCK_BASE} agent_port={{vsock_port}}");
     let log = std::fs::File::create(log).expect("log file");
@@ -473,15 +467,9 @@ fn start_daemon(state: &Path, sock: &Path, vmm: &Path, log: &Path) -> Daemon {
         .stderr(log)
         .spawn()
         .expect("spawn reddog-agent");
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the agent did not create its socket"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Daemon(child)
+    let d = Daemon(child);
+    common::wait_for_socket(sock);
+    d
 }
 
 fn cli(sock: &Path, args: &[&str]) -> String {
@@ -633,15 +621,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
     let record = h.record();
     let _guard = KillOnDrop(vec![record.pid]);
     let sock = record.control_socket.clone().expect("a control socket");
-    let t = Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(10),
-            "no control socket at {}",
-            sock.display()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for_socket(&sock);
     h.stop(StopMode::Graceful)
         .await
         .expect("graceful stop asked");
