@@ -4,7 +4,7 @@ mod common;
 
 use common::Daemon;
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn reddog(sock: &std::path::Path, args: &[&str]) -> Output {
