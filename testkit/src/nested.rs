@@ -387,7 +387,25 @@ impl OuterMachine {
     /// limit) for it to power off. Outer machines of one process run one at a
     /// time: each keeps two host CPUs busy, and the limit should measure the
     /// machine, not the queue.
+    ///
+    /// One retry, only for a known flake of the emulated machine: QEMU 7.2's
+    /// TCG emulation of SVM occasionally wedges the outer kernel's KVM (its
+    /// watchdog reports "soft lockup" on the inner VM's vCPU threads, stuck
+    /// inside `KVM_RUN`, which no user-space VMM can cause or end). Any other
+    /// failure, a timeout without that signature included, fails at once.
     pub fn run(&self) -> Result<NestedReport, NestedError> {
+        match self.run_once() {
+            Err(NestedError::Timeout { tail, .. }) if tail.contains("soft lockup") => {
+                eprintln!(
+                    "nested: the emulated machine's KVM locked up (\"soft lockup\" on the vCPU threads, a QEMU TCG SVM flake); retrying once"
+                );
+                self.run_once()
+            }
+            other => other,
+        }
+    }
+
+    fn run_once(&self) -> Result<NestedReport, NestedError> {
         let _one_at_a_time = ONE_MACHINE
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -657,7 +675,9 @@ pub fn run_vmm(kernel: &KernelArtifacts, vm: &InnerVm) -> Result<InnerRun, Neste
         .file("guest/cmdline", 0o644, vm.cmdline.clone().into_bytes())
         .file("guest/args", 0o644, args.into_bytes())
         .scenario(INNER_SCENARIO)
-        .timeout(DEFAULT_TIMEOUT.max(Duration::from_millis(vm.timeout_ms + 120_000)));
+        // The inner VMM's own limit plus the outer machine's boot and
+        // reporting: a wedged run is cut short (and retried) sooner.
+        .timeout(Duration::from_millis(vm.timeout_ms + 40_000).max(Duration::from_secs(90)));
     if let Some(initrd) = &vm.initrd {
         m = m.file("guest/initrd", 0o644, initrd.clone());
     }
