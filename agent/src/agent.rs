@@ -55,6 +55,15 @@ impl AgentConfig {
     }
 }
 
+/// A VMM's own view of itself, from its control socket.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VmmView {
+    /// `info`: config, state, pid, vCPUs, memory, uptime, boot times.
+    pub info: vmm_api::control::Info,
+    /// `metrics`: exit counters, console bytes, power-button presses.
+    pub metrics: vmm_api::control::Metrics,
+}
+
 /// The three seams the agent drives.
 #[derive(Clone)]
 pub struct Backends {
@@ -447,6 +456,34 @@ impl Agent {
             Ok(())
         })
         .await
+    }
+
+    /// The running VMM of instance `id` as it reports itself over its control
+    /// socket: `info` and `metrics` (`docs/vmm-api.md`). `None` when there is
+    /// no such instance; an error when it has no running VMM with a control
+    /// socket, or the VMM does not answer within 2 s.
+    pub async fn vmm_view(&self, id: &str) -> Option<Result<VmmView, String>> {
+        self.instance(id)?;
+        let record: Option<InstanceRecord> =
+            match read_json(&self.ctx.instance_dir(id).join("record.json")) {
+                Ok(r) => r,
+                Err(e) => return Some(Err(e.to_string())),
+            };
+        let Some(sock) = record.and_then(|r| r.vmm).and_then(|v| v.control_socket) else {
+            return Some(Err(format!(
+                "instance {id} has no running VMM with a control socket"
+            )));
+        };
+        let view = tokio::task::spawn_blocking(move || {
+            let mut c = vmm_api::control::Client::connect(&sock).map_err(|e| e.to_string())?;
+            c.set_timeout(Some(std::time::Duration::from_secs(2)))
+                .map_err(|e| e.to_string())?;
+            let info = c.info().map_err(|e| e.to_string())?;
+            let metrics = c.metrics().map_err(|e| e.to_string())?;
+            Ok(VmmView { info, metrics })
+        })
+        .await;
+        Some(view.unwrap_or_else(|e| Err(format!("control-socket task failed: {e}"))))
     }
 
     /// Every instance (without histories).

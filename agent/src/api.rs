@@ -24,6 +24,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("PUT", "/v1/goal"),
     ("GET", "/v1/instances"),
     ("GET", "/v1/instances/{id}"),
+    ("GET", "/v1/instances/{id}/vmm"),
     ("GET", "/v1/node"),
     ("GET", "/v1/images"),
     ("POST", "/v1/images"),
@@ -61,6 +62,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/goal", get(get_goal).put(put_goal))
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
+        .route("/v1/instances/{id}/vmm", get(get_instance_vmm))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc_images))
@@ -108,6 +110,22 @@ async fn list_instances(State(a): State<Agent>) -> Response {
 async fn get_instance(State(a): State<Agent>, UrlPath(id): UrlPath<String>) -> Response {
     match a.instance(&id) {
         Some(s) => Json(s).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no instance {:?}",
+                crate::util::escape_guest_text(id.as_bytes(), 64)
+            ),
+        ),
+    }
+}
+
+/// `GET /v1/instances/{id}/vmm`: the VMM's `info` and `metrics` from its
+/// control socket.
+async fn get_instance_vmm(State(a): State<Agent>, UrlPath(id): UrlPath<String>) -> Response {
+    match a.vmm_view(&id).await {
+        Some(Ok(v)) => Json(v).into_response(),
+        Some(Err(e)) => error(StatusCode::CONFLICT, e),
         None => error(
             StatusCode::NOT_FOUND,
             format!(

@@ -42,6 +42,12 @@ enum Command {
         /// Its id.
         id: String,
     },
+    /// An instance's VMM as it reports itself over its control socket:
+    /// info and metrics (JSON).
+    Vmm {
+        /// The instance's id.
+        id: String,
+    },
     /// The node report (JSON).
     Node,
     /// The agent's image cache.
@@ -237,6 +243,10 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Instance { id } => {
             c.call(Method::GET, &format!("/v1/instances/{id}"), None)
+                .await?
+        }
+        Command::Vmm { id } => {
+            c.call(Method::GET, &format!("/v1/instances/{id}/vmm"), None)
                 .await?
         }
         Command::Node => c.call(Method::GET, "/v1/node", None).await?,
