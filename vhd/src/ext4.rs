@@ -6,12 +6,28 @@ use crate::raw;
 use std::path::Path;
 use std::process::Command;
 
-/// Runs mkfs.ext4 with `args` on `image`.
-fn mkfs(image: &Path, args: &[&str]) -> Result<()> {
+/// Formats `image` ext4 with `label` and `extra` options (lazy inode table and
+/// journal initialisation, no reserved blocks); removes the image when that fails,
+/// so no half-made disk is left behind.
+fn mkfs(image: &Path, label: &str, extra: &[&str]) -> Result<()> {
+    let r = run_mkfs(image, label, extra);
+    if r.is_err() {
+        let _ = std::fs::remove_file(image);
+    }
+    r
+}
+
+fn run_mkfs(image: &Path, label: &str, extra: &[&str]) -> Result<()> {
     let op = "format ext4";
     let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F"])
-        .args(args)
+        .args(["-q", "-F", "-L", label])
+        .args(extra)
+        .args([
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+            "-m",
+            "0",
+        ])
         .arg(image)
         .output()
         .map_err(|e| {
@@ -58,21 +74,7 @@ pub fn create_resource_disk(path: &Path, size: u64, format: bool, label: &str) -
     check_label(label).map_err(|e| e.with_path(path))?;
     raw::create(path, size)?;
     if format {
-        let r = mkfs(
-            path,
-            &[
-                "-L",
-                label,
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                "-m",
-                "0",
-            ],
-        );
-        if let Err(e) = r {
-            let _ = std::fs::remove_file(path);
-            return Err(e);
-        }
+        mkfs(path, label, &[])?;
     }
     Ok(())
 }
@@ -131,22 +133,5 @@ pub fn create_role_disk(path: &Path, dir: &Path, size: Option<u64>, label: &str)
         )
         .with_path(path)
     })?;
-    let r = mkfs(
-        path,
-        &[
-            "-L",
-            label,
-            "-d",
-            dir_s,
-            "-E",
-            "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-            "-m",
-            "0",
-        ],
-    );
-    if let Err(e) = r {
-        let _ = std::fs::remove_file(path);
-        return Err(e);
-    }
-    Ok(())
+    mkfs(path, label, &["-d", dir_s])
 }
