@@ -80,6 +80,33 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// An HTTP/1 connection over `io`: the request sender, and the task that
+/// drives the connection (abort it when done).
+async fn handshake<S>(
+    io: S,
+    addr: &str,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        tokio::task::JoinHandle<()>,
+    ),
+    HttpError,
+>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| HttpError::Exchange {
+            addr: addr.into(),
+            why: e.to_string(),
+        })?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((sender, task))
+}
+
 async fn exchange<S>(
     io: S,
     addr: &str,
@@ -93,12 +120,7 @@ where
         addr: addr.into(),
         why,
     };
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| ex(e.to_string()))?;
-    let conn_task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (mut sender, conn_task) = handshake(io, addr).await?;
     let result = async {
         let resp = sender
             .send_request(req)
@@ -219,12 +241,7 @@ pub async fn download_with_length(
             addr: url.addr.clone(),
             source,
         })?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
-        .await
-        .map_err(|e| ex(e.to_string()))?;
-    let conn_task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
+    let (mut sender, conn_task) = handshake(s, &url.addr).await?;
     let result = async {
         let req = build(Method::GET, &url.host, &url.path, None)?;
         let resp = tokio::time::timeout(timeout, sender.send_request(req))
