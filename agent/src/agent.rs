@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use vmm_api::DiskFormat;
 
 use crate::disks::DiskPreparer;
@@ -15,8 +15,8 @@ use crate::events::AgentEvent;
 use crate::guest::{GuestChannel, GuestEndpoint};
 use crate::images::{ImageCache, ImageError, ImageInfo};
 use crate::instance::{
-    lock, new_shared, Desired, HealthPolicy, InstanceRecord, InstanceStatus, Runner, Shared,
-    StartMode,
+    lock, new_shared, Command, Desired, HealthPolicy, InstanceOpError, InstanceRecord,
+    InstanceStatus, Runner, Shared, StartMode,
 };
 use crate::lifecycle::InstanceState;
 use crate::report::{InstanceSummary, NodeReport, UpstreamStats};
@@ -117,9 +117,13 @@ pub struct ApplyOutcome {
     pub removed: Vec<String>,
 }
 
+/// How long a pause or resume may wait for the instance's task.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 pub(crate) struct Entry {
     pub shared: Arc<Mutex<Shared>>,
     pub desired: watch::Sender<Desired>,
+    pub commands: mpsc::Sender<Command>,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -279,7 +283,8 @@ impl Agent {
     ) {
         let shared = Arc::new(Mutex::new(new_shared(&spec, history)));
         let (tx, rx) = watch::channel(desired);
-        let runner = Runner::new(self.ctx.clone(), spec.clone(), shared.clone(), rx);
+        let (cmd_tx, cmd_rx) = mpsc::channel(4);
+        let runner = Runner::new(self.ctx.clone(), spec.clone(), shared.clone(), rx, cmd_rx);
         let span = tracing::info_span!("instance", id = %spec.id);
         let task = tokio::spawn(tracing::Instrument::instrument(runner.run(mode), span));
         map.insert(
@@ -287,6 +292,7 @@ impl Agent {
             Entry {
                 shared,
                 desired: tx,
+                commands: cmd_tx,
                 task,
             },
         );
@@ -350,6 +356,17 @@ impl Agent {
                     why: format!(
                         "role_package {} is not a directory on this node",
                         s.role_package.display()
+                    ),
+                });
+            }
+            let reserved = s.role_package.join(crate::disks::INSTANCE_FILE);
+            if std::fs::symlink_metadata(&reserved).is_ok() {
+                return Err(GoalError::Invalid {
+                    id: s.id.clone(),
+                    why: format!(
+                        "role_package {} contains {}, a name reserved for the agent's instance file; rename it",
+                        s.role_package.display(),
+                        crate::disks::INSTANCE_FILE
                     ),
                 });
             }
@@ -484,6 +501,65 @@ impl Agent {
         })
         .await;
         Some(view.unwrap_or_else(|e| Err(format!("control-socket task failed: {e}"))))
+    }
+
+    /// Pauses instance `id`'s VMM (its vCPUs are parked; memory stays). The
+    /// instance goes `paused` and its heartbeats are not expected until
+    /// [`Agent::resume_instance`]. Pausing is not part of the goal state: a
+    /// VMM the agent restarts, or a new spec, starts running.
+    pub async fn pause_instance(&self, id: &str) -> Result<InstanceStatus, InstanceOpError> {
+        self.instance_command(id, true).await
+    }
+
+    /// Resumes a paused instance: it goes back to the state it was paused in,
+    /// with its heartbeat clock started afresh.
+    pub async fn resume_instance(&self, id: &str) -> Result<InstanceStatus, InstanceOpError> {
+        self.instance_command(id, false).await
+    }
+
+    async fn instance_command(
+        &self,
+        id: &str,
+        pause: bool,
+    ) -> Result<InstanceStatus, InstanceOpError> {
+        let (tx, rx) = oneshot::channel();
+        let cmd = if pause {
+            Command::Pause(tx)
+        } else {
+            Command::Resume(tx)
+        };
+        {
+            let map = lock(&self.ctx.instances);
+            let e = map
+                .get(id)
+                .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))?;
+            let state = lock(&e.shared).lifecycle.state();
+            let ok = if pause {
+                state.can_go_to(InstanceState::Paused)
+            } else {
+                state == InstanceState::Paused
+            };
+            if !ok {
+                return Err(InstanceOpError::WrongState {
+                    id: id.into(),
+                    state,
+                    what: if pause {
+                        "only a starting, booted or ready instance can be paused"
+                    } else {
+                        "only a paused instance can be resumed"
+                    },
+                });
+            }
+            e.commands
+                .try_send(cmd)
+                .map_err(|_| InstanceOpError::Busy(id.into()))?;
+        }
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) | Err(_) => return Err(InstanceOpError::Busy(id.into())),
+        }
+        self.instance(id)
+            .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))
     }
 
     /// Every instance (without histories).

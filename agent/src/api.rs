@@ -13,6 +13,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use vmm_api::DiskFormat;
 
+use crate::instance::InstanceOpError;
 use crate::spec::{GoalError, GoalState};
 use crate::Agent;
 
@@ -25,6 +26,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/instances"),
     ("GET", "/v1/instances/{id}"),
     ("GET", "/v1/instances/{id}/vmm"),
+    ("POST", "/v1/instances/{id}/pause"),
+    ("POST", "/v1/instances/{id}/resume"),
     ("GET", "/v1/node"),
     ("GET", "/v1/images"),
     ("POST", "/v1/images"),
@@ -63,6 +66,8 @@ pub fn router(agent: Agent) -> Router {
         .route("/v1/instances", get(list_instances))
         .route("/v1/instances/{id}", get(get_instance))
         .route("/v1/instances/{id}/vmm", get(get_instance_vmm))
+        .route("/v1/instances/{id}/pause", post(pause_instance))
+        .route("/v1/instances/{id}/resume", post(resume_instance))
         .route("/v1/node", get(node))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/gc", post(gc_images))
@@ -133,6 +138,39 @@ async fn get_instance_vmm(State(a): State<Agent>, UrlPath(id): UrlPath<String>) 
                 crate::util::escape_guest_text(id.as_bytes(), 64)
             ),
         ),
+    }
+}
+
+/// `POST /v1/instances/{id}/pause`: parks the VMM's vCPUs.
+async fn pause_instance(State(a): State<Agent>, UrlPath(id): UrlPath<String>) -> Response {
+    op_response(a.pause_instance(&id).await)
+}
+
+/// `POST /v1/instances/{id}/resume`: lets them run again.
+async fn resume_instance(State(a): State<Agent>, UrlPath(id): UrlPath<String>) -> Response {
+    op_response(a.resume_instance(&id).await)
+}
+
+fn op_response(r: Result<crate::InstanceStatus, InstanceOpError>) -> Response {
+    match r {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => {
+            let status = match &e {
+                InstanceOpError::NoSuchInstance(_) => StatusCode::NOT_FOUND,
+                InstanceOpError::WrongState { .. } => StatusCode::CONFLICT,
+                InstanceOpError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+                InstanceOpError::Vmm { .. } => StatusCode::BAD_GATEWAY,
+            };
+            let msg = match &e {
+                // The id comes from the URL: shown escaped.
+                InstanceOpError::NoSuchInstance(id) => format!(
+                    "no instance {:?}",
+                    crate::util::escape_guest_text(id.as_bytes(), 64)
+                ),
+                _ => e.to_string(),
+            };
+            error(status, msg)
+        }
     }
 }
 

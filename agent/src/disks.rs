@@ -1,18 +1,37 @@
 //! The agent <-> disks seam: an instance's OS disk (differencing over a cached
 //! base), resource disk and role disk. [`VhdDiskPreparer`] makes them with the
 //! `vhd` crate; [`crate::fake::FakeDisks`] is for tests.
+//!
+//! The role disk holds the role package plus one file of the agent's,
+//! [`INSTANCE_FILE`] at its root: the instance's id, role name and environment
+//! for `reddog-guest` (`docs/guest-agent.md`). An update remakes only the disks
+//! the change needs ([`disks_to_rebuild`], [`DiskPreparer::remake`]).
 
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use vmm_api::{BackingConfig, DiskConfig, DiskFormat};
+
+use crate::spec::InstanceSpec;
+
+/// The agent's file at the root of every role disk (a role package may not
+/// hold a file of this name).
+pub const INSTANCE_FILE: &str = "reddog-instance.json";
+/// Largest [`INSTANCE_FILE`] (`reddog-guest` refuses larger ones).
+pub const MAX_INSTANCE_FILE_BYTES: usize = 64 * 1024;
 
 /// What to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskRequest {
     /// The instance.
     pub instance_id: String,
+    /// The role's name (written to [`INSTANCE_FILE`]).
+    pub role: String,
+    /// The role's environment (written to [`INSTANCE_FILE`]).
+    pub env: BTreeMap<String, String>,
     /// Where the disks go (created empty by the agent; removed by it on failure).
     pub dir: PathBuf,
     /// The cached base image (read-only).
@@ -23,6 +42,43 @@ pub struct DiskRequest {
     pub role_package: PathBuf,
     /// Resource disk size, bytes.
     pub resource_disk_bytes: u64,
+}
+
+/// [`INSTANCE_FILE`] as written: `{"version":1,"instance_id":...,"role":...,"env":{...}}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceFile {
+    /// Format version (1).
+    pub version: u32,
+    /// The instance id.
+    pub instance_id: String,
+    /// The role's name.
+    pub role: String,
+    /// The instance's environment (wins over the role manifest's).
+    pub env: BTreeMap<String, String>,
+}
+
+impl InstanceFile {
+    /// The file for `req`.
+    pub fn for_request(req: &DiskRequest) -> Self {
+        Self {
+            version: 1,
+            instance_id: req.instance_id.clone(),
+            role: req.role.clone(),
+            env: req.env.clone(),
+        }
+    }
+
+    /// The JSON bytes, at most [`MAX_INSTANCE_FILE_BYTES`].
+    pub fn to_bytes(&self) -> Result<Vec<u8>, DiskPrepError> {
+        let mut b = serde_json::to_vec(self)
+            .map_err(|e| DiskPrepError::Other(format!("cannot encode {INSTANCE_FILE}: {e}")))?;
+        b.push(b'\n');
+        if b.len() > MAX_INSTANCE_FILE_BYTES {
+            return Err(DiskPrepError::InstanceFileTooLarge { len: b.len() });
+        }
+        Ok(b)
+    }
 }
 
 /// The three disks, in guest order, as the VMM takes them.
@@ -41,6 +97,128 @@ impl PreparedDisks {
     pub fn in_order(&self) -> Vec<DiskConfig> {
         vec![self.os.clone(), self.resource.clone(), self.role.clone()]
     }
+
+    /// The disks in `set`.
+    pub fn select(&self, set: DiskSet) -> Vec<&DiskConfig> {
+        [
+            (set.os, &self.os),
+            (set.resource, &self.resource),
+            (set.role, &self.role),
+        ]
+        .into_iter()
+        .filter_map(|(on, d)| on.then_some(d))
+        .collect()
+    }
+}
+
+/// A subset of an instance's three disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskSet {
+    /// The OS disk.
+    pub os: bool,
+    /// The resource disk.
+    pub resource: bool,
+    /// The role disk.
+    pub role: bool,
+}
+
+impl DiskSet {
+    /// No disk.
+    pub const NONE: DiskSet = DiskSet {
+        os: false,
+        resource: false,
+        role: false,
+    };
+    /// All three.
+    pub const ALL: DiskSet = DiskSet {
+        os: true,
+        resource: true,
+        role: true,
+    };
+
+    /// Whether no disk is in the set.
+    pub fn is_empty(self) -> bool {
+        self == Self::NONE
+    }
+
+    /// Whether all three are.
+    pub fn is_all(self) -> bool {
+        self == Self::ALL
+    }
+
+    /// The disks in either set.
+    #[must_use]
+    pub fn union(self, other: DiskSet) -> DiskSet {
+        DiskSet {
+            os: self.os || other.os,
+            resource: self.resource || other.resource,
+            role: self.role || other.role,
+        }
+    }
+
+    /// The disks not in the set.
+    #[must_use]
+    pub fn complement(self) -> DiskSet {
+        DiskSet {
+            os: !self.os,
+            resource: !self.resource,
+            role: !self.role,
+        }
+    }
+
+    /// How many disks are in the set.
+    pub fn count(self) -> usize {
+        [self.os, self.resource, self.role]
+            .into_iter()
+            .filter(|b| *b)
+            .count()
+    }
+
+    /// For messages: `the OS disk`, `the resource and role disks`, `no disk`.
+    pub fn phrase(self) -> String {
+        match self.count() {
+            0 => "no disk".into(),
+            1 => format!("the {self} disk"),
+            _ => format!("the {self} disks"),
+        }
+    }
+}
+
+impl fmt::Display for DiskSet {
+    /// `OS, resource and role`, `role`, `no`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [
+            (self.os, "OS"),
+            (self.resource, "resource"),
+            (self.role, "role"),
+        ]
+        .into_iter()
+        .filter_map(|(on, n)| on.then_some(n))
+        .collect();
+        match names.as_slice() {
+            [] => f.write_str("no"),
+            [one] => f.write_str(one),
+            [a, b] => write!(f, "{a} and {b}"),
+            [a, b, c] => write!(f, "{a}, {b} and {c}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Which disks an instance needs remade when its spec changes from `old` to
+/// `new`: a new base image remakes the OS disk (the resource disk, scratch
+/// data, survives an OS swap), a new role package, role name or environment
+/// the role disk, a new resource disk size the resource disk; vCPUs, memory
+/// and the heartbeat interval need none (the VMM restarts over the same disks).
+pub fn disks_to_rebuild(old: &InstanceSpec, new: &InstanceSpec) -> DiskSet {
+    if old.id != new.id {
+        return DiskSet::ALL;
+    }
+    DiskSet {
+        os: old.image_sha256() != new.image_sha256(),
+        resource: old.resource_disk_mib != new.resource_disk_mib,
+        role: old.role_package != new.role_package || old.role != new.role || old.env != new.env,
+    }
 }
 
 /// Why the disks could not be made.
@@ -49,6 +227,23 @@ pub enum DiskPrepError {
     /// The role package is missing or not a directory.
     #[error("role package {0} is not a directory; give the path of an unpacked role package")]
     RolePackage(PathBuf),
+    /// The role package holds the agent's reserved file name.
+    #[error("role package {} holds {INSTANCE_FILE}, a name reserved for the agent's instance file (id, role and environment for the guest); remove or rename it in the package", .0.display())]
+    ReservedName(PathBuf),
+    /// The instance's environment does not fit the instance file.
+    #[error("the instance's role, id and environment make {INSTANCE_FILE} {len} bytes, more than the guest accepts ({MAX_INSTANCE_FILE_BYTES}); shorten the environment (each control character takes 6 bytes in JSON)")]
+    InstanceFileTooLarge {
+        /// The encoded size.
+        len: usize,
+    },
+    /// A disk to keep is gone.
+    #[error("the {what} disk {} to keep is missing; the instance needs all disks made again (re-create it)", path.display())]
+    KeptDiskMissing {
+        /// Which disk.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+    },
     /// The `vhd` crate failed.
     #[error("{what}: {source}")]
     Disk {
@@ -68,6 +263,17 @@ pub trait DiskPreparer: Send + Sync {
     /// Makes the three disks in `req.dir`. On error, partial files may remain;
     /// the agent removes the directory.
     async fn prepare(&self, req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError>;
+
+    /// Remakes the disks in `which` for `req` (an update) and keeps the others
+    /// of `current` as they are (same files, same contents). The old files of
+    /// the remade disks are removed first. On error, partial files may remain
+    /// in `req.dir`; the agent removes every file there but the kept disks.
+    async fn remake(
+        &self,
+        req: &DiskRequest,
+        current: &PreparedDisks,
+        which: DiskSet,
+    ) -> Result<PreparedDisks, DiskPrepError>;
 }
 
 /// Real disks through the `vhd` crate (blocking work on tokio's blocking pool).
@@ -82,10 +288,20 @@ fn to_vhd(f: DiskFormat) -> vhd::Format {
     }
 }
 
-fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
+/// Checks the role package and encodes the instance file, before anything is
+/// made or removed.
+fn check_role_inputs(req: &DiskRequest) -> Result<Vec<u8>, DiskPrepError> {
     if !req.role_package.is_dir() {
         return Err(DiskPrepError::RolePackage(req.role_package.clone()));
     }
+    let reserved = req.role_package.join(INSTANCE_FILE);
+    if reserved.symlink_metadata().is_ok() {
+        return Err(DiskPrepError::ReservedName(req.role_package.clone()));
+    }
+    InstanceFile::for_request(req).to_bytes()
+}
+
+fn make_os(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
     let os_path = req.dir.join("os.qcow2");
     let base = vhd::open(
         &req.base,
@@ -106,6 +322,19 @@ fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
             source,
         }
     })?;
+    Ok(DiskConfig {
+        path: os_path,
+        format: DiskFormat::Qcow2,
+        backing: Some(BackingConfig {
+            path: req.base.clone(),
+            format: req.base_format,
+        }),
+        read_only: false,
+        serial: "reddog-os".into(),
+    })
+}
+
+fn make_resource(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
     let res_path = req.dir.join("resource.raw");
     vhd::ext4::create_resource_disk(&res_path, req.resource_disk_bytes, true, "resource").map_err(
         |source| DiskPrepError::Disk {
@@ -113,6 +342,17 @@ fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
             source,
         },
     )?;
+    Ok(DiskConfig {
+        path: res_path,
+        format: DiskFormat::Raw,
+        backing: None,
+        read_only: false,
+        serial: "reddog-resource".into(),
+    })
+}
+
+/// The role disk: the package (`mkfs.ext4 -d`) plus [`INSTANCE_FILE`].
+fn make_role(req: &DiskRequest, instance_file: &[u8]) -> Result<DiskConfig, DiskPrepError> {
     let role_path = req.dir.join("role.raw");
     vhd::ext4::create_role_disk(&role_path, &req.role_package, None, "role").map_err(|source| {
         DiskPrepError::Disk {
@@ -120,32 +360,83 @@ fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
             source,
         }
     })?;
-    Ok(PreparedDisks {
-        os: DiskConfig {
-            path: os_path,
-            format: DiskFormat::Qcow2,
-            backing: Some(BackingConfig {
-                path: req.base.clone(),
-                format: req.base_format,
-            }),
-            read_only: false,
-            serial: "reddog-os".into(),
-        },
-        resource: DiskConfig {
-            path: res_path,
-            format: DiskFormat::Raw,
-            backing: None,
-            read_only: false,
-            serial: "reddog-resource".into(),
-        },
-        role: DiskConfig {
-            path: role_path,
-            format: DiskFormat::Raw,
-            backing: None,
-            read_only: true,
-            serial: "reddog-role".into(),
-        },
+    vhd::ext4::add_file(&role_path, INSTANCE_FILE, instance_file).map_err(|source| {
+        DiskPrepError::Disk {
+            what: "write the instance file to the role disk",
+            source,
+        }
+    })?;
+    Ok(DiskConfig {
+        path: role_path,
+        format: DiskFormat::Raw,
+        backing: None,
+        read_only: true,
+        serial: "reddog-role".into(),
     })
+}
+
+fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
+    let instance_file = check_role_inputs(req)?;
+    Ok(PreparedDisks {
+        os: make_os(req)?,
+        resource: make_resource(req)?,
+        role: make_role(req, &instance_file)?,
+    })
+}
+
+fn remove_old(d: &DiskConfig) -> Result<(), DiskPrepError> {
+    match std::fs::remove_file(&d.path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(DiskPrepError::Other(format!(
+            "cannot remove the old disk {}: {e}; check the state directory's permissions",
+            d.path.display()
+        ))),
+    }
+}
+
+/// Fails unless every disk of `current` outside `which` is still there.
+pub fn check_kept(current: &PreparedDisks, which: DiskSet) -> Result<(), DiskPrepError> {
+    for (what, on, d) in [
+        ("OS", which.os, &current.os),
+        ("resource", which.resource, &current.resource),
+        ("role", which.role, &current.role),
+    ] {
+        if !on && !d.path.is_file() {
+            return Err(DiskPrepError::KeptDiskMissing {
+                what,
+                path: d.path.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn remake_blocking(
+    req: &DiskRequest,
+    current: &PreparedDisks,
+    which: DiskSet,
+) -> Result<PreparedDisks, DiskPrepError> {
+    check_kept(current, which)?;
+    let instance_file = if which.role {
+        Some(check_role_inputs(req)?)
+    } else {
+        None
+    };
+    for d in current.select(which) {
+        remove_old(d)?;
+    }
+    let mut out = current.clone();
+    if which.os {
+        out.os = make_os(req)?;
+    }
+    if which.resource {
+        out.resource = make_resource(req)?;
+    }
+    if let Some(f) = instance_file {
+        out.role = make_role(req, &f)?;
+    }
+    Ok(out)
 }
 
 #[async_trait]
@@ -156,14 +447,66 @@ impl DiskPreparer for VhdDiskPreparer {
             .await
             .map_err(|e| DiskPrepError::Other(format!("disk preparation task failed: {e}")))?
     }
+
+    async fn remake(
+        &self,
+        req: &DiskRequest,
+        current: &PreparedDisks,
+        which: DiskSet,
+    ) -> Result<PreparedDisks, DiskPrepError> {
+        let (req, current) = (req.clone(), current.clone());
+        tokio::task::spawn_blocking(move || remake_blocking(&req, &current, which))
+            .await
+            .map_err(|e| DiskPrepError::Other(format!("disk preparation task failed: {e}")))?
+    }
+}
+
+/// Removes every entry of `dir` except the files of `keep` (what a failed
+/// [`DiskPreparer::remake`] leaves behind).
+pub fn remove_all_but(dir: &Path, keep: &[&Path]) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if keep.iter().any(|k| *k == p) {
+            continue;
+        }
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(err) = r {
+            tracing::warn!("cannot remove {}: {err}", p.display());
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+    use std::process::Command;
 
-    #[tokio::test]
-    async fn makes_three_disks_over_a_base() {
+    /// `debugfs -R "cat /name"` of an ext4 image.
+    fn cat(image: &Path, name: &str) -> Vec<u8> {
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("cat /{name}"))
+            .arg(image)
+            .output()
+            .expect("debugfs");
+        out.stdout
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        base: PathBuf,
+        req: DiskRequest,
+    }
+
+    fn setup() -> Setup {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().join("base.raw");
         vhd::create(&base, vhd::Format::Raw, &vhd::CreateOptions::new(8 << 20)).expect("base");
@@ -174,12 +517,20 @@ mod tests {
         std::fs::create_dir(&inst).expect("mkdir");
         let req = DiskRequest {
             instance_id: "a".into(),
-            dir: inst.clone(),
+            role: "web".into(),
+            env: [("MODE".to_string(), "prod \"quoted\"\n".to_string())].into(),
+            dir: inst,
             base: base.clone(),
             base_format: DiskFormat::Raw,
-            role_package: role.clone(),
+            role_package: role,
             resource_disk_bytes: 16 << 20,
         };
+        Setup { dir, base, req }
+    }
+
+    #[tokio::test]
+    async fn makes_three_disks_over_a_base_with_the_instance_file() {
+        let Setup { dir, base, req } = setup();
         let d = VhdDiskPreparer.prepare(&req).await.expect("prepare");
         assert_eq!(d.in_order().len(), 3);
         let os = vhd::open(
@@ -192,16 +543,202 @@ mod tests {
         .expect("open overlay");
         assert_eq!(os.size(), 8 << 20);
         assert!(d.role.read_only);
+        // The role disk holds the package and the agent's instance file.
+        assert_eq!(cat(&d.role.path, "run.sh"), b"#!/bin/sh\necho hi\n");
+        let f: InstanceFile =
+            serde_json::from_slice(&cat(&d.role.path, INSTANCE_FILE)).expect("instance file");
+        assert_eq!(f, InstanceFile::for_request(&req));
+        assert_eq!(f.env["MODE"], "prod \"quoted\"\n");
+        let text = String::from_utf8(cat(&d.role.path, INSTANCE_FILE)).expect("utf8");
+        assert!(
+            text.starts_with(r#"{"version":1,"instance_id":"a","role":"web","env":{"#),
+            "{text}"
+        );
 
         let bad = DiskRequest {
             role_package: dir.path().join("missing"),
             dir: dir.path().join("inst2"),
-            ..req
+            ..req.clone()
         };
         let e = VhdDiskPreparer
             .prepare(&bad)
             .await
             .expect_err("no role dir");
         assert!(e.to_string().contains("not a directory"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_package_with_the_reserved_name_or_a_huge_environment_is_refused() {
+        let Setup { dir, req, .. } = setup();
+        std::fs::write(req.role_package.join(INSTANCE_FILE), "{}").expect("write");
+        let e = VhdDiskPreparer.prepare(&req).await.expect_err("reserved");
+        assert!(matches!(e, DiskPrepError::ReservedName(_)), "{e}");
+        assert!(e.to_string().contains("reserved"), "{e}");
+        assert_eq!(
+            std::fs::read_dir(&req.dir).expect("ls").count(),
+            0,
+            "checked before anything is made"
+        );
+        std::fs::remove_file(req.role_package.join(INSTANCE_FILE)).expect("rm");
+        // Control characters take 6 bytes each in JSON.
+        let mut huge = req.clone();
+        huge.dir = dir.path().join("inst2");
+        huge.env = (0..20)
+            .map(|i| (format!("V{i}"), "\u{1}".repeat(4096)))
+            .collect();
+        let e = VhdDiskPreparer.prepare(&huge).await.expect_err("huge");
+        assert!(
+            matches!(e, DiskPrepError::InstanceFileTooLarge { .. }),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn which_disks_an_update_remakes() {
+        let old = crate::spec::tests::spec("a");
+        type Change = fn(&mut InstanceSpec);
+        let none = DiskSet::NONE;
+        let os = DiskSet { os: true, ..none };
+        let res = DiskSet {
+            resource: true,
+            ..none
+        };
+        let role = DiskSet { role: true, ..none };
+        let cases: Vec<(Change, DiskSet)> = vec![
+            (|_| {}, none),
+            (|s| s.vcpus = 2, none),
+            (|s| s.memory_mib = 512, none),
+            (|s| s.heartbeat_interval_ms = 5000, none),
+            (|s| s.base_image = format!("sha256:{}", "cd".repeat(32)), os),
+            // The same image, spelled differently.
+            (|s| s.base_image = "AB".repeat(32), none),
+            (|s| s.resource_disk_mib = 128, res),
+            (|s| s.role_package = "/srv/roles/web2".into(), role),
+            (|s| s.role = "worker".into(), role),
+            (
+                |s| {
+                    s.env.insert("K".into(), "v".into());
+                },
+                role,
+            ),
+            (
+                |s| {
+                    s.base_image = format!("sha256:{}", "cd".repeat(32));
+                    s.vcpus = 4;
+                    s.env.insert("K".into(), "v".into());
+                },
+                os.union(role),
+            ),
+            (|s| s.id = "b".into(), DiskSet::ALL),
+        ];
+        for (i, (change, want)) in cases.into_iter().enumerate() {
+            let mut new = old.clone();
+            change(&mut new);
+            assert_eq!(disks_to_rebuild(&old, &new), want, "case {i}");
+        }
+        assert_eq!(os.union(role).to_string(), "OS and role");
+        assert_eq!(DiskSet::ALL.to_string(), "OS, resource and role");
+        assert_eq!(none.to_string(), "no");
+        assert_eq!(role.complement(), os.union(res));
+    }
+
+    #[tokio::test]
+    async fn a_new_base_keeps_the_resource_disk_and_its_data() {
+        let Setup { dir, req, .. } = setup();
+        let d = VhdDiskPreparer.prepare(&req).await.expect("prepare");
+        // Scratch data on the resource disk, as a guest would leave it.
+        vhd::ext4::add_file(&d.resource.path, "scratch.txt", b"keep me").expect("scratch");
+        let res_ino = std::fs::metadata(&d.resource.path).expect("stat").ino();
+        let role_ino = std::fs::metadata(&d.role.path).expect("stat").ino();
+        let base2 = dir.path().join("base2.raw");
+        vhd::create(&base2, vhd::Format::Raw, &vhd::CreateOptions::new(16 << 20)).expect("base2");
+        let req2 = DiskRequest {
+            base: base2.clone(),
+            ..req.clone()
+        };
+        let which = DiskSet {
+            os: true,
+            ..DiskSet::NONE
+        };
+        let d2 = VhdDiskPreparer
+            .remake(&req2, &d, which)
+            .await
+            .expect("remake");
+        assert_eq!(
+            d2.os.backing.as_ref().map(|b| b.path.clone()),
+            Some(base2.clone())
+        );
+        let os = vhd::open(
+            &d2.os.path,
+            vhd::Format::Qcow2,
+            vhd::OpenOptions::read_only().with_backing(
+                vhd::open(&base2, vhd::Format::Raw, vhd::OpenOptions::read_only()).expect("base2"),
+            ),
+        )
+        .expect("open the new overlay");
+        assert_eq!(os.size(), 16 << 20, "an overlay over the new base");
+        assert_eq!(d2.resource, d.resource);
+        assert_eq!(d2.role, d.role);
+        assert_eq!(
+            std::fs::metadata(&d.resource.path).expect("stat").ino(),
+            res_ino,
+            "the same resource disk file"
+        );
+        assert_eq!(
+            std::fs::metadata(&d.role.path).expect("stat").ino(),
+            role_ino
+        );
+        assert_eq!(cat(&d2.resource.path, "scratch.txt"), b"keep me");
+
+        // A new environment remakes only the role disk, with the new file.
+        let mut req3 = req2.clone();
+        req3.env.insert("EXTRA".into(), "1".into());
+        let role_only = DiskSet {
+            role: true,
+            ..DiskSet::NONE
+        };
+        let d3 = VhdDiskPreparer
+            .remake(&req3, &d2, role_only)
+            .await
+            .expect("remake role");
+        assert_eq!((&d3.os, &d3.resource), (&d2.os, &d2.resource));
+        let f: InstanceFile =
+            serde_json::from_slice(&cat(&d3.role.path, INSTANCE_FILE)).expect("instance file");
+        assert_eq!(f.env.get("EXTRA").map(String::as_str), Some("1"));
+        assert_eq!(cat(&d3.resource.path, "scratch.txt"), b"keep me");
+
+        // A kept disk that vanished: refused, nothing removed.
+        std::fs::remove_file(&d3.resource.path).expect("rm");
+        let e = VhdDiskPreparer
+            .remake(&req3, &d3, role_only)
+            .await
+            .expect_err("kept disk missing");
+        assert!(
+            matches!(
+                e,
+                DiskPrepError::KeptDiskMissing {
+                    what: "resource",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(d3.role.path.exists() && d3.os.path.exists());
+    }
+
+    #[test]
+    fn remove_all_but_keeps_only_the_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for n in ["os.qcow2", "resource.raw", "role.raw"] {
+            std::fs::write(dir.path().join(n), n).expect("write");
+        }
+        std::fs::create_dir(dir.path().join("junk")).expect("mkdir");
+        let keep = dir.path().join("resource.raw");
+        remove_all_but(dir.path(), &[keep.as_path()]);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("ls")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("resource.raw")]);
     }
 }

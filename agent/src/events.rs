@@ -28,6 +28,13 @@ pub enum AgentEvent {
         /// The change.
         transition: Transition,
     },
+    /// An instance's guest wrote the boot timer (pushed by its VMM).
+    GuestBooted {
+        /// The instance.
+        instance: String,
+        /// Microseconds from the VMM's start.
+        boot_time_us: u64,
+    },
     /// An instance's guest agent said hello.
     GuestHello {
         /// The instance.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, watch};
+use vmm_api::control::Event;
 use vmm_api::{DiskConfig, DiskFormat, ExitReason, ExitReport};
 
 use crate::disks::{DiskPrepError, DiskPreparer, DiskRequest, PreparedDisks};
@@ -15,13 +16,35 @@ use crate::guest::{
     GuestChannel, GuestEndpoint, GuestError, GuestEvent, GuestLink, HostCommand, RoleStatus,
 };
 use crate::instance::lock;
-use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
+use crate::vmm::{
+    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord,
+};
 
 #[derive(Debug)]
 struct FakeVm {
     instance: String,
     start_time: u64,
     exit: watch::Sender<Option<VmmExit>>,
+    paused: bool,
+    /// Every handle's event stream.
+    events: Vec<mpsc::Sender<Event>>,
+}
+
+impl FakeVm {
+    fn push(&mut self, e: Event) {
+        self.events.retain(|tx| tx.try_send(e.clone()).is_ok());
+    }
+
+    /// A new handle's event stream, with the state replayed as the real
+    /// control socket does on subscribing.
+    fn subscribe(&mut self) -> VmmEvents {
+        let (tx, rx) = mpsc::channel(16);
+        if self.paused {
+            let _ = tx.try_send(Event::Paused);
+        }
+        self.events.push(tx);
+        rx
+    }
 }
 
 #[derive(Debug, Default)]
@@ -105,6 +128,46 @@ impl FakeLauncher {
         }
     }
 
+    /// Whether `instance`'s VMM is paused.
+    pub fn is_paused(&self, instance: &str) -> bool {
+        lock(&self.st)
+            .vms
+            .values()
+            .any(|v| v.instance == instance && v.paused)
+    }
+
+    /// Pauses or resumes `instance`'s VMM from outside the agent (as an
+    /// operator with the VMM's control socket would): the VMM pushes the
+    /// event. Returns whether the state changed.
+    pub fn set_paused(&self, instance: &str, paused: bool) -> bool {
+        let mut st = lock(&self.st);
+        let Some(vm) = st.vms.values_mut().find(|v| v.instance == instance) else {
+            return false;
+        };
+        if vm.paused == paused {
+            return false;
+        }
+        vm.paused = paused;
+        vm.push(if paused {
+            Event::Paused
+        } else {
+            Event::Resumed
+        });
+        true
+    }
+
+    /// Makes `instance`'s VMM push a boot-timer event.
+    pub fn boot_timer(&self, instance: &str, us: u64) -> bool {
+        let mut st = lock(&self.st);
+        match st.vms.values_mut().find(|v| v.instance == instance) {
+            Some(vm) => {
+                vm.push(Event::BootTimer { us });
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Makes the next `n` launches fail.
     pub fn fail_launches(&self, n: u32) {
         lock(&self.st).fail_launches = n;
@@ -138,12 +201,15 @@ impl VmmLauncher for FakeLauncher {
         let pid = 1000 + st.next_pid;
         let start_time = 7000 + u64::from(st.next_pid.unsigned_abs());
         let (tx, rx) = watch::channel(None);
+        let (ev_tx, ev_rx) = mpsc::channel(16);
         st.vms.insert(
             pid,
             FakeVm {
                 instance: spec.instance_id.clone(),
                 start_time,
                 exit: tx,
+                paused: false,
+                events: vec![ev_tx],
             },
         );
         Ok(Box::new(FakeHandle {
@@ -152,6 +218,7 @@ impl VmmLauncher for FakeLauncher {
             rx,
             launcher: self.clone(),
             dir: spec.dir.clone(),
+            events: Some(ev_rx),
         }))
     }
 
@@ -160,8 +227,8 @@ impl VmmLauncher for FakeLauncher {
         spec: &LaunchSpec,
         record: &VmmRecord,
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
-        let st = lock(&self.st);
-        match st.vms.get(&record.pid) {
+        let mut st = lock(&self.st);
+        match st.vms.get_mut(&record.pid) {
             Some(vm) if vm.start_time == record.start_time && vm.instance == spec.instance_id => {
                 Ok(Box::new(FakeHandle {
                     pid: record.pid,
@@ -169,6 +236,7 @@ impl VmmLauncher for FakeLauncher {
                     rx: vm.exit.subscribe(),
                     launcher: self.clone(),
                     dir: spec.dir.clone(),
+                    events: Some(vm.subscribe()),
                 }))
             }
             Some(_) => Err(VmmError::Gone {
@@ -191,6 +259,35 @@ pub struct FakeHandle {
     rx: watch::Receiver<Option<VmmExit>>,
     launcher: FakeLauncher,
     dir: std::path::PathBuf,
+    events: Option<VmmEvents>,
+}
+
+impl FakeHandle {
+    fn set_running(&self, run: bool) -> Result<(), VmmError> {
+        let mut st = lock(&self.launcher.st);
+        let Some(vm) = st.vms.get_mut(&self.pid) else {
+            return Err(VmmError::Control {
+                pid: self.pid,
+                source: crate::control::ControlError::Closed,
+            });
+        };
+        if vm.paused != run {
+            return Err(VmmError::Control {
+                pid: self.pid,
+                source: crate::control::ControlError::Refused(vmm_api::control::ApiError::new(
+                    vmm_api::control::ErrorKind::InvalidState,
+                    if run {
+                        "the VM is running"
+                    } else {
+                        "the VM is paused"
+                    },
+                )),
+            });
+        }
+        vm.paused = !run;
+        vm.push(if run { Event::Resumed } else { Event::Paused });
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -242,16 +339,31 @@ impl VmmHandle for FakeHandle {
             }
         }
     }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.set_running(false)
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        self.set_running(true)
+    }
+
+    fn take_events(&mut self) -> Option<VmmEvents> {
+        self.events.take()
+    }
 }
 
 #[derive(Debug, Default)]
 struct DiskState {
     fail: BTreeMap<String, String>,
     prepared: Vec<String>,
+    made: Vec<(String, crate::disks::DiskSet)>,
     delay: Duration,
 }
 
 /// A fake [`DiskPreparer`]: writes three small files, or fails on request.
+/// The OS disk's file names its base, the role disk's holds the instance file
+/// ([`crate::disks::InstanceFile`]) the real role disk carries.
 #[derive(Debug, Clone, Default)]
 pub struct FakeDisks {
     st: Arc<Mutex<DiskState>>,
@@ -279,7 +391,8 @@ impl FakeDisks {
         lock(&self.st).delay = d;
     }
 
-    /// How many times disks were made for `instance`.
+    /// How many times all disks were made for `instance` (full preparations,
+    /// not an update's remakes).
     pub fn prepared(&self, instance: &str) -> usize {
         lock(&self.st)
             .prepared
@@ -287,23 +400,31 @@ impl FakeDisks {
             .filter(|i| *i == instance)
             .count()
     }
-}
 
-#[async_trait]
-impl DiskPreparer for FakeDisks {
-    async fn prepare(&self, req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
+    /// Which disks each successful preparation ([`crate::disks::DiskSet::ALL`]) or remake
+    /// made for `instance`, oldest first.
+    pub fn made(&self, instance: &str) -> Vec<crate::disks::DiskSet> {
+        lock(&self.st)
+            .made
+            .iter()
+            .filter(|(i, _)| i == instance)
+            .map(|(_, s)| *s)
+            .collect()
+    }
+
+    /// Writes the disks in `which` (the first one only, then fails, if
+    /// `fail_for` says so); the others of `current` stay as they are.
+    async fn make(
+        &self,
+        req: &DiskRequest,
+        current: Option<&PreparedDisks>,
+        which: crate::disks::DiskSet,
+    ) -> Result<PreparedDisks, DiskPrepError> {
         let delay = lock(&self.st).delay;
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
         }
         let io = |e: std::io::Error| DiskPrepError::Other(e.to_string());
-        std::fs::write(req.dir.join("os.qcow2"), b"fake os").map_err(io)?;
-        if let Some(why) = lock(&self.st).fail.get(&req.instance_id) {
-            return Err(DiskPrepError::Other(why.clone()));
-        }
-        std::fs::write(req.dir.join("resource.raw"), b"fake resource").map_err(io)?;
-        std::fs::write(req.dir.join("role.raw"), b"fake role").map_err(io)?;
-        lock(&self.st).prepared.push(req.instance_id.clone());
         let d = |name: &str, ro| DiskConfig {
             path: req.dir.join(name),
             format: DiskFormat::Raw,
@@ -311,11 +432,60 @@ impl DiskPreparer for FakeDisks {
             read_only: ro,
             serial: name.replace('.', "-"),
         };
-        Ok(PreparedDisks {
+        let fresh = PreparedDisks {
             os: d("os.qcow2", false),
             resource: d("resource.raw", false),
             role: d("role.raw", true),
-        })
+        };
+        let mut out = current.cloned().unwrap_or_else(|| fresh.clone());
+        let os = format!("fake os over {}", req.base.display()).into_bytes();
+        let role = crate::disks::InstanceFile::for_request(req).to_bytes()?;
+        let mut first = true;
+        for (on, cfg, slot, bytes) in [
+            (which.os, &fresh.os, &mut out.os, os),
+            (
+                which.resource,
+                &fresh.resource,
+                &mut out.resource,
+                b"fake resource".to_vec(),
+            ),
+            (which.role, &fresh.role, &mut out.role, role),
+        ] {
+            if !on {
+                continue;
+            }
+            // A new file (a new inode), as the real preparer makes.
+            let _ = std::fs::remove_file(&slot.path);
+            std::fs::write(&cfg.path, bytes).map_err(io)?;
+            *slot = cfg.clone();
+            if first {
+                first = false;
+                if let Some(why) = lock(&self.st).fail.get(&req.instance_id) {
+                    return Err(DiskPrepError::Other(why.clone()));
+                }
+            }
+        }
+        lock(&self.st).made.push((req.instance_id.clone(), which));
+        Ok(out)
+    }
+}
+
+#[async_trait]
+impl DiskPreparer for FakeDisks {
+    async fn prepare(&self, req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
+        let d = self.make(req, None, crate::disks::DiskSet::ALL).await?;
+        lock(&self.st).prepared.push(req.instance_id.clone());
+        Ok(d)
+    }
+
+    async fn remake(
+        &self,
+        req: &DiskRequest,
+        current: &PreparedDisks,
+        which: crate::disks::DiskSet,
+    ) -> Result<PreparedDisks, DiskPrepError> {
+        crate::disks::check_kept(current, which)?;
+        self.make(req, Some(current), which).await
     }
 }
 
@@ -369,7 +539,8 @@ impl FakeGuests {
         }
     }
 
-    /// Guests that obey `Shutdown` by powering their fake VM off.
+    /// Guests that obey `Shutdown` by powering their fake VM off and send
+    /// nothing while it is paused.
     pub fn with_launcher(launcher: FakeLauncher) -> Self {
         let g = Self::new();
         lock(&g.st).launcher = Some(launcher);
@@ -451,6 +622,10 @@ impl GuestChannel for FakeGuests {
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
+                        let paused = lock(&me.st).launcher.as_ref().is_some_and(|l| l.is_paused(&id));
+                        if paused {
+                            continue;
+                        }
                         let role = match me.behaviour(&id) {
                             GuestBehaviour::Healthy => RoleStatus::Ready,
                             GuestBehaviour::NotReady => RoleStatus::Running,
@@ -469,7 +644,10 @@ impl GuestChannel for FakeGuests {
                                 st.launcher.clone()
                             };
                             if let (HostCommand::Shutdown { .. }, Some(l)) = (c, launcher) {
-                                l.exit(&id, ExitReason::PowerOff);
+                                // A paused guest cannot act on it.
+                                if !l.is_paused(&id) {
+                                    l.exit(&id, ExitReason::PowerOff);
+                                }
                             }
                         }
                     },

@@ -551,7 +551,7 @@ impl<'a> Conn<'a> {
                     None => return End::AgentGone,
                     Some(c) => if let Err(end) = self.command(&mut wr, c).await { return end },
                 },
-                _ = sleep_until_opt(deadline) => {
+                _ = crate::util::sleep_until_opt(deadline) => {
                     return End::Misbehaving(if self.negotiated.is_none() {
                         format!("no Hello within {:?} of connecting", self.limits.hello_timeout)
                     } else {
@@ -722,13 +722,6 @@ impl<'a> Conn<'a> {
             Some(end) => Step::Close(end),
             None => Step::Nothing,
         })
-    }
-}
-
-async fn sleep_until_opt(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 

@@ -9,8 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
+use vmm_api::control::Event as VmmEvent;
 
 use crate::agent::Ctx;
 use crate::disks::{DiskRequest, PreparedDisks};
@@ -19,7 +20,46 @@ use crate::guest::{boot_id_hex, GuestEndpoint, GuestEvent, GuestLink, HostComman
 use crate::lifecycle::{InstanceState, Lifecycle, Transition};
 use crate::spec::InstanceSpec;
 use crate::util::{now_unix_ms, write_json_atomic};
-use crate::vmm::{LaunchSpec, StopMode, VmmExit, VmmHandle, VmmRecord};
+use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmRecord};
+
+/// An operator's request to a running instance (through [`crate::Agent`]).
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// Park the vCPUs.
+    Pause(oneshot::Sender<Result<(), InstanceOpError>>),
+    /// Let them run again.
+    Resume(oneshot::Sender<Result<(), InstanceOpError>>),
+}
+
+/// Why an operation on one instance (pause, resume) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceOpError {
+    /// No such instance.
+    #[error("no instance {0}; see GET /v1/instances")]
+    NoSuchInstance(String),
+    /// The instance is not in a state that allows it.
+    #[error("instance {id} is {state}; {what}")]
+    WrongState {
+        /// The instance.
+        id: String,
+        /// Its state.
+        state: InstanceState,
+        /// What would be needed.
+        what: &'static str,
+    },
+    /// The VMM refused or failed.
+    #[error("instance {id}: {source}")]
+    Vmm {
+        /// The instance.
+        id: String,
+        /// What the VMM said.
+        source: VmmError,
+    },
+    /// The instance's task did not take the request in time (it is between
+    /// VMMs or stopping).
+    #[error("instance {0} is changing state and did not take the request; try again")]
+    Busy(String),
+}
 
 /// What the goal wants of an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -113,6 +153,9 @@ pub struct InstanceStatus {
     pub guest: Option<GuestInfo>,
     /// The VMM's pid while one runs.
     pub vmm_pid: Option<i32>,
+    /// When the current VMM's guest wrote the boot timer, in microseconds
+    /// after the VMM started (from the VMM's pushed events).
+    pub boot_time_us: Option<u64>,
     /// How the last VMM ended.
     pub last_exit: Option<VmmExit>,
     /// The last error (failed preparation, crash loop, launch error).
@@ -190,6 +233,9 @@ pub(crate) struct Runner {
     restarts: u32,
     guest_caps: u64,
     boot_id: Option<[u8; 16]>,
+    commands: mpsc::Receiver<Command>,
+    /// While the VMM is paused: the state before, and since when.
+    paused: Option<(InstanceState, Instant)>,
 }
 
 impl Runner {
@@ -198,8 +244,11 @@ impl Runner {
         spec: InstanceSpec,
         shared: Arc<Mutex<Shared>>,
         desired: watch::Receiver<Desired>,
+        commands: mpsc::Receiver<Command>,
     ) -> Self {
         Self {
+            commands,
+            paused: None,
             id: spec.id.clone(),
             ctx,
             shared,
@@ -294,10 +343,7 @@ impl Runner {
 
     /// Waits for the goal to say anything about this instance.
     async fn wait_change(&mut self) {
-        if self.desired.changed().await.is_err() {
-            // The agent is gone; nothing will ever change.
-            std::future::pending::<()>().await;
-        }
+        desired_changed(&mut self.desired).await;
     }
 
     pub(crate) async fn run(mut self, mode: StartMode) {
@@ -337,6 +383,8 @@ impl Runner {
         } else {
             self.persist();
         }
+        // An update's disks to keep, with the stale ones to remake.
+        let mut keep: Option<(PreparedDisks, crate::disks::DiskSet)> = None;
         loop {
             // The goal first: removal, or a new spec.
             match self.current_desired() {
@@ -361,14 +409,29 @@ impl Runner {
                         self.go(InstanceState::Stopped, "the goal changed the spec");
                         self.go(InstanceState::Pending, "starting with the new spec");
                     }
-                    self.remove_disks();
+                    // Remake only the disks the change needs; an update that
+                    // failed before leaves its stale disks to remake as well.
+                    let which = crate::disks::disks_to_rebuild(&self.spec, &spec);
+                    keep = match (self.disks.take(), keep.take()) {
+                        (Some(d), _) => Some((d, which)),
+                        (None, Some((d, stale))) => Some((d, stale.union(which))),
+                        (None, None) => None,
+                    };
+                    match keep.take() {
+                        Some((d, which)) if which.is_empty() => {
+                            tracing::info!(instance = %self.id, "the update keeps all disks");
+                            self.disks = Some(d);
+                        }
+                        Some((d, which)) if !which.is_all() => keep = Some((d, which)),
+                        _ => self.remove_disks(),
+                    }
                     self.spec = spec;
                     self.update(|s| s.spec = self.spec.clone());
                     self.persist();
                 }
                 Desired::Run(_) => {}
             }
-            if adopted.is_none() && self.disks.is_none() && !self.prepare().await {
+            if adopted.is_none() && self.disks.is_none() && !self.prepare(&mut keep).await {
                 self.wait_change().await;
                 if matches!(self.current_desired_peek(), Desired::Run(_)) {
                     self.go(InstanceState::Pending, "the goal changed; trying again");
@@ -428,14 +491,34 @@ impl Runner {
         true
     }
 
-    /// Makes the disks; on failure removes what was made and goes Failed.
-    async fn prepare(&mut self) -> bool {
-        self.go(
-            InstanceState::PreparingDisks,
-            "making the OS, resource and role disks",
-        );
+    /// Makes the disks: all three, or for an update (`keep`) only the stale
+    /// ones. On failure removes what was made (an update's kept disks stay for
+    /// the retry) and goes Failed.
+    async fn prepare(&mut self, keep: &mut Option<(PreparedDisks, crate::disks::DiskSet)>) -> bool {
         let dir = self.disks_dir();
-        let _ = std::fs::remove_dir_all(&dir);
+        if let Some((d, which)) = keep {
+            if let Err(e) = crate::disks::check_kept(d, *which) {
+                tracing::warn!(instance = %self.id, "{e}; making all disks");
+                *keep = None;
+            }
+        }
+        match keep {
+            Some((_, which)) => self.go(
+                InstanceState::PreparingDisks,
+                format!(
+                    "making {} again for the new spec, keeping {}",
+                    which.phrase(),
+                    which.complement().phrase()
+                ),
+            ),
+            None => {
+                self.go(
+                    InstanceState::PreparingDisks,
+                    "making the OS, resource and role disks",
+                );
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
         let result = match std::fs::create_dir_all(&dir) {
             Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
             Ok(()) => {
@@ -447,29 +530,42 @@ impl Runner {
                     Some(img) => {
                         let req = DiskRequest {
                             instance_id: self.id.clone(),
+                            role: self.spec.role.clone(),
+                            env: self.spec.env.clone(),
                             dir: dir.clone(),
                             base: self.ctx.images.path_of(&sha),
                             base_format: img.format,
                             role_package: self.spec.role_package.clone(),
                             resource_disk_bytes: self.spec.resource_disk_mib << 20,
                         };
-                        self.ctx
-                            .disks
-                            .prepare(&req)
-                            .await
-                            .map_err(|e| e.to_string())
+                        match keep {
+                            Some((d, which)) => self.ctx.disks.remake(&req, d, *which).await,
+                            None => self.ctx.disks.prepare(&req).await,
+                        }
+                        .map_err(|e| e.to_string())
                     }
                 }
             }
         };
         match result {
             Ok(d) => {
+                *keep = None;
                 self.disks = Some(d);
                 self.persist();
                 true
             }
             Err(e) => {
-                let _ = std::fs::remove_dir_all(&dir);
+                match keep {
+                    Some((d, which)) => {
+                        let kept = d.select(which.complement());
+                        let kept: Vec<&std::path::Path> =
+                            kept.iter().map(|c| c.path.as_path()).collect();
+                        crate::disks::remove_all_but(&dir, &kept);
+                    }
+                    None => {
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
                 self.update(|s| s.last_error = Some(e.clone()));
                 self.go(
                     InstanceState::Failed,
@@ -526,6 +622,7 @@ impl Runner {
                 None => {
                     self.go(InstanceState::Starting, start_reason.clone());
                     self.boot_id = None;
+                    self.update(|s| s.boot_time_us = None);
                     match self.open_link().await {
                         None => {
                             Err("cannot listen for the guest agent; see the agent log".to_string())
@@ -537,6 +634,7 @@ impl Runner {
                     }
                 }
             };
+            self.paused = None;
             let failure = match started {
                 Err(e) => {
                     self.update(|s| s.last_error = Some(e.clone()));
@@ -648,30 +746,174 @@ impl Runner {
         link: &mut Option<GuestLink>,
     ) -> Sup {
         let policy = self.ctx.cfg.health.clone();
-        let boot_deadline = Instant::now() + policy.boot_timeout;
+        let mut boot_deadline = Instant::now() + policy.boot_timeout;
         let mut last_life: Option<Instant> = None;
+        let mut vmm_events = handle.take_events();
         loop {
             let hb_timeout = policy.heartbeat_timeout(self.spec.heartbeat_interval_ms);
-            let deadline = last_life.map_or(boot_deadline, |t| t + hb_timeout);
+            // No deadline while paused: a parked guest cannot send anything.
+            let deadline = match self.paused {
+                Some(_) => None,
+                None => Some(last_life.map_or(boot_deadline, |t| t + hb_timeout)),
+            };
             tokio::select! {
                 exit = handle.wait() => return Sup::Exited(Box::new(exit)),
                 ev = next_event(link) => match ev {
                     Some(ev) => self.on_guest(ev, &mut last_life),
                     None => *link = None,
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                ev = recv_opt(&mut vmm_events) => match ev {
+                    Some(ev) => self.on_vmm(ev, &mut last_life, &mut boot_deadline),
+                    None => vmm_events = None,
+                },
+                Some(cmd) = self.commands.recv() => {
+                    self.on_command(cmd, handle, &mut last_life, &mut boot_deadline).await;
+                }
+                _ = crate::util::sleep_until_opt(deadline) => {
                     return Sup::Unresponsive(match last_life {
                         None => format!("the guest agent did not say hello within {:?}", policy.boot_timeout),
                         Some(_) => format!("no heartbeat for {hb_timeout:?}"),
                     });
                 }
-                _ = self.wait_change() => {
+                _ = desired_changed(&mut self.desired) => {
                     if self.desired_differs() {
                         return Sup::Desired;
                     }
                 }
             }
         }
+    }
+
+    /// Enters `Paused` (once), remembering where to go back to.
+    fn enter_paused(&mut self, reason: &str) {
+        let state = self.state();
+        if self.paused.is_some() || !state.can_go_to(InstanceState::Paused) {
+            return;
+        }
+        self.paused = Some((state, Instant::now()));
+        self.go(InstanceState::Paused, reason);
+    }
+
+    /// Leaves `Paused` for the state before it; the health clocks restart, so
+    /// the time spent paused does not count against the guest.
+    fn leave_paused(
+        &mut self,
+        reason: &str,
+        last_life: &mut Option<Instant>,
+        boot_deadline: &mut Instant,
+    ) {
+        let Some((before, since)) = self.paused.take() else {
+            return;
+        };
+        let now = Instant::now();
+        *boot_deadline += now.duration_since(since);
+        if last_life.is_some() {
+            *last_life = Some(now);
+        }
+        self.go(before, reason);
+    }
+
+    /// An event the VMM pushed on its control socket.
+    fn on_vmm(
+        &mut self,
+        ev: VmmEvent,
+        last_life: &mut Option<Instant>,
+        boot_deadline: &mut Instant,
+    ) {
+        match ev {
+            VmmEvent::BootTimer { us } => {
+                tracing::info!(instance = %self.id, boot_time_us = us, "the guest wrote the boot timer");
+                self.update(|s| s.boot_time_us = Some(us));
+                let _ = self.ctx.events.send(AgentEvent::GuestBooted {
+                    instance: self.id.clone(),
+                    boot_time_us: us,
+                });
+                if self.state() == InstanceState::Starting {
+                    self.go(
+                        InstanceState::Booted,
+                        format!(
+                            "the guest booted: boot timer {:.1} ms after the VMM started",
+                            us as f64 / 1000.0
+                        ),
+                    );
+                }
+            }
+            VmmEvent::Paused => {
+                self.enter_paused("the VMM reports its vCPUs paused");
+            }
+            VmmEvent::Resumed => {
+                self.leave_paused(
+                    "the VMM reports its vCPUs running again",
+                    last_life,
+                    boot_deadline,
+                );
+            }
+            VmmEvent::Stopping {
+                reason,
+                exit_code,
+                detail,
+            } => {
+                tracing::info!(instance = %self.id, ?reason, exit_code, %detail, "the VMM is stopping");
+            }
+        }
+    }
+
+    /// Pause or resume, asked through the agent.
+    async fn on_command(
+        &mut self,
+        cmd: Command,
+        handle: &mut Box<dyn VmmHandle>,
+        last_life: &mut Option<Instant>,
+        boot_deadline: &mut Instant,
+    ) {
+        let (pause, reply) = match cmd {
+            Command::Pause(r) => (true, r),
+            Command::Resume(r) => (false, r),
+        };
+        if reply.is_closed() {
+            // The caller gave up waiting (the request came between VMMs).
+            return;
+        }
+        let state = self.state();
+        let wrong = |what| InstanceOpError::WrongState {
+            id: self.id.clone(),
+            state,
+            what,
+        };
+        let result = if pause {
+            if self.paused.is_some() {
+                Err(wrong("it is paused already"))
+            } else if !state.can_go_to(InstanceState::Paused) {
+                Err(wrong(
+                    "only a starting, booted or ready instance can be paused",
+                ))
+            } else {
+                match handle.pause().await {
+                    Ok(()) => {
+                        self.enter_paused("paused through the agent");
+                        Ok(())
+                    }
+                    Err(source) => Err(InstanceOpError::Vmm {
+                        id: self.id.clone(),
+                        source,
+                    }),
+                }
+            }
+        } else if self.paused.is_none() {
+            Err(wrong("only a paused instance can be resumed"))
+        } else {
+            match handle.resume().await {
+                Ok(()) => {
+                    self.leave_paused("resumed through the agent", last_life, boot_deadline);
+                    Ok(())
+                }
+                Err(source) => Err(InstanceOpError::Vmm {
+                    id: self.id.clone(),
+                    source,
+                }),
+            }
+        };
+        let _ = reply.send(result);
     }
 
     fn on_guest(&mut self, ev: GuestEvent, last_life: &mut Option<Instant>) {
@@ -779,6 +1021,12 @@ impl Runner {
         let grace = self.ctx.cfg.health.stop_grace;
         let half = grace / 2;
         let mut exit = None;
+        if self.paused.take().is_some() {
+            // A parked guest cannot shut down: let it run first.
+            if let Err(e) = handle.resume().await {
+                tracing::warn!(instance = %self.id, "cannot resume before stopping: {e}");
+            }
+        }
         if let Some(l) = &link {
             if self.guest_caps & guest_proto::Capabilities::SHUTDOWN.bits() != 0 {
                 let deadline_ms = u32::try_from(half.as_millis()).unwrap_or(u32::MAX);
@@ -816,6 +1064,20 @@ async fn wait_bounded(handle: &mut Box<dyn VmmHandle>) -> Option<VmmExit> {
         .ok()
 }
 
+async fn desired_changed(desired: &mut watch::Receiver<Desired>) {
+    if desired.changed().await.is_err() {
+        // The agent is gone; nothing will ever change.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(r) => r.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn next_event(link: &mut Option<GuestLink>) -> Option<GuestEvent> {
     match link {
         Some(l) => l.events.recv().await,
@@ -847,6 +1109,7 @@ pub(crate) fn new_shared(spec: &InstanceSpec, history: Vec<Transition>) -> Share
             role: None,
             guest: None,
             vmm_pid: None,
+            boot_time_us: None,
             last_exit: None,
             last_error: None,
             history: Vec::new(),

@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod api;
 pub mod client;
+pub mod control;
 pub mod disks;
 pub mod events;
 pub mod fake;
@@ -37,7 +38,7 @@ pub use agent::{Agent, AgentConfig, AgentError, ApplyOutcome, Backends};
 pub use disks::DiskPreparer;
 pub use events::AgentEvent;
 pub use guest::GuestChannel;
-pub use instance::{HealthPolicy, InstanceStatus};
+pub use instance::{HealthPolicy, InstanceOpError, InstanceStatus};
 pub use lifecycle::{InstanceState, Transition};
 pub use report::NodeReport;
 pub use spec::{Capacity, GoalError, GoalState, InstanceSpec, NodeConfig};

@@ -21,6 +21,9 @@ pub enum InstanceState {
     Booted,
     /// The role is ready.
     Ready,
+    /// The VMM's vCPUs are parked (through the API, or by whoever holds the
+    /// VMM's control socket); heartbeats are not expected until it resumes.
+    Paused,
     /// Heartbeats stopped (or the guest never said hello); about to restart.
     Unhealthy,
     /// Waiting out the backoff before starting again.
@@ -35,12 +38,13 @@ pub enum InstanceState {
 
 impl InstanceState {
     /// Every state.
-    pub const ALL: [InstanceState; 10] = [
+    pub const ALL: [InstanceState; 11] = [
         Self::Pending,
         Self::PreparingDisks,
         Self::Starting,
         Self::Booted,
         Self::Ready,
+        Self::Paused,
         Self::Unhealthy,
         Self::Restarting,
         Self::Stopping,
@@ -57,10 +61,12 @@ impl InstanceState {
             // prepare disks, start over kept disks, or re-adopt a live VMM.
             (Pending, PreparingDisks | Starting | Booted | Stopped | Failed)
                 | (PreparingDisks, Starting | Failed | Stopped)
-                | (Starting, Booted | Unhealthy | Restarting | Stopping)
-                | (Booted, Ready | Unhealthy | Restarting | Stopping)
+                | (Starting, Booted | Paused | Unhealthy | Restarting | Stopping)
+                | (Booted, Ready | Paused | Unhealthy | Restarting | Stopping)
                 // Ready -> Booted: the role exited or the guest rebooted.
-                | (Ready, Booted | Unhealthy | Restarting | Stopping)
+                | (Ready, Booted | Paused | Unhealthy | Restarting | Stopping)
+                // Resumed: back where it was; or the VMM exited while paused.
+                | (Paused, Starting | Booted | Ready | Restarting | Stopping)
                 | (Unhealthy, Restarting | Stopping)
                 | (Restarting, Starting | Failed | Stopping)
                 | (Stopping, Stopped)
@@ -74,7 +80,12 @@ impl InstanceState {
     pub const fn vmm_may_run(self) -> bool {
         matches!(
             self,
-            Self::Starting | Self::Booted | Self::Ready | Self::Unhealthy | Self::Stopping
+            Self::Starting
+                | Self::Booted
+                | Self::Ready
+                | Self::Paused
+                | Self::Unhealthy
+                | Self::Stopping
         )
     }
 
@@ -86,6 +97,7 @@ impl InstanceState {
             Self::Starting => "starting",
             Self::Booted => "booted",
             Self::Ready => "ready",
+            Self::Paused => "paused",
             Self::Unhealthy => "unhealthy",
             Self::Restarting => "restarting",
             Self::Stopping => "stopping",
@@ -226,17 +238,25 @@ mod tests {
         (PreparingDisks, Failed),
         (PreparingDisks, Stopped),
         (Starting, Booted),
+        (Starting, Paused),
         (Starting, Unhealthy),
         (Starting, Restarting),
         (Starting, Stopping),
         (Booted, Ready),
+        (Booted, Paused),
         (Booted, Unhealthy),
         (Booted, Restarting),
         (Booted, Stopping),
         (Ready, Booted),
+        (Ready, Paused),
         (Ready, Unhealthy),
         (Ready, Restarting),
         (Ready, Stopping),
+        (Paused, Starting),
+        (Paused, Booted),
+        (Paused, Ready),
+        (Paused, Restarting),
+        (Paused, Stopping),
         (Unhealthy, Restarting),
         (Unhealthy, Stopping),
         (Restarting, Starting),

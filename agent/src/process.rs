@@ -12,7 +12,11 @@ use async_trait::async_trait;
 use rustix::process::{Pid, Signal};
 use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
 
-use crate::vmm::{LaunchSpec, StopMode, VmmError, VmmExit, VmmHandle, VmmLauncher, VmmRecord};
+use crate::control::ControlConn;
+use crate::vmm::{
+    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord,
+};
+use vmm_api::control::Op;
 
 /// The default guest kernel command line: the serial console, ACPI reboot, a
 /// panic resets the VM, and `reddog.agent_port=` tells `reddog-guest` the host
@@ -33,9 +37,14 @@ pub struct ProcessLauncherConfig {
     pub cmdline: String,
     /// How to enter the kernel.
     pub boot_protocol: BootProtocol,
-    /// Pass `--api-sock <dir>/api.sock`: graceful stops then press the guest's
-    /// ACPI power button through it before any signal.
+    /// Give the VMM a control socket (`<dir>/api.sock`): the agent pauses
+    /// and resumes through it, follows its events, and graceful stops press
+    /// the guest's ACPI power button through it before any signal.
     pub control_socket: bool,
+    /// With a control socket: build the VM held (`boot_on_request`), subscribe
+    /// to its events, then `boot` it, so no early event (the boot timer) can
+    /// be missed. `launch` returns once the VMM has answered `boot`.
+    pub boot_on_request: bool,
 }
 
 impl ProcessLauncherConfig {
@@ -48,6 +57,7 @@ impl ProcessLauncherConfig {
             cmdline: DEFAULT_CMDLINE.into(),
             boot_protocol: BootProtocol::Auto,
             control_socket: true,
+            boot_on_request: true,
         }
     }
 }
@@ -97,6 +107,13 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     fields.nth(18)?.parse().ok()
 }
 
+/// How long a new VMM has to make its control socket.
+const CONTROL_CONNECT_NEW: Duration = Duration::from_secs(10);
+/// How long an adopted VMM's control socket is tried (it exists already).
+const CONTROL_CONNECT_ADOPTED: Duration = Duration::from_secs(1);
+/// How long a pause or resume may take.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How often an adopted VMM (not our child: no `wait`) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
 
@@ -117,7 +134,10 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
 #[async_trait]
 impl VmmLauncher for ProcessLauncher {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
-        let cfg = self.vm_config(spec);
+        let mut cfg = self.vm_config(spec);
+        let control_socket = self.cfg.control_socket.then(|| spec.dir.join("api.sock"));
+        cfg.api_sock = control_socket.clone();
+        cfg.boot_on_request = control_socket.is_some() && self.cfg.boot_on_request;
         cfg.validate().map_err(|e| VmmError::Spawn {
             instance: spec.instance_id.clone(),
             why: format!("invalid VM config: {e}"),
@@ -136,7 +156,6 @@ impl VmmLauncher for ProcessLauncher {
             .open(&log_path)
             .map_err(io_err(&log_path))?;
         let log2 = log.try_clone().map_err(io_err(&log_path))?;
-        let control_socket = self.cfg.control_socket.then(|| spec.dir.join("api.sock"));
         let mut cmd = tokio::process::Command::new(&self.cfg.vmm_binary);
         cmd.arg("--config")
             .arg(&config_path)
@@ -144,7 +163,6 @@ impl VmmLauncher for ProcessLauncher {
             .arg(&exit_report);
         if let Some(sock) = &control_socket {
             let _ = std::fs::remove_file(sock);
-            cmd.arg("--api-sock").arg(sock);
         }
         // Own process group: a Ctrl-C to the agent must not reach the VMs, and
         // the VMs outlive the agent (no kill_on_drop).
@@ -166,14 +184,38 @@ impl VmmLauncher for ProcessLauncher {
             })?;
         let start_time = process_start_time(pid).unwrap_or(0);
         tracing::info!(instance = %spec.instance_id, pid, "spawned reddog-vmm");
-        Ok(Box::new(ProcessHandle {
+        let control = control_socket
+            .clone()
+            .map(|s| ControlConn::spawn(s, CONTROL_CONNECT_NEW));
+        let mut handle = ProcessHandle {
             pid,
             start_time,
             exit_report,
             control_socket,
+            control,
             child: Some(child),
             exited: None,
-        }))
+        };
+        if cfg.boot_on_request {
+            // Subscribed first (the connection's first request), then booted.
+            let booted = match &handle.control {
+                Some(c) => c.request(Op::Boot, CONTROL_CONNECT_NEW).await.map(|_| ()),
+                None => Ok(()),
+            };
+            if let Err(e) = booted {
+                let _ = handle.stop(StopMode::Force).await;
+                let exit = tokio::time::timeout(Duration::from_secs(5), handle.wait()).await;
+                let how = exit.map(|x| x.summary()).unwrap_or_default();
+                return Err(VmmError::Spawn {
+                    instance: spec.instance_id.clone(),
+                    why: format!(
+                        "the VMM did not boot the VM on request: {e} ({how}); see {}",
+                        spec.dir.join("vmm.log").display()
+                    ),
+                });
+            }
+        }
+        Ok(Box::new(handle))
     }
 
     async fn adopt(
@@ -196,11 +238,16 @@ impl VmmLauncher for ProcessLauncher {
             Some(_) => return Err(gone("the pid now belongs to another process")),
             None => return Err(gone("no such process")),
         }
+        let control = record
+            .control_socket
+            .clone()
+            .map(|s| ControlConn::spawn(s, CONTROL_CONNECT_ADOPTED));
         Ok(Box::new(ProcessHandle {
             pid,
             start_time: record.start_time,
             exit_report: record.exit_report.clone(),
             control_socket: record.control_socket.clone(),
+            control,
             child: None,
             exited: None,
         }))
@@ -230,6 +277,8 @@ pub struct ProcessHandle {
     start_time: u64,
     exit_report: PathBuf,
     control_socket: Option<PathBuf>,
+    /// The subscribed connection to the control socket.
+    control: Option<ControlConn>,
     /// `None` for an adopted VMM (watched by polling its start time).
     child: Option<tokio::process::Child>,
     exited: Option<VmmExit>,
@@ -324,6 +373,33 @@ impl VmmHandle for ProcessHandle {
         self.exited = Some(e.clone());
         e
     }
+
+    async fn pause(&mut self) -> Result<(), VmmError> {
+        self.set_running(false).await
+    }
+
+    async fn resume(&mut self) -> Result<(), VmmError> {
+        self.set_running(true).await
+    }
+
+    fn take_events(&mut self) -> Option<VmmEvents> {
+        self.control.as_mut().and_then(ControlConn::take_events)
+    }
+}
+
+impl ProcessHandle {
+    async fn set_running(&mut self, run: bool) -> Result<(), VmmError> {
+        let pid = self.pid;
+        let err = |source| VmmError::Control { pid, source };
+        let Some(c) = &self.control else {
+            return Err(err(crate::control::ControlError::Unreachable {
+                path: self.control_socket.clone().unwrap_or_default(),
+                why: "the agent runs its VMMs without a control socket".into(),
+            }));
+        };
+        c.set_running(run, CONTROL_TIMEOUT).await.map_err(err)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -355,6 +431,13 @@ mod tests {
         }
     }
 
+    /// A shell script stands in for reddog-vmm: it serves no control socket.
+    fn shell_vmm_config(bin: &Path, kernel: &str) -> ProcessLauncherConfig {
+        let mut c = ProcessLauncherConfig::new(bin, kernel);
+        c.boot_on_request = false;
+        c
+    }
+
     /// Stands in for reddog-vmm: a shell that writes an exit report and exits 10.
     fn fake_vmm(dir: &Path, body: &str) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
@@ -374,7 +457,7 @@ test -f "$C" || exit 3
 echo '{"reason":"reset","exit_code":10,"detail":"i8042 reset","boot_time_us":null,"first_run_us":null,"total_us":5,"vcpu":null,"regs":null}' > "$R"
 exit 10"#,
         );
-        let l = ProcessLauncher::new(ProcessLauncherConfig::new(&bin, "/boot/vmlinux"));
+        let l = ProcessLauncher::new(shell_vmm_config(&bin, "/boot/vmlinux"));
         let s = spec(dir.path());
         let mut h = l.launch(&s).await.expect("launch");
         let e = h.wait().await;
@@ -398,7 +481,7 @@ exit 10"#,
     async fn stop_and_adopt() {
         let dir = tempfile::tempdir().expect("tempdir");
         let bin = fake_vmm(dir.path(), "exec sleep 30");
-        let l = ProcessLauncher::new(ProcessLauncherConfig::new(&bin, "/k"));
+        let l = ProcessLauncher::new(shell_vmm_config(&bin, "/k"));
         let s = spec(dir.path());
         let mut h = l.launch(&s).await.expect("launch");
         let rec = h.record();

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use vmm_api::control::Event;
 use vmm_api::{DiskConfig, ExitReport, VsockConfig};
 
 /// What the agent asks a launcher to run. The launcher adds what is its own
@@ -105,6 +106,14 @@ pub enum VmmError {
         /// Why.
         why: String,
     },
+    /// A control-socket request failed (pause, resume).
+    #[error("VMM pid {pid}: {source}")]
+    Control {
+        /// Its pid.
+        pid: i32,
+        /// What failed.
+        source: crate::control::ControlError,
+    },
     /// The recorded VMM is not running any more (or its pid is now another
     /// process).
     #[error("VMM pid {pid} is gone: {why}")]
@@ -126,7 +135,19 @@ pub trait VmmHandle: Send + Sync + std::fmt::Debug {
     /// Waits for it to end. Cancel-safe: it may be used in `select!` and
     /// called again.
     async fn wait(&mut self) -> VmmExit;
+    /// Parks every vCPU (`pause` on the control socket); returns once they
+    /// are parked.
+    async fn pause(&mut self) -> Result<(), VmmError>;
+    /// Lets the vCPUs run again.
+    async fn resume(&mut self) -> Result<(), VmmError>;
+    /// The events the VMM pushes (boot timer, paused, resumed, stopping),
+    /// with its state at subscription replayed first. The first call takes
+    /// the stream; `None` after that, or when the VMM has no control socket.
+    fn take_events(&mut self) -> Option<VmmEvents>;
 }
+
+/// A VMM's pushed events; the stream ends when its control connection closes.
+pub type VmmEvents = tokio::sync::mpsc::Receiver<Event>;
 
 /// Starts and re-adopts VMMs.
 #[async_trait]

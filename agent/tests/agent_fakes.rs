@@ -113,6 +113,18 @@ async fn invalid_goals_are_refused_and_change_nothing() {
         .expect_err("no role dir")
         .to_string();
     assert!(e.contains("not a directory"), "{e}");
+    let pkg = h.dir.path().join("reserved");
+    std::fs::create_dir(&pkg).expect("mkdir");
+    std::fs::write(pkg.join("reddog-instance.json"), "{}").expect("write");
+    let mut g = h.goal(1, &["a"]);
+    g.instances[0].role_package = pkg;
+    let e = h
+        .agent
+        .apply_goal(g)
+        .await
+        .expect_err("reserved name")
+        .to_string();
+    assert!(e.contains("reserved"), "{e}");
     assert!(h.agent.instances().is_empty());
     assert!(h.agent.goal().is_none());
     let n = std::fs::read_dir(h.agent.config().state_dir.join("instances"))
@@ -369,7 +381,8 @@ async fn a_guest_with_the_shutdown_capability_is_asked_first() {
     })
     .await
     .expect("ready");
-    // An update: stop (through the guest), new disks, start.
+    // An update: stop (through the guest), start again (a vCPU change keeps
+    // every disk).
     spec.vcpus = 2;
     a.update_instance(spec).await.expect("update");
     a.wait_for("a", Duration::from_secs(60), |s| {
@@ -388,11 +401,11 @@ async fn a_guest_with_the_shutdown_capability_is_asked_first() {
             .is_some_and(|e| e.detail.contains("PowerOff")),
         "{s:?}"
     );
-    assert_eq!(d.prepared("a"), 2);
+    assert_eq!(d.prepared("a"), 1);
     let hist: Vec<_> = s.history.iter().map(|t| t.to).collect();
     assert!(
         hist.windows(4)
-            .any(|w| w == [Stopping, Stopped, Pending, PreparingDisks]),
+            .any(|w| w == [Stopping, Stopped, Pending, Starting]),
         "{hist:?}"
     );
 }
@@ -527,4 +540,380 @@ async fn node_report_metrics_and_image_references() {
     h.wait_gone("b").await;
     assert_eq!(h.agent.collect_images().len(), 1);
     assert!(h.agent.images().is_empty());
+}
+
+/// An agent whose fake guests fall silent while their VMM is paused.
+async fn pausable() -> (
+    tempfile::TempDir,
+    agent::Agent,
+    agent::fake::FakeLauncher,
+    agent::InstanceSpec,
+) {
+    let dir = tempfile::Builder::new()
+        .prefix("rdg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let l = agent::fake::FakeLauncher::new();
+    let d = agent::fake::FakeDisks::new();
+    let g = agent::fake::FakeGuests::with_launcher(l.clone());
+    let a = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
+        .await
+        .expect("open");
+    let img = dir.path().join("img");
+    std::fs::write(&img, b"x").expect("write");
+    let info = a
+        .image_cache()
+        .import_file(&img, vmm_api::DiskFormat::Raw, None)
+        .expect("import");
+    let spec = agent::InstanceSpec {
+        id: "a".into(),
+        role: "r".into(),
+        base_image: info.reference(),
+        role_package: dir.path().to_owned(),
+        vcpus: 1,
+        memory_mib: 64,
+        resource_disk_mib: 1,
+        env: Default::default(),
+        heartbeat_interval_ms: 500,
+    };
+    a.create_instance(spec.clone()).await.expect("create");
+    a.wait_for("a", Duration::from_secs(60), |s| {
+        s.is_some_and(|s| s.state == Ready)
+    })
+    .await
+    .expect("ready");
+    (dir, a, l, spec)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_instance_is_not_restarted_and_resumes_where_it_was() {
+    use agent::InstanceOpError;
+    let (_dir, a, l, _spec) = pausable().await;
+    let pid = l.running("a").expect("pid");
+    // Resuming a running instance, or anything on an unknown one, is refused.
+    let e = a.resume_instance("a").await.expect_err("not paused");
+    assert!(
+        matches!(e, InstanceOpError::WrongState { state: Ready, .. }),
+        "{e}"
+    );
+    let e = a.pause_instance("nope").await.expect_err("unknown");
+    assert!(matches!(e, InstanceOpError::NoSuchInstance(_)), "{e}");
+
+    let s = a.pause_instance("a").await.expect("pause");
+    assert_eq!(s.state, Paused);
+    assert!(l.is_paused("a"));
+    let e = a.pause_instance("a").await.expect_err("paused already");
+    assert!(
+        matches!(e, InstanceOpError::WrongState { state: Paused, .. }),
+        "{e}"
+    );
+    // The guest sends nothing while paused; far beyond the heartbeat
+    // timeout (3 x 500 ms + 1 s) nothing is restarted.
+    let beats = a.instance("a").expect("inst").heartbeat_seq;
+    tokio::time::sleep(Duration::from_secs(600)).await;
+    let s = a.instance("a").expect("inst");
+    assert_eq!(s.state, Paused);
+    assert_eq!(s.heartbeat_seq, beats, "a paused guest sent heartbeats");
+    assert_eq!(l.launches("a"), 1);
+    assert_eq!(s.vmm_pid, Some(pid));
+
+    let s = a.resume_instance("a").await.expect("resume");
+    assert_eq!(s.state, Ready, "back to the state it was paused in");
+    assert!(!l.is_paused("a"));
+    // Heartbeats flow again and keep it ready.
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = a.instance("a").expect("inst");
+    assert_eq!(s.state, Ready);
+    assert!(s.heartbeat_seq > beats);
+    assert_eq!(l.launches("a"), 1);
+    let reasons: Vec<_> = s
+        .history
+        .iter()
+        .filter(|t| t.from == Paused || t.to == Paused)
+        .map(|t| (t.from, t.to, t.reason.clone()))
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (Ready, Paused, "paused through the agent".to_string()),
+            (Paused, Ready, "resumed through the agent".to_string()),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn vmm_events_pause_and_boot_timer_are_followed() {
+    let (_dir, a, l, _spec) = pausable().await;
+    let mut events = a.subscribe();
+    // Someone with the VMM's control socket pauses it: the agent follows.
+    assert!(l.set_paused("a", true));
+    a.wait_for("a", Duration::from_secs(5), |s| {
+        s.is_some_and(|s| s.state == Paused)
+    })
+    .await
+    .expect("paused");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(l.launches("a"), 1, "not restarted while paused");
+    assert!(l.set_paused("a", false));
+    a.wait_for("a", Duration::from_secs(5), |s| {
+        s.is_some_and(|s| s.state == Ready)
+    })
+    .await
+    .expect("resumed");
+    let s = a.instance("a").expect("inst");
+    assert!(s
+        .history
+        .iter()
+        .any(|t| t.to == Paused && t.reason.contains("VMM reports")));
+    // The boot timer is recorded and announced.
+    assert!(l.boot_timer("a", 4321));
+    a.wait_for("a", Duration::from_secs(5), |s| {
+        s.is_some_and(|s| s.boot_time_us == Some(4321))
+    })
+    .await
+    .expect("boot time");
+    let mut booted = false;
+    while let Ok(e) = events.try_recv() {
+        booted |= matches!(
+            e,
+            AgentEvent::GuestBooted {
+                boot_time_us: 4321,
+                ..
+            }
+        );
+    }
+    assert!(booted, "no GuestBooted event");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_paused_vmm_is_readopted_paused_and_a_removal_resumes_it_to_stop_it() {
+    let (dir, a, l, _spec) = pausable().await;
+    let pid = l.running("a").expect("pid");
+    a.pause_instance("a").await.expect("pause");
+    a.shutdown();
+    tokio::task::yield_now().await;
+    let d = agent::fake::FakeDisks::new();
+    let g = agent::fake::FakeGuests::with_launcher(l.clone());
+    let a2 = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
+        .await
+        .expect("reopen");
+    let s = a2
+        .wait_for("a", Duration::from_secs(5), |s| {
+            s.is_some_and(|s| s.state == Paused)
+        })
+        .await
+        .expect("re-adopted paused");
+    assert_eq!(s.vmm_pid, Some(pid));
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert_eq!(
+        l.launches("a"),
+        1,
+        "a paused VMM is re-adopted, not restarted"
+    );
+    // Removal resumes it so the guest can shut down gracefully (a paused
+    // fake guest ignores Shutdown).
+    let mut events = a2.subscribe();
+    a2.delete_instance("a").await.expect("delete");
+    a2.wait_for("a", Duration::from_secs(60), |s| s.is_none())
+        .await;
+    assert!(a2.instance("a").is_none());
+    assert_eq!(l.running_count(), 0);
+    assert!(matches!(
+        g.commands("a").as_slice(),
+        [agent::guest::HostCommand::Shutdown { .. }]
+    ));
+    let mut exit = None;
+    while let Ok(e) = events.try_recv() {
+        if let AgentEvent::VmmExited { exit: x, .. } = e {
+            exit = Some(x);
+        }
+    }
+    let exit = exit.expect("a VmmExited event");
+    assert!(exit.detail.contains("PowerOff"), "{exit:?}");
+}
+
+/// The instance's disk files: inode and contents.
+fn disk_files(h: &H, id: &str) -> std::collections::BTreeMap<String, (u64, Vec<u8>)> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = h
+        .agent
+        .config()
+        .state_dir
+        .join("instances")
+        .join(id)
+        .join("disks");
+    std::fs::read_dir(&dir)
+        .expect("ls disks")
+        .map(|e| {
+            let p = e.expect("entry").path();
+            let ino = std::fs::metadata(&p).expect("stat").ino();
+            let name = p.file_name().expect("name").to_string_lossy().into_owned();
+            (name, (ino, std::fs::read(&p).expect("read")))
+        })
+        .collect()
+}
+
+/// Applies `spec` as incarnation `inc` and waits until it runs ready.
+async fn update_to(h: &H, inc: u64, spec: agent::InstanceSpec) -> agent::InstanceStatus {
+    let id = spec.id.clone();
+    h.agent
+        .apply_goal(agent::GoalState {
+            incarnation: inc,
+            instances: vec![spec.clone()],
+        })
+        .await
+        .expect("apply");
+    h.agent
+        .wait_for(&id, Duration::from_secs(600), |s| {
+            s.is_some_and(|s| s.state == Ready && s.spec == spec)
+        })
+        .await
+        .expect("ready with the new spec")
+}
+
+fn role_env(
+    files: &std::collections::BTreeMap<String, (u64, Vec<u8>)>,
+) -> agent::disks::InstanceFile {
+    serde_json::from_slice(&files["role.raw"].1)
+        .expect("the fake role disk holds the instance file")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_new_base_image_keeps_the_resource_disk() {
+    use agent::disks::DiskSet;
+    let h = harness().await;
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Ready).await;
+    let before = disk_files(&h, "a");
+    // The guest leaves scratch data on its resource disk.
+    let res = h
+        .agent
+        .config()
+        .state_dir
+        .join("instances/a/disks/resource.raw");
+    std::fs::write(&res, b"scratch data").expect("write");
+    let img2 = h.dir.path().join("base2.raw");
+    std::fs::write(&img2, b"another base image").expect("write");
+    let info2 = h
+        .agent
+        .image_cache()
+        .import_file(&img2, vmm_api::DiskFormat::Raw, None)
+        .expect("import");
+    let mut spec = h.spec("a");
+    spec.base_image = info2.reference();
+    let s = update_to(&h, 2, spec).await;
+
+    assert_eq!(
+        h.disks.made("a"),
+        vec![
+            DiskSet::ALL,
+            DiskSet {
+                os: true,
+                ..DiskSet::NONE
+            }
+        ]
+    );
+    let after = disk_files(&h, "a");
+    assert_eq!(
+        after["resource.raw"].0, before["resource.raw"].0,
+        "same file"
+    );
+    assert_eq!(after["resource.raw"].1, b"scratch data", "data kept");
+    assert_eq!(after["role.raw"], before["role.raw"]);
+    let os = String::from_utf8_lossy(&after["os.qcow2"].1).into_owned();
+    assert!(os.contains(&info2.sha256), "over the new base: {os}");
+    assert_eq!(h.launcher.launches("a"), 2);
+    assert!(
+        s.history.iter().any(|t| t.to == PreparingDisks
+            && t.reason.contains("the OS disk")
+            && t.reason.contains("keeping the resource and role disks")),
+        "{:#?}",
+        s.history
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_vcpu_or_memory_change_remakes_no_disk() {
+    use agent::disks::DiskSet;
+    let h = harness().await;
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Ready).await;
+    let before = disk_files(&h, "a");
+    let mut spec = h.spec("a");
+    spec.vcpus = 2;
+    spec.memory_mib = 512;
+    spec.heartbeat_interval_ms = 2000;
+    let s = update_to(&h, 2, spec).await;
+    assert_eq!(h.disks.made("a"), vec![DiskSet::ALL]);
+    assert_eq!(disk_files(&h, "a"), before);
+    assert_eq!(h.launcher.launches("a"), 2, "the VMM restarted");
+    let to: Vec<_> = s.history.iter().map(|t| t.to).collect();
+    assert_eq!(
+        to.iter().filter(|t| **t == PreparingDisks).count(),
+        1,
+        "{to:?}"
+    );
+    assert!(
+        to.windows(4)
+            .any(|w| w == [Stopping, Stopped, Pending, Starting]),
+        "{to:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_environment_change_remakes_only_the_role_disk() {
+    use agent::disks::DiskSet;
+    let h = harness().await;
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Ready).await;
+    let before = disk_files(&h, "a");
+    assert_eq!(role_env(&before).env["MODE"], "test");
+    assert_eq!(role_env(&before).instance_id, "a");
+    let mut spec = h.spec("a");
+    spec.env.insert("MODE".into(), "prod".into());
+    update_to(&h, 2, spec).await;
+    let role_only = DiskSet {
+        role: true,
+        ..DiskSet::NONE
+    };
+    assert_eq!(h.disks.made("a"), vec![DiskSet::ALL, role_only]);
+    let after = disk_files(&h, "a");
+    assert_eq!(after["os.qcow2"], before["os.qcow2"]);
+    assert_eq!(after["resource.raw"], before["resource.raw"]);
+    assert_eq!(role_env(&after).env["MODE"], "prod");
+
+    // A remake that fails: Failed, the half-made role disk removed, the kept
+    // disks left for the retry, which remakes only the role disk again.
+    h.disks.fail_for("a", "fake mkfs failure");
+    let mut spec = h.spec("a");
+    spec.role = "worker".into();
+    h.agent
+        .apply_goal(agent::GoalState {
+            incarnation: 3,
+            instances: vec![spec.clone()],
+        })
+        .await
+        .expect("apply");
+    let s = h.wait_state("a", Failed).await;
+    assert!(
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("fake mkfs failure")),
+        "{s:?}"
+    );
+    let failed = disk_files(&h, "a");
+    assert_eq!(
+        failed.keys().collect::<Vec<_>>(),
+        vec!["os.qcow2", "resource.raw"],
+        "the half-made role disk is gone"
+    );
+    assert_eq!(failed["resource.raw"], before["resource.raw"]);
+    h.disks.heal("a");
+    update_to(&h, 4, spec).await;
+    assert_eq!(h.disks.made("a"), vec![DiskSet::ALL, role_only, role_only]);
+    let retried = disk_files(&h, "a");
+    assert_eq!(retried["resource.raw"], before["resource.raw"]);
+    assert_eq!(retried["os.qcow2"], before["os.qcow2"]);
+    assert_eq!(role_env(&retried).role, "worker");
+    assert_eq!(h.disks.prepared("a"), 1);
 }

@@ -174,6 +174,39 @@ async fn goal_instances_node_metrics_over_the_socket() {
         matches!(&e, Err(ClientError::Api { status: 404, .. })),
         "{e:?}"
     );
+    // Pause and resume: 200 with the instance, 409 in the wrong state, 404
+    // for an unknown one.
+    let p = c
+        .call(Method::POST, "/v1/instances/web-1/pause", None)
+        .await
+        .expect("pause");
+    let p: serde_json::Value = serde_json::from_str(&p).expect("json");
+    assert_eq!(p["state"], "paused");
+    let e = c
+        .call(Method::POST, "/v1/instances/web-1/pause", None)
+        .await;
+    assert!(
+        matches!(&e, Err(ClientError::Api { status: 409, message }) if message.contains("paused")),
+        "{e:?}"
+    );
+    let r = c
+        .call(Method::POST, "/v1/instances/web-1/resume", None)
+        .await
+        .expect("resume");
+    let r: serde_json::Value = serde_json::from_str(&r).expect("json");
+    assert_eq!(r["state"], "ready");
+    let e = c
+        .call(Method::POST, "/v1/instances/web-1/resume", None)
+        .await;
+    assert!(
+        matches!(&e, Err(ClientError::Api { status: 409, .. })),
+        "{e:?}"
+    );
+    let e = c.call(Method::POST, "/v1/instances/zzz/pause", None).await;
+    assert!(
+        matches!(&e, Err(ClientError::Api { status: 404, .. })),
+        "{e:?}"
+    );
     // Images over the API.
     let imgs = c.get_json("/v1/images").await.expect("images");
     assert_eq!(imgs[0]["references"], 1);

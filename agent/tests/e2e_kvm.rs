@@ -643,3 +643,97 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         .expect("exited");
     assert_eq!(exit.signal, Some(9), "{exit:?}");
 }
+
+/// Pause and resume on a real VMM: through the agent (API path), and by
+/// someone else on the VMM's control socket (the agent follows the VMM's
+/// pushed events). A paused guest sends nothing, yet is not restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
+    use vmm_api::control::{Client, Op, StateReply, VmState};
+    let h = harness(None).await;
+    h.apply(1, &["ok-1"]).await;
+    let s = h
+        .wait("ok-1", "ready", Duration::from_secs(30), |s| {
+            s.state == InstanceState::Ready
+        })
+        .await;
+    let pid = s.vmm_pid.expect("pid");
+    // The boot timer comes from the VMM's event stream.
+    let s = h
+        .wait("ok-1", "given a boot time", Duration::from_secs(5), |s| {
+            s.boot_time_us.is_some()
+        })
+        .await;
+    let boot = s.boot_time_us.unwrap_or_default();
+    assert!(boot > 0 && boot < 20_000_000, "{boot}");
+    // The launcher subscribes before it boots the VM (`boot_on_request`), so
+    // the boot timer is seen live and is what moves starting -> booted.
+    let s = h.agent.instance("ok-1").expect("inst");
+    assert!(
+        s.history.iter().any(|t| t.from == InstanceState::Starting
+            && t.to == InstanceState::Booted
+            && t.reason.contains("boot timer")),
+        "{:#?}",
+        s.history
+    );
+    h.heartbeats_advance("ok-1").await;
+
+    let p = h.agent.pause_instance("ok-1").await.expect("pause");
+    assert_eq!(p.state, InstanceState::Paused);
+    let view = h
+        .agent
+        .vmm_view("ok-1")
+        .await
+        .expect("instance")
+        .expect("vmm view");
+    assert_eq!(view.info.state, VmState::Paused);
+    let seq = h.agent.instance("ok-1").and_then(|s| s.heartbeat_seq);
+    // Well past the heartbeat timeout (3 x 200 ms + 500 ms).
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    let s = h.agent.instance("ok-1").expect("inst");
+    assert_eq!(s.state, InstanceState::Paused, "{:#?}", s.history);
+    assert_eq!(s.vmm_pid, Some(pid));
+    assert_eq!(s.restarts, 0);
+    assert_eq!(s.heartbeat_seq, seq, "a parked guest sent heartbeats");
+
+    let r = h.agent.resume_instance("ok-1").await.expect("resume");
+    assert_eq!(r.state, InstanceState::Ready);
+    h.heartbeats_advance("ok-1").await;
+
+    // Someone else pauses the VMM on its control socket.
+    let sock = h.agent.config().state_dir.join("instances/ok-1/api.sock");
+    let ctl = move |op: Op| {
+        let sock = sock.clone();
+        move || {
+            let mut c = Client::connect(&sock).expect("connect");
+            c.call::<StateReply>(op).expect("state reply").state
+        }
+    };
+    let st = tokio::task::spawn_blocking(ctl(Op::Pause))
+        .await
+        .expect("task");
+    assert_eq!(st, VmState::Paused);
+    h.wait(
+        "ok-1",
+        "paused by the VMM's event",
+        Duration::from_secs(5),
+        |s| s.state == InstanceState::Paused,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(h.agent.instance("ok-1").expect("inst").restarts, 0);
+    let st = tokio::task::spawn_blocking(ctl(Op::Resume))
+        .await
+        .expect("task");
+    assert_eq!(st, VmState::Running);
+    h.wait(
+        "ok-1",
+        "ready after the resume event",
+        Duration::from_secs(5),
+        |s| s.state == InstanceState::Ready,
+    )
+    .await;
+    h.heartbeats_advance("ok-1").await;
+    let s = h.agent.instance("ok-1").expect("inst");
+    assert_eq!((s.vmm_pid, s.restarts), (Some(pid), 0));
+}

@@ -179,6 +179,15 @@ impl DiskPreparer for TimedDisks {
             .note(&req.instance_id, |t| t.disks_done = Some(Instant::now()));
         r
     }
+
+    async fn remake(
+        &self,
+        req: &DiskRequest,
+        current: &PreparedDisks,
+        which: agent::disks::DiskSet,
+    ) -> Result<PreparedDisks, agent::disks::DiskPrepError> {
+        self.inner.remake(req, current, which).await
+    }
 }
 
 /// What [`KvmAgent::start`] needs.
@@ -447,6 +456,8 @@ impl DirectSetup {
         let disks = VhdDiskPreparer
             .prepare(&DiskRequest {
                 instance_id: name.into(),
+                role: "bench".into(),
+                env: Default::default(),
                 dir: vdir.join("disks"),
                 base: base.to_path_buf(),
                 base_format: vmm_api::DiskFormat::Raw,

@@ -38,6 +38,10 @@ pub struct AgentConfig {
     pub link: LinkConfig,
     /// The role manifest (`/role/role.json` in the VM).
     pub manifest: PathBuf,
+    /// The host agent's instance file (`/role/reddog-instance.json` in the
+    /// VM): the instance's id, role name and environment. Absent: the
+    /// manifest's environment only.
+    pub instance: PathBuf,
     /// The passwd file to resolve the role's user in.
     pub passwd: PathBuf,
     /// Running as PID 1: reap every child (not only the role), catch SIGTERM,
@@ -216,7 +220,23 @@ impl Agent {
             self.publish();
             return;
         }
-        match manifest::load(&self.cfg.manifest, &self.cfg.passwd) {
+        let loaded = manifest::load(&self.cfg.manifest, &self.cfg.passwd)
+            .map_err(|e| format!("role manifest rejected: {e}"))
+            .and_then(|mut m| match manifest::load_instance(&self.cfg.instance) {
+                Ok(Some(inst)) => {
+                    say(&format!(
+                        "instance file ok: instance {}, role {}, {} environment variables",
+                        inst.instance_id,
+                        inst.role.escape_debug(),
+                        inst.env.len()
+                    ));
+                    m.apply_instance(&inst);
+                    Ok(m)
+                }
+                Ok(None) => Ok(m),
+                Err(e) => Err(format!("instance file rejected: {e}")),
+            });
+        match loaded {
             Ok(m) => {
                 say(&format!(
                     "role manifest ok: {} as {} (uid {} gid {}), restart {:?}",
@@ -231,9 +251,9 @@ impl Agent {
                 self.role.manifest = Some(m);
                 self.role.next_start = Some(Instant::now());
             }
-            Err(e) => {
+            Err(text) => {
                 self.role.state = RoleState::Failed;
-                self.log(LogLevel::Error, &format!("role manifest rejected: {e}"));
+                self.log(LogLevel::Error, &text);
             }
         }
         self.publish();

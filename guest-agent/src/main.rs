@@ -84,6 +84,7 @@ fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
             port: opts.agent_port,
         })),
         manifest: role_dir.join(manifest::MANIFEST_FILE),
+        instance: role_dir.join(manifest::INSTANCE_FILE),
         passwd: PathBuf::from("/etc/passwd"),
         pid1: true,
         tick: Duration::from_millis(50),
@@ -164,6 +165,7 @@ fn host_main() {
     let cfg = AgentConfig {
         link: link_config(Arc::new(transport::Unix { path })),
         manifest: role_dir.join(manifest::MANIFEST_FILE),
+        instance: role_dir.join(manifest::INSTANCE_FILE),
         passwd,
         pid1: false,
         tick: Duration::from_millis(50),

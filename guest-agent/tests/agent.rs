@@ -46,6 +46,17 @@ fn setup_with(
     write_timeout: Duration,
     stall_first: bool,
 ) -> Setup {
+    setup_all(interval_ms, manifest, None, write_timeout, stall_first)
+}
+
+/// [`setup_with`] plus, if given, the host agent's instance file on the role disk.
+fn setup_all(
+    interval_ms: u32,
+    manifest: Option<&str>,
+    instance: Option<&str>,
+    write_timeout: Duration,
+    stall_first: bool,
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let me = std::fs::metadata("/proc/self").unwrap();
@@ -64,6 +75,9 @@ fn setup_with(
     if let Some(m) = manifest {
         let m = m.replace("{DIR}", dir.path().to_str().unwrap());
         std::fs::write(role.join("role.json"), m).unwrap();
+    }
+    if let Some(i) = instance {
+        std::fs::write(role.join("reddog-instance.json"), i).unwrap();
     }
     let sock = dir.path().join("host.sock");
     let host = FakeHost::start(&sock, interval_ms);
@@ -84,6 +98,7 @@ fn setup_with(
             seed: 42,
         },
         manifest: role.join("role.json"),
+        instance: role.join("reddog-instance.json"),
         passwd: dir.path().join("passwd"),
         pid1: false,
         tick: Duration::from_millis(10),
@@ -472,6 +487,52 @@ fn root_roles_are_refused() {
         m.iter()
             .any(|g| matches!(g, Got::Log(l) if l.contains("never runs as root")))
     });
+    s.host
+        .send(HostMsg::Shutdown(Shutdown { deadline_ms: 500 }));
+    s.finish(Duration::from_secs(2));
+}
+
+#[test]
+fn the_role_sees_the_instance_environment_over_the_manifests() {
+    let m = r#"{"version":1,"program":"/bin/sh","args":["-c","env | sort; exec sleep 60"],
+        "env":{"MODE":"package","KEEP":"yes"},"working_dir":"/","user":"tester"}"#;
+    let i = r#"{"version":1,"instance_id":"web-1","role":"web","env":{"MODE":"instance","EXTRA":"x y"}}"#;
+    let mut s = setup_all(100, Some(m), Some(i), Duration::from_secs(2), false);
+    let want = [
+        "MODE=instance",
+        "KEEP=yes",
+        "EXTRA=x y",
+        "REDDOG_INSTANCE_ID=web-1",
+        "REDDOG_ROLE=web",
+    ];
+    s.host
+        .wait("the role's environment", Duration::from_secs(5), |m| {
+            want.iter()
+                .all(|w| m.iter().any(|g| matches!(g, Got::Log(l) if l == w)))
+        });
+    let m = s.host.messages();
+    assert!(
+        !m.iter()
+            .any(|g| matches!(g, Got::Log(l) if l == "MODE=package")),
+        "the instance's value wins: {m:#?}"
+    );
+    s.host
+        .send(HostMsg::Shutdown(Shutdown { deadline_ms: 1000 }));
+    let r = s.finish(Duration::from_secs(2));
+    assert_eq!(r.role_exit, Some(ExitStatus::Signal(libc::SIGTERM)));
+}
+
+#[test]
+fn a_malformed_instance_file_is_reported_and_nothing_runs() {
+    let m = r#"{"version":1,"program":"/bin/sh","args":["-c","exec sleep 60"],"working_dir":"/","user":"tester"}"#;
+    let i = r#"{"version":1,"instance_id":"web-1","role":"web","env":{"BAD-NAME":"x"}}"#;
+    let mut s = setup_all(100, Some(m), Some(i), Duration::from_secs(2), false);
+    s.host.wait("the error and a Failed heartbeat", Duration::from_secs(5), |m| {
+        m.iter().any(|g| matches!(g, Got::Log(l) if l.contains("instance file rejected") && l.contains("env.BAD-NAME")))
+            && m.iter().any(|g| matches!(g, Got::Heartbeat(hb) if hb.role_state == RoleState::Failed))
+    });
+    let m = s.host.messages();
+    assert!(started(&m).is_empty() && !m.contains(&Got::Ready));
     s.host
         .send(HostMsg::Shutdown(Shutdown { deadline_ms: 500 }));
     s.finish(Duration::from_secs(2));

@@ -261,7 +261,10 @@ pub fn resource_disk(out: &Path, size: u64) -> Result<(), OsImageError> {
 
 /// Writes the web role into `dir`: `role.json` running busybox httpd as the
 /// role user on `port`, serving `www/` from the role disk, ready when
-/// `GET /index.html` answers; and `www/index.html` with `body`.
+/// `GET /index.html` answers; and `www/index.html` with `body`. Before httpd
+/// starts, the role prints one line with what the host agent gave it
+/// (`web role: instance=<REDDOG_INSTANCE_ID> role=<REDDOG_ROLE>
+/// greeting=<GREETING>`): the host agent logs it.
 pub fn web_role(dir: &Path, port: u16, body: &str) -> Result<(), OsImageError> {
     let www = dir.join("www");
     fs::create_dir_all(&www).map_err(io(&www))?;
@@ -271,7 +274,7 @@ pub fn web_role(dir: &Path, port: u16, body: &str) -> Result<(), OsImageError> {
         r#"{{
   "version": 1,
   "program": "/bin/busybox",
-  "args": ["httpd", "-f", "-p", "127.0.0.1:{port}", "-h", "/role/www"],
+  "args": ["sh", "-c", "echo \"web role: instance=$REDDOG_INSTANCE_ID role=$REDDOG_ROLE greeting=$GREETING\"; exec /bin/busybox httpd -f -p 127.0.0.1:{port} -h /role/www"],
   "working_dir": "/role",
   "user": "{ROLE_USER}",
   "readiness": {{"http": {{"port": {port}, "path": "/index.html"}}}},

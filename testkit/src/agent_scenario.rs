@@ -407,6 +407,7 @@ pub fn run_nested(
         .host_file("bin/reddog", 0o755, &a.cli)
         .host_file("bin/agent-driver", 0o755, &a.driver)
         .host_program("bin/mkfs.ext4", Path::new("/sbin/mkfs.ext4"))
+        .host_program("bin/debugfs", Path::new("/sbin/debugfs"))
         .host_file("guest/vmlinux", 0o644, &a.kernel.vmlinux)
         .host_file("guest/initrd", 0o644, &a.initrd)
         .host_file("guest/base.img", 0o644, &a.base)

@@ -95,5 +95,12 @@ fn agent_runs_a_web_instance_to_ready_and_stops_it_cleanly() {
         "the agent's command line has an option the guest does not know\n{all}"
     );
     assert!(run.log("agent.log").contains("\"transition\""), "{all}");
+    // The goal's environment reached the role (through the role disk's
+    // instance file), and the role's output came back to the agent's log.
+    assert!(
+        run.log("agent.log")
+            .contains("web role: instance=web-1 role=web greeting=hello-from-the-goal"),
+        "the role did not print the instance's environment\n{all}"
+    );
     assert!(run.logs.contains_key("web-1.vmm.log"), "{all}");
 }

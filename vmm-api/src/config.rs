@@ -196,6 +196,11 @@ pub struct VmConfig {
     /// path another live VMM listens on is refused.
     #[serde(default)]
     pub api_sock: Option<PathBuf>,
+    /// Build the VM but hold its vCPUs until a `boot` request on the control
+    /// socket (needs `api_sock`): a client can subscribe to the VM's events
+    /// before the guest runs its first instruction.
+    #[serde(default)]
+    pub boot_on_request: bool,
 }
 
 fn default_vcpus() -> u8 {
@@ -222,6 +227,7 @@ impl VmConfig {
             vsock: None,
             timeout_ms: None,
             api_sock: None,
+            boot_on_request: false,
         }
     }
 
@@ -282,6 +288,12 @@ impl VmConfig {
         }
         if self.timeout_ms == Some(0) {
             return Err(ConfigError::Timeout);
+        }
+        if self.boot_on_request && self.api_sock.is_none() {
+            return Err(ConfigError::ApiSock(
+                "boot_on_request needs a control socket to be booted through; set api_sock (--api-sock)"
+                    .into(),
+            ));
         }
         if let Some(p) = &self.api_sock {
             let len = p.as_os_str().len();
@@ -355,6 +367,12 @@ mod tests {
         cfg.validate().expect("107 bytes fit");
         cfg.api_sock = Some("/".repeat(MAX_SOCKET_PATH_LEN + 1).into());
         assert!(matches!(cfg.validate(), Err(ConfigError::ApiSock(_))));
+        let mut held = VmConfig::new("/k");
+        held.boot_on_request = true;
+        let e = held.validate().expect_err("held without a socket");
+        assert!(e.to_string().contains("--api-sock"), "{e}");
+        held.api_sock = Some("/run/a.sock".into());
+        held.validate().expect("held with a socket");
         let cfg = VmConfig::from_json(r#"{"kernel":"/k","api_sock":"/run/reddog/vm1.sock"}"#)
             .expect("valid");
         assert_eq!(

@@ -25,7 +25,7 @@ use crate::{ExitReason, VmConfig};
 /// The protocol version, in [`Pong`] and [`Info`]. It changes when a request,
 /// response or event changes incompatibly; new optional fields in responses and
 /// events do not change it (clients ignore fields they do not know).
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Longest line, in bytes, not counting the newline, in either direction.
 pub const MAX_LINE_LEN: usize = 64 * 1024;
@@ -50,6 +50,9 @@ pub enum Op {
     Ping,
     /// The VM's configuration and state; answers [`Info`].
     Info,
+    /// Start a VM built with `boot_on_request` (its vCPUs held before their
+    /// first instruction); answers [`StateReply`]. Once only.
+    Boot,
     /// Stop every vCPU; answers [`StateReply`] once all are parked.
     Pause,
     /// Let the vCPUs run again; answers [`StateReply`].
@@ -71,6 +74,7 @@ pub enum Op {
 enum OpName {
     Ping,
     Info,
+    Boot,
     Pause,
     Resume,
     Shutdown,
@@ -109,6 +113,7 @@ impl TryFrom<RawRequest> for Request {
             (_, Some(_)) => return Err("only op \"shutdown\" takes \"mode\"".into()),
             (OpName::Ping, None) => Op::Ping,
             (OpName::Info, None) => Op::Info,
+            (OpName::Boot, None) => Op::Boot,
             (OpName::Pause, None) => Op::Pause,
             (OpName::Resume, None) => Op::Resume,
             (OpName::Metrics, None) => Op::Metrics,
@@ -123,6 +128,7 @@ impl From<Request> for RawRequest {
         let (op, mode) = match r.op {
             Op::Ping => (OpName::Ping, None),
             Op::Info => (OpName::Info, None),
+            Op::Boot => (OpName::Boot, None),
             Op::Pause => (OpName::Pause, None),
             Op::Resume => (OpName::Resume, None),
             Op::Shutdown { mode } => (OpName::Shutdown, Some(mode)),
@@ -139,7 +145,8 @@ impl From<Request> for RawRequest {
 pub enum ErrorKind {
     /// The line was too long, not JSON, or not a valid request.
     BadRequest,
-    /// The request does not fit the VM's state (resume while running, pause while paused).
+    /// The request does not fit the VM's state (resume while running, pause
+    /// while paused, pause or resume before `boot`, `boot` twice).
     InvalidState,
     /// The VMM cannot do this.
     Unsupported,
@@ -272,6 +279,9 @@ impl Response {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
+    /// Built with `boot_on_request` and not booted yet: the vCPUs are held
+    /// before their first instruction.
+    Created,
     /// The vCPUs run (or wait in the guest's `hlt`).
     Running,
     /// Every vCPU is parked in the VMM.

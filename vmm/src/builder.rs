@@ -146,7 +146,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     vm.create_irqchip()?;
 
     // 3-7 run while another thread creates the PIT (a slow ioctl).
-    let run_ctl = Arc::new(RunControl::new(cfg.vcpus));
+    let run_ctl = Arc::new(RunControl::new(cfg.vcpus, cfg.boot_on_request));
     let (guest, pit) = std::thread::scope(|s| {
         let pit = s.spawn(|| vm.create_pit());
         let guest = load_and_attach(cfg, &vm, &mem, start, &run_ctl);

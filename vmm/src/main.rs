@@ -31,6 +31,8 @@ Options:
                            (virtio_mmio.device=), for kernels that do not read them from ACPI
   --timeout-ms <N>         wall-clock limit in milliseconds
   --api-sock <PATH>        serve the control socket (docs/vmm-api.md) on this unix socket
+  --wait-for-boot          build the VM but start the guest only on a `boot` request on the
+                           control socket (needs --api-sock)
   --exit-report <FILE>     write the exit report (JSON) here instead of stderr
   -h, --help               print this help
   -V, --version            print the version
@@ -53,6 +55,7 @@ struct Args {
     virtio_mmio_cmdline: bool,
     timeout_ms: Option<u64>,
     api_sock: Option<PathBuf>,
+    wait_for_boot: bool,
     exit_report: Option<PathBuf>,
 }
 
@@ -101,6 +104,7 @@ impl Args {
                 "--disk" => a.disk.push(parse_disk(&value()?)?),
                 "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
                 "--virtio-mmio-cmdline" if inline.is_none() => a.virtio_mmio_cmdline = true,
+                "--wait-for-boot" if inline.is_none() => a.wait_for_boot = true,
                 "--timeout-ms" => a.timeout_ms = Some(number(&flag, &value()?)?),
                 "--api-sock" => a.api_sock = Some(value()?.into()),
                 "--exit-report" => a.exit_report = Some(value()?.into()),
@@ -217,6 +221,9 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     }
     if let Some(t) = args.timeout_ms {
         cfg.timeout_ms = Some(t);
+    }
+    if args.wait_for_boot {
+        cfg.boot_on_request = true;
     }
     if let Some(p) = &args.api_sock {
         cfg.api_sock = Some(p.clone());

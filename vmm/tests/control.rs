@@ -565,3 +565,60 @@ fn socket_paths_stale_live_and_wrong() {
     assert_eq!(run.status, 1, "{}", run.describe());
     assert!(run.stderr.contains("api_sock"), "{}", run.describe());
 }
+
+/// `--wait-for-boot`: the VM is built but its guest starts only on `boot`, so
+/// a subscriber sees every event from the first instruction on.
+#[test]
+fn a_vm_held_for_boot_starts_on_request_only() {
+    let vm = Vm::start("exit=hang", &["--wait-for-boot"]);
+    let mut c = vm.client();
+    let info = c.info().expect("info");
+    assert_eq!(info.state, VmState::Created);
+    assert!(info.config.boot_on_request);
+    // Held: the guest has not run, so no boot timer and no first run.
+    std::thread::sleep(Duration::from_millis(100));
+    let info = c.info().expect("info");
+    assert_eq!((info.boot_time_us, info.first_run_us), (None, None));
+    assert_eq!(c.metrics().expect("metrics").exits.total(), 0);
+    // Pause and resume make no sense before boot.
+    for op in [Op::Pause, Op::Resume] {
+        let e = api_error(c.call(op));
+        assert_eq!(e.kind, ErrorKind::InvalidState, "{op:?}: {e:?}");
+        assert!(e.message.contains("boot"), "{e:?}");
+    }
+    let mut events = vm.client();
+    let sub = events.subscribe().expect("subscribe");
+    assert_eq!((sub.state, sub.boot_time_us), (VmState::Created, None));
+    let r: StateReply = c.call(Op::Boot).expect("boot");
+    assert_eq!(r.state, VmState::Running);
+    // The boot timer now arrives as an event, after the boot.
+    match events.next_event().expect("event") {
+        Event::BootTimer { us } => {
+            let first = c.info().expect("info").first_run_us.expect("ran");
+            assert!(us >= first, "boot timer {us} before the first run {first}");
+        }
+        e => panic!("expected the boot timer, got {e:?}"),
+    }
+    assert_eq!(c.info().expect("info").state, VmState::Running);
+    let e = api_error(c.call(Op::Boot));
+    assert_eq!(e.kind, ErrorKind::InvalidState);
+    // A VM built without it is booted already.
+    drop((c, events));
+    force_stop(vm);
+    let vm = Vm::start("exit=hang", &[]);
+    let e = api_error(vm.client().call(Op::Boot));
+    assert_eq!(e.kind, ErrorKind::InvalidState);
+    force_stop(vm);
+}
+
+#[test]
+fn wait_for_boot_needs_a_control_socket() {
+    let out = Command::new(env!("CARGO_BIN_EXE_reddog-vmm"))
+        .args(["--kernel", test_guest::elf_path().to_str().expect("utf-8")])
+        .arg("--wait-for-boot")
+        .output()
+        .expect("run reddog-vmm");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--api-sock"), "{err}");
+}

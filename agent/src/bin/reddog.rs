@@ -48,6 +48,17 @@ enum Command {
         /// The instance's id.
         id: String,
     },
+    /// Pause an instance's VMM (vCPUs parked; heartbeats not expected until
+    /// it resumes).
+    Pause {
+        /// The instance's id.
+        id: String,
+    },
+    /// Resume a paused instance.
+    Resume {
+        /// The instance's id.
+        id: String,
+    },
     /// The node report (JSON).
     Node,
     /// The agent's image cache.
@@ -247,6 +258,14 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Vmm { id } => {
             c.call(Method::GET, &format!("/v1/instances/{id}/vmm"), None)
+                .await?
+        }
+        Command::Pause { id } => {
+            c.call(Method::POST, &format!("/v1/instances/{id}/pause"), None)
+                .await?
+        }
+        Command::Resume { id } => {
+            c.call(Method::POST, &format!("/v1/instances/{id}/resume"), None)
                 .await?
         }
         Command::Node => c.call(Method::GET, "/v1/node", None).await?,

@@ -491,6 +491,7 @@ fn goal(o: &Opts, incarnation: u64, image: &str, n: u32) -> Value {
                 "memory_mib": o.memory_mib,
                 "resource_disk_mib": o.resource_disk_mib,
                 "heartbeat_interval_ms": o.heartbeat_ms,
+                "env": { "GREETING": "hello-from-the-goal" },
             })
         })
         .collect();

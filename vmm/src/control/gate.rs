@@ -67,12 +67,13 @@ fn install_kick_handler() -> Result<(), String> {
 }
 
 impl Gate {
-    /// A gate for `vcpus` running vCPUs.
-    pub fn new(vcpus: u8) -> Self {
+    /// A gate for `vcpus` vCPUs, open, or closed (`held`: every vCPU parks
+    /// before its first `KVM_RUN` until [`Gate::resume`]).
+    pub fn new(vcpus: u8, held: bool) -> Self {
         Self {
-            pause: AtomicBool::new(false),
+            pause: AtomicBool::new(held),
             inner: Mutex::new(Inner {
-                paused: false,
+                paused: held,
                 phases: vec![Phase::Running; usize::from(vcpus)],
             }),
             changed: Condvar::new(),
@@ -197,7 +198,7 @@ mod tests {
     /// in a long `sleep` (like a vCPU halted in `KVM_RUN`): both stop.
     #[test]
     fn pause_parks_every_thread_and_resume_releases_them() {
-        let gate = Arc::new(Gate::new(2));
+        let gate = Arc::new(Gate::new(2, false));
         let work = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
@@ -236,9 +237,27 @@ mod tests {
         gate.resume();
     }
 
+    /// A held gate parks a thread before its first step, until resumed.
+    #[test]
+    fn a_held_gate_parks_before_the_first_step() {
+        let gate = Arc::new(Gate::new(1, true));
+        assert!(gate.is_paused());
+        let work = Arc::new(AtomicU64::new(0));
+        let (g, w) = (gate.clone(), work.clone());
+        let t = std::thread::spawn(move || {
+            g.check(0);
+            w.fetch_add(1, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert_eq!(work.load(Ordering::SeqCst), 0, "a held thread ran");
+        gate.resume();
+        t.join().expect("thread");
+        assert_eq!(work.load(Ordering::SeqCst), 1);
+    }
+
     #[test]
     fn a_thread_that_never_parks_fails_the_pause() {
-        let gate = Gate::new(1);
+        let gate = Gate::new(1, false);
         // No thread: vCPU 0 stays "running" forever.
         let err = gate
             .pause(Duration::from_millis(30))

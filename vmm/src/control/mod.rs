@@ -18,15 +18,18 @@ pub use server::{ControlError, ControlServer};
 pub struct RunControl {
     /// The pause gate.
     pub gate: gate::Gate,
+    /// False while a VM built with `boot_on_request` waits for `boot`.
+    pub booted: std::sync::atomic::AtomicBool,
     /// Exit counters and VM-wide counters.
     pub counters: metrics::Counters,
 }
 
 impl RunControl {
-    /// Run control for `vcpus` vCPUs.
-    pub fn new(vcpus: u8) -> Self {
+    /// Run control for `vcpus` vCPUs; `held`: they wait for `boot`.
+    pub fn new(vcpus: u8, held: bool) -> Self {
         Self {
-            gate: gate::Gate::new(vcpus),
+            gate: gate::Gate::new(vcpus, held),
+            booted: std::sync::atomic::AtomicBool::new(!held),
             counters: metrics::Counters::new(vcpus),
         }
     }

@@ -316,7 +316,9 @@ impl Shared {
     }
 
     fn state(&self) -> VmState {
-        if self.ctx.run.gate.is_paused() {
+        if !self.ctx.run.booted.load(Ordering::SeqCst) {
+            VmState::Created
+        } else if self.ctx.run.gate.is_paused() {
             VmState::Paused
         } else {
             VmState::Running
@@ -353,6 +355,28 @@ impl Shared {
                     },
                 )
             }
+            Op::Boot => {
+                let _ops = lock(&self.ops);
+                if run.booted.swap(true, Ordering::SeqCst) {
+                    return Response::error(
+                        Some(id),
+                        ErrorKind::InvalidState,
+                        "the VM is booted already (it was built without boot_on_request, or booted before)",
+                    );
+                }
+                run.gate.resume();
+                Response::ok(
+                    id,
+                    &StateReply {
+                        state: VmState::Running,
+                    },
+                )
+            }
+            Op::Pause | Op::Resume if !run.booted.load(Ordering::SeqCst) => Response::error(
+                Some(id),
+                ErrorKind::InvalidState,
+                "the VM has not booted yet; send boot first",
+            ),
             Op::Pause => {
                 let _ops = lock(&self.ops);
                 if run.gate.is_paused() {

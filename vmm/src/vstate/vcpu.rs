@@ -125,6 +125,9 @@ impl Vcpu {
         first_run_us: Arc<AtomicU64>,
         ctl: Arc<RunControl>,
     ) {
+        // A VM built with `boot_on_request` holds here until `boot`, so the
+        // first run is timed from then.
+        ctl.gate.check(self.index);
         if self.index == 0 {
             first_run_us.store(start.elapsed().as_micros() as u64 + 1, Ordering::SeqCst);
         }
