@@ -19,9 +19,12 @@ use vmm_api::control::{
     VmState, MAX_LINE_LEN,
 };
 
-/// How often a connection attempt is retried while the VMM has not made its
-/// socket yet.
-const CONNECT_RETRY: Duration = Duration::from_millis(5);
+/// The first wait before a connection attempt is retried while the VMM has
+/// not made its socket yet; it doubles up to [`CONNECT_RETRY_MAX`] (a VMM
+/// binds its socket a few ms after it starts, later when many start at once).
+const CONNECT_RETRY: Duration = Duration::from_millis(1);
+/// The longest wait between connection attempts.
+const CONNECT_RETRY_MAX: Duration = Duration::from_millis(10);
 
 /// Events queued for the agent before the reader waits for it to take them.
 const EVENT_QUEUE: usize = 64;
@@ -148,6 +151,7 @@ async fn run(
     events: mpsc::Sender<Event>,
 ) {
     let deadline = tokio::time::Instant::now() + connect_within;
+    let mut retry = CONNECT_RETRY;
     let stream = loop {
         match UnixStream::connect(&path).await {
             Ok(s) => break s,
@@ -161,12 +165,17 @@ async fn run(
                 refuse_all(&mut reqs, err).await;
                 return;
             }
-            Err(_) => tokio::time::sleep(CONNECT_RETRY).await,
+            Err(_) => {
+                tokio::time::sleep(retry).await;
+                retry = (retry * 2).min(CONNECT_RETRY_MAX);
+            }
         }
     };
     let (rd, mut wr) = stream.into_split();
     let (msg_tx, mut msgs) = mpsc::channel(EVENT_QUEUE);
-    let reader = tokio::spawn(read_lines(rd, msg_tx));
+    // Aborted when this task ends or is aborted (the handle dropped), so the
+    // connection never outlives the handle.
+    let reader = AbortOnDrop(tokio::spawn(read_lines(rd, msg_tx)));
     let mut pending: HashMap<u64, oneshot::Sender<Result<serde_json::Value, ControlError>>> =
         HashMap::new();
     let subscribe_id = 0;
@@ -226,12 +235,20 @@ async fn run(
             },
         }
     }
-    reader.abort();
+    drop(reader);
     drop(events);
     for (_, tx) in pending.drain() {
         let _ = tx.send(Err(ControlError::Closed));
     }
     refuse_all(&mut reqs, ControlError::Closed).await;
+}
+
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Answers every later request with `err` until the handle is dropped.

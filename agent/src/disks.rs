@@ -377,10 +377,21 @@ fn make_role(req: &DiskRequest, instance_file: &[u8]) -> Result<DiskConfig, Disk
 
 fn prepare_blocking(req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
     let instance_file = check_role_inputs(req)?;
-    Ok(PreparedDisks {
-        os: make_os(req)?,
-        resource: make_resource(req)?,
-        role: make_role(req, &instance_file)?,
+    // The role disk (mkfs.ext4 -d, then debugfs) on a second thread while the
+    // OS overlay and the resource disk (mkfs.ext4) are made: they are
+    // independent files, and most of the time is in those child processes.
+    std::thread::scope(|s| {
+        let role = s.spawn(|| make_role(req, &instance_file));
+        let os_and_resource = make_os(req).and_then(|os| Ok((os, make_resource(req)?)));
+        let role = role
+            .join()
+            .map_err(|_| DiskPrepError::Other("the role disk thread panicked".into()))?;
+        let (os, resource) = os_and_resource?;
+        Ok(PreparedDisks {
+            os,
+            resource,
+            role: role?,
+        })
     })
 }
 

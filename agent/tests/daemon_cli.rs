@@ -92,6 +92,20 @@ fn daemon_and_cli() {
     assert_eq!(node["used"]["vcpus"], 2);
     let one = ok(reddog(&sock, &["instance", "web-1"]));
     assert!(one.contains("preparing_disks"), "{one}");
+    // Pause and resume from the command line.
+    let p: serde_json::Value =
+        serde_json::from_str(&ok(reddog(&sock, &["pause", "web-1"]))).expect("json");
+    assert_eq!(p["state"], "paused");
+    let o = reddog(&sock, &["pause", "web-1"]);
+    assert!(!o.status.success(), "pausing twice must fail");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("409"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&ok(reddog(&sock, &["resume", "web-1"]))).expect("json");
+    assert_eq!(r["state"], "ready");
     // A refused goal: a clear message, non-zero exit.
     std::fs::write(&gfile, r#"{"incarnation": 0}"#).expect("write");
     let o = reddog(&sock, &["goal", "put", gfile.to_str().expect("utf8")]);
