@@ -4,9 +4,9 @@
 //!
 //! One thread (the caller's) owns all role state and runs a loop that wakes
 //! on every host message and at least every `tick`: it reaps children, starts
-//! and stops the role on schedule, runs readiness checks (each on a short-lived
-//! thread, so a hanging check never stalls the loop), and emits heartbeats into
-//! the outbox. Nothing in the loop ever writes to the host directly: see
+//! and stops the role on schedule, runs readiness checks and, once the role is
+//! ready, liveness checks (each on a short-lived thread, so a hanging check
+//! never stalls the loop), and emits heartbeats into the outbox. Nothing in the loop ever writes to the host directly: see
 //! [`crate::link`].
 
 use std::path::PathBuf;
@@ -30,6 +30,9 @@ pub const SIGNAL_SHUTDOWN_DEADLINE_MS: u32 = 10_000;
 pub const FINAL_FLUSH: Duration = Duration::from_millis(500);
 /// Limit for one readiness attempt.
 pub const READINESS_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long past its own timeout a check's thread may take to answer before
+/// the loop counts the check as failed and stops waiting for it.
+pub const PROBE_GRACE: Duration = Duration::from_millis(500);
 
 /// Everything the agent needs.
 #[derive(Clone)]
@@ -73,6 +76,10 @@ pub struct Status {
     pub connections: u32,
     /// Heartbeat interval in use.
     pub heartbeat_interval_ms: u32,
+    /// Liveness checks finished (passed or failed) since start.
+    pub liveness_checks: u64,
+    /// Times the role was found hung by the liveness check and stopped.
+    pub liveness_kills: u32,
 }
 
 /// How a shutdown went.
@@ -88,10 +95,32 @@ pub struct ShutdownReport {
     pub elapsed: Duration,
 }
 
+/// What to do once a role being stopped has exited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Then {
+    /// Start it again at once (`RestartRole`).
     Restart,
+    /// Nothing (shutdown).
     Stay,
+    /// It was hung (liveness): a failed run, restarted per the restart policy.
+    Hung,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProbeKind {
+    Readiness,
+    Liveness,
+}
+
+/// A check running on its own thread.
+#[derive(Debug)]
+struct Probe {
+    id: u64,
+    pid: u32,
+    kind: ProbeKind,
+    timeout: Duration,
+    /// The loop stops waiting for the thread's answer then (a failed check).
+    give_up_at: Instant,
 }
 
 #[derive(Debug)]
@@ -112,8 +141,10 @@ struct Role {
     next_start: Option<Instant>,
     stopping: Option<Stopping>,
     ready_sent: bool,
-    probe_inflight: bool,
+    probe: Option<Probe>,
     next_probe: Instant,
+    /// Consecutive failed liveness checks of this run.
+    live_failures: u32,
     last_exit: Option<ExitStatus>,
     started_once: bool,
 }
@@ -131,8 +162,11 @@ struct Agent {
     outbox: Arc<Outbox>,
     status: Arc<Mutex<Status>>,
     role: Role,
-    probe_tx: Sender<(u32, Result<(), String>)>,
-    probe_rx: Receiver<(u32, Result<(), String>)>,
+    probe_tx: Sender<(u64, Result<(), String>)>,
+    probe_rx: Receiver<(u64, Result<(), String>)>,
+    probe_seq: u64,
+    liveness_checks: u64,
+    liveness_kills: u32,
     connected: bool,
     interval: Duration,
     next_beat: Option<Instant>,
@@ -171,8 +205,9 @@ pub fn run(cfg: AgentConfig, status: Arc<Mutex<Status>>) -> ShutdownReport {
             next_start: None,
             stopping: None,
             ready_sent: false,
-            probe_inflight: false,
+            probe: None,
             next_probe: Instant::now(),
+            live_failures: 0,
             last_exit: None,
             started_once: false,
         },
@@ -181,6 +216,9 @@ pub fn run(cfg: AgentConfig, status: Arc<Mutex<Status>>) -> ShutdownReport {
         status,
         probe_tx,
         probe_rx,
+        probe_seq: 0,
+        liveness_checks: 0,
+        liveness_kills: 0,
         connected: false,
         interval: Duration::from_millis(u64::from(guest_proto::DEFAULT_HEARTBEAT_INTERVAL_MS)),
         next_beat: None,
@@ -239,12 +277,21 @@ impl Agent {
         match loaded {
             Ok(m) => {
                 say(&format!(
-                    "role manifest ok: {} as {} (uid {} gid {}), restart {:?}",
+                    "role manifest ok: {} as {} (uid {} gid {}), restart {:?}{}",
                     m.program.display(),
                     m.user,
                     m.uid,
                     m.gid,
-                    m.restart.policy
+                    m.restart.policy,
+                    match &m.liveness {
+                        Some(l) => format!(
+                            ", liveness every {} ms (timeout {} ms, {} failures)",
+                            l.interval.as_millis(),
+                            l.timeout.as_millis(),
+                            l.failures
+                        ),
+                        None => String::new(),
+                    }
                 ));
                 self.role.backoff =
                     Backoff::new(m.restart.initial_backoff, m.restart.max_backoff, seed);
@@ -270,6 +317,8 @@ impl Agent {
         s.heartbeats = self.seq;
         s.connected = self.connected;
         s.heartbeat_interval_ms = self.interval.as_millis() as u32;
+        s.liveness_checks = self.liveness_checks;
+        s.liveness_kills = self.liveness_kills;
     }
 
     fn run_loop(&mut self, rx: &Receiver<LinkEvent>) -> ShutdownReport {
@@ -299,8 +348,8 @@ impl Agent {
                 }
             }
             self.reap();
-            while let Ok((pid, result)) = self.probe_rx.try_recv() {
-                self.on_probe(pid, result);
+            while let Ok((id, result)) = self.probe_rx.try_recv() {
+                self.on_probe(id, result);
             }
             let now = Instant::now();
             self.tick_role(now);
@@ -375,12 +424,7 @@ impl Agent {
         match self.role.pid {
             Some(pid) if self.role.stopping.is_none() => {
                 self.log(LogLevel::Info, &format!("RestartRole: stopping pid {pid}"));
-                self.signal_role(pid, libc::SIGTERM);
-                self.role.stopping = Some(Stopping {
-                    kill_at: Instant::now() + stop_timeout,
-                    killed: false,
-                    then: Then::Restart,
-                });
+                self.stop_role(pid, stop_timeout, Then::Restart);
             }
             Some(_) => {
                 if let Some(s) = &mut self.role.stopping {
@@ -391,6 +435,17 @@ impl Agent {
                 self.role.next_start = Some(Instant::now());
             }
         }
+    }
+
+    /// SIGTERM to the role's process group now, SIGKILL at `stop_timeout`
+    /// (in [`Self::tick_role`]), then `then` when it has exited.
+    fn stop_role(&mut self, pid: u32, stop_timeout: Duration, then: Then) {
+        self.signal_role(pid, libc::SIGTERM);
+        self.role.stopping = Some(Stopping {
+            kill_at: Instant::now() + stop_timeout,
+            killed: false,
+            then,
+        });
     }
 
     fn signal_role(&self, pid: u32, sig: i32) {
@@ -495,14 +550,26 @@ impl Agent {
             return;
         }
         let Some(m) = &self.role.manifest else { return };
-        if let Some(s) = stopping {
-            if s.then == Then::Restart {
+        let policy = m.restart.policy;
+        match stopping.map(|s| s.then) {
+            Some(Then::Restart) => {
                 self.role.state = RoleState::Exited;
                 self.role.next_start = Some(now);
                 return;
             }
+            Some(Then::Hung) => {
+                // Whatever its exit status, a hung run is a failed run.
+                self.role.state = RoleState::Exited;
+                if policy == RestartPolicy::Never {
+                    say("hung role not restarted (restart policy never)");
+                    return;
+                }
+                self.schedule_restart(ran, now);
+                return;
+            }
+            Some(Then::Stay) | None => {}
         }
-        let restart = match m.restart.policy {
+        let restart = match policy {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => role::is_failure(status),
             RestartPolicy::Never => false,
@@ -576,6 +643,9 @@ impl Agent {
         self.role.started_once = true;
         self.role.state = RoleState::Starting;
         self.role.ready_sent = false;
+        self.role.live_failures = 0;
+        // A check of the previous run still in flight is ignored when it answers.
+        self.role.probe = None;
         match role::spawn(&m, &self.outbox) {
             Ok(pid) => {
                 self.role.pid = Some(pid);
@@ -583,7 +653,7 @@ impl Agent {
                 self.outbox.push(Report::RoleStarted(pid));
                 say(&format!("role started: pid {pid}"));
                 if m.readiness.is_none() {
-                    self.mark_ready(pid);
+                    self.mark_ready(pid, now);
                 } else {
                     self.role.state = RoleState::Running;
                     self.role.next_probe = now;
@@ -604,48 +674,150 @@ impl Agent {
         }
     }
 
+    /// Starts the next readiness check (until the role is ready) or liveness
+    /// check (after, if the manifest has one) when it is due, on its own
+    /// thread; at most one at a time. A check whose thread has not answered
+    /// by its timeout plus [`PROBE_GRACE`] counts as failed.
     fn maybe_probe(&mut self, now: Instant) {
+        if let Some(p) = &self.role.probe {
+            if now < p.give_up_at {
+                return;
+            }
+            let id = p.id;
+            let ms = p.timeout.as_millis();
+            self.on_probe(
+                id,
+                Err(format!(
+                    "no answer within {ms} ms (the check did not return)"
+                )),
+            );
+        }
         let (Some(pid), Some(m)) = (self.role.pid, &self.role.manifest) else {
             return;
         };
         let Some(check) = m.readiness.clone() else {
             return;
         };
-        if self.role.ready_sent || self.role.probe_inflight || now < self.role.next_probe {
+        if self.role.stopping.is_some() || self.role.probe.is_some() || now < self.role.next_probe {
             return;
         }
-        self.role.probe_inflight = true;
-        self.role.next_probe = now + m.readiness_interval;
+        let (kind, timeout, interval) = match (self.role.ready_sent, m.liveness) {
+            (false, _) => (
+                ProbeKind::Readiness,
+                READINESS_ATTEMPT_TIMEOUT,
+                m.readiness_interval,
+            ),
+            (true, Some(l)) => (ProbeKind::Liveness, l.timeout, l.interval),
+            (true, None) => return,
+        };
+        self.probe_seq += 1;
+        let id = self.probe_seq;
+        self.role.next_probe = now + interval;
         let tx = self.probe_tx.clone();
+        let name = match kind {
+            ProbeKind::Readiness => "readiness",
+            ProbeKind::Liveness => "liveness",
+        };
         let spawned = std::thread::Builder::new()
-            .name("readiness".into())
+            .name(name.into())
             .spawn(move || {
-                let _ = tx.send((pid, role::check_ready(&check, READINESS_ATTEMPT_TIMEOUT)));
+                let _ = tx.send((id, role::check_ready(&check, timeout)));
             });
-        if spawned.is_err() {
-            self.role.probe_inflight = false;
+        match spawned {
+            Ok(_) => {
+                self.role.probe = Some(Probe {
+                    id,
+                    pid,
+                    kind,
+                    timeout,
+                    give_up_at: now + timeout + PROBE_GRACE,
+                });
+            }
+            Err(e) => say(&format!("cannot start the {name} check: {e}")),
         }
     }
 
-    fn on_probe(&mut self, pid: u32, result: Result<(), String>) {
-        self.role.probe_inflight = false;
-        if self.role.pid != Some(pid) || self.role.ready_sent {
+    fn on_probe(&mut self, id: u64, result: Result<(), String>) {
+        if self.role.probe.as_ref().map(|p| p.id) != Some(id) {
+            return; // a check of an earlier run, or one already given up on
+        }
+        let Some(probe) = self.role.probe.take() else {
+            return;
+        };
+        if self.role.pid != Some(probe.pid) || self.role.stopping.is_some() {
             return;
         }
-        match result {
-            Ok(()) => self.mark_ready(pid),
-            Err(e) => {
-                if self.last_probe_error.as_deref() != Some(e.as_str()) {
-                    say(&format!("role not ready yet: {e}"));
-                    self.last_probe_error = Some(e);
+        match probe.kind {
+            ProbeKind::Readiness => {
+                if self.role.ready_sent {
+                    return;
+                }
+                match result {
+                    Ok(()) => self.mark_ready(probe.pid, Instant::now()),
+                    Err(e) => {
+                        if self.last_probe_error.as_deref() != Some(e.as_str()) {
+                            say(&format!("role not ready yet: {e}"));
+                            self.last_probe_error = Some(e);
+                        }
+                    }
                 }
             }
+            ProbeKind::Liveness => self.on_liveness(probe.pid, result),
         }
     }
 
-    fn mark_ready(&mut self, pid: u32) {
+    fn on_liveness(&mut self, pid: u32, result: Result<(), String>) {
+        let Some(m) = &self.role.manifest else { return };
+        let Some(l) = m.liveness else { return };
+        let stop_timeout = m.stop_timeout;
+        self.liveness_checks += 1;
+        let e = match result {
+            Ok(()) => {
+                if self.role.live_failures > 0 {
+                    say(&format!(
+                        "role pid {pid} answers its liveness check again after {} failure(s)",
+                        self.role.live_failures
+                    ));
+                }
+                self.role.live_failures = 0;
+                return;
+            }
+            Err(e) => e,
+        };
+        self.role.live_failures += 1;
+        if self.role.live_failures < l.failures {
+            if self.role.live_failures == 1 {
+                say(&format!(
+                    "role pid {pid} liveness check failed (1 of {}): {e}",
+                    l.failures
+                ));
+            }
+            return;
+        }
+        self.liveness_kills = self.liveness_kills.saturating_add(1);
+        // Alive but not serving: not ready any more, until it exits.
+        self.role.state = RoleState::Running;
+        self.log(
+            LogLevel::Error,
+            &format!(
+                "role pid {pid} is hung: {} liveness checks in a row failed (last: {e}); \
+                 stopping it (SIGTERM, SIGKILL after {} ms), then restart policy {:?}",
+                self.role.live_failures,
+                stop_timeout.as_millis(),
+                m.restart.policy
+            ),
+        );
+        self.role.live_failures = 0;
+        self.stop_role(pid, stop_timeout, Then::Hung);
+    }
+
+    fn mark_ready(&mut self, pid: u32, now: Instant) {
         self.role.ready_sent = true;
         self.role.state = RoleState::Ready;
+        self.role.live_failures = 0;
+        if let Some(l) = self.role.manifest.as_ref().and_then(|m| m.liveness) {
+            self.role.next_probe = now + l.interval;
+        }
         self.last_probe_error = None;
         self.outbox.push(Report::Ready);
         say(&format!("role ready: pid {pid}"));

@@ -1,5 +1,5 @@
-//! The role manifest: what to run, as whom, how to tell it is ready and how to
-//! restart it. It lives on the role disk (`/role/role.json`) and is read
+//! The role manifest: what to run, as whom, how to tell it is ready (and,
+//! optionally, still alive) and how to restart it. It lives on the role disk (`/role/role.json`) and is read
 //! strictly: unknown fields, oversized values and anything that could not be
 //! passed to `execve` are errors with a message that says which field.
 //!
@@ -120,6 +120,51 @@ pub enum Readiness {
     },
 }
 
+/// The liveness section as written (JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLiveness {
+    #[serde(default)]
+    interval_ms: Option<u64>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    failures: Option<u32>,
+}
+
+/// Bounds and defaults of the `liveness` section.
+pub mod liveness_limits {
+    /// Default `interval_ms`.
+    pub const DEFAULT_INTERVAL_MS: u64 = 5_000;
+    /// Default `timeout_ms` (never more than the interval).
+    pub const DEFAULT_TIMEOUT_MS: u64 = 1_000;
+    /// Default `failures`.
+    pub const DEFAULT_FAILURES: u32 = 3;
+    /// Smallest `interval_ms`.
+    pub const MIN_INTERVAL_MS: u64 = 10;
+    /// Largest `interval_ms` (10 minutes).
+    pub const MAX_INTERVAL_MS: u64 = 600_000;
+    /// Smallest `timeout_ms`.
+    pub const MIN_TIMEOUT_MS: u64 = 10;
+    /// Largest `timeout_ms`.
+    pub const MAX_TIMEOUT_MS: u64 = 60_000;
+    /// Largest `failures`.
+    pub const MAX_FAILURES: u32 = 100;
+}
+
+/// The liveness check: once the role is ready, its readiness check is run
+/// again every `interval` (each attempt bounded by `timeout`); after
+/// `failures` failed attempts in a row the role counts as hung and is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    /// From the start of one check to the start of the next.
+    pub interval: Duration,
+    /// Longest one check may take (never more than `interval`).
+    pub timeout: Duration,
+    /// Consecutive failed checks after which the role counts as hung (≥ 1).
+    pub failures: u32,
+}
+
 /// The manifest as written (JSON).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +182,8 @@ struct Raw {
     readiness: Option<Readiness>,
     #[serde(default)]
     readiness_interval_ms: Option<u64>,
+    #[serde(default)]
+    liveness: Option<RawLiveness>,
     #[serde(default)]
     restart: RawRestart,
     #[serde(default)]
@@ -196,6 +243,9 @@ pub struct Manifest {
     pub readiness: Option<Readiness>,
     /// Pause between readiness attempts.
     pub readiness_interval: Duration,
+    /// The liveness check after the role is ready (`None`: none; never
+    /// `Some` without `readiness`).
+    pub liveness: Option<Liveness>,
     /// Restart rules.
     pub restart: Restart,
     /// SIGTERM to SIGKILL on `RestartRole`.
@@ -296,6 +346,57 @@ fn ms(
     Ok(Duration::from_millis(v))
 }
 
+/// Validates the `liveness` section; `has_readiness` says whether the
+/// manifest has the readiness check it reuses.
+fn check_liveness(raw: &RawLiveness, has_readiness: bool) -> Result<Liveness, ManifestError> {
+    use liveness_limits::*;
+    if !has_readiness {
+        return Err(invalid(
+            "liveness",
+            "the liveness check reuses the manifest's `readiness` check and there is none: \
+             add \"readiness\": {\"tcp\": {\"port\": P}} (or an \"http\" check), or remove `liveness`",
+        ));
+    }
+    let interval = ms(
+        "liveness.interval_ms",
+        raw.interval_ms,
+        DEFAULT_INTERVAL_MS,
+        MIN_INTERVAL_MS,
+        MAX_INTERVAL_MS,
+    )?;
+    let default_timeout = DEFAULT_TIMEOUT_MS.min(interval.as_millis() as u64);
+    let timeout = ms(
+        "liveness.timeout_ms",
+        raw.timeout_ms,
+        default_timeout,
+        MIN_TIMEOUT_MS,
+        MAX_TIMEOUT_MS,
+    )?;
+    if timeout > interval {
+        return Err(invalid(
+            "liveness.timeout_ms",
+            format!(
+                "{} ms is longer than liveness.interval_ms ({} ms): a check must end before \
+                 the next one is due; lower timeout_ms or raise interval_ms",
+                timeout.as_millis(),
+                interval.as_millis()
+            ),
+        ));
+    }
+    let failures = raw.failures.unwrap_or(DEFAULT_FAILURES);
+    if !(1..=MAX_FAILURES).contains(&failures) {
+        return Err(invalid(
+            "liveness.failures",
+            format!("{failures} is outside 1..={MAX_FAILURES} (consecutive failed checks before the role counts as hung)"),
+        ));
+    }
+    Ok(Liveness {
+        interval,
+        timeout,
+        failures,
+    })
+}
+
 /// Parses and validates manifest `text`; `passwd` is the text of the guest's
 /// `/etc/passwd`.
 pub fn parse(text: &str, passwd: &str, path: &Path) -> Result<Manifest, ManifestError> {
@@ -367,6 +468,10 @@ pub fn parse(text: &str, passwd: &str, path: &Path) -> Result<Manifest, Manifest
             return Err(invalid("readiness.port", "0 is not a port"));
         }
     }
+    let liveness = match &raw.liveness {
+        Some(l) => Some(check_liveness(l, raw.readiness.is_some())?),
+        None => None,
+    };
     let rr = &raw.restart;
     let initial_backoff = ms(
         "restart.initial_backoff_ms",
@@ -405,6 +510,7 @@ pub fn parse(text: &str, passwd: &str, path: &Path) -> Result<Manifest, Manifest
             10,
             60_000,
         )?,
+        liveness,
         restart: Restart {
             policy: rr.policy,
             initial_backoff,
@@ -730,6 +836,97 @@ mod tests {
             vec!["\"a\""; MAX_ARGS + 1].join(",")
         );
         assert!(p(&many).expect_err("many").to_string().contains("args"));
+    }
+
+    const WITH_READINESS: &str =
+        r#""version":1,"program":"/x","user":"reddog","readiness":{"tcp":{"port":80}}"#;
+
+    fn with_liveness(liveness: &str) -> Result<Manifest, ManifestError> {
+        p(&format!(r#"{{{WITH_READINESS},"liveness":{liveness}}}"#))
+    }
+
+    #[test]
+    fn liveness_absent_full_and_defaults() {
+        let m = p(&format!("{{{WITH_READINESS}}}")).expect("valid");
+        assert_eq!(m.liveness, None, "absent: no liveness checks");
+        let m =
+            with_liveness(r#"{"interval_ms":5000,"timeout_ms":1000,"failures":3}"#).expect("valid");
+        assert_eq!(
+            m.liveness,
+            Some(Liveness {
+                interval: Duration::from_millis(5000),
+                timeout: Duration::from_millis(1000),
+                failures: 3
+            })
+        );
+        let m = with_liveness("{}").expect("all defaults");
+        assert_eq!(
+            m.liveness,
+            Some(Liveness {
+                interval: Duration::from_millis(liveness_limits::DEFAULT_INTERVAL_MS),
+                timeout: Duration::from_millis(liveness_limits::DEFAULT_TIMEOUT_MS),
+                failures: liveness_limits::DEFAULT_FAILURES
+            })
+        );
+        // A short interval alone: the default timeout shrinks to fit it.
+        let l = with_liveness(r#"{"interval_ms":300}"#)
+            .expect("valid")
+            .liveness
+            .expect("some");
+        assert_eq!(l.timeout, Duration::from_millis(300));
+        // The bounds themselves are accepted.
+        let l = with_liveness(r#"{"interval_ms":10,"timeout_ms":10,"failures":1}"#)
+            .expect("smallest")
+            .liveness
+            .expect("some");
+        assert_eq!((l.interval.as_millis(), l.failures), (10, 1));
+        with_liveness(r#"{"interval_ms":600000,"timeout_ms":60000,"failures":100}"#)
+            .expect("largest");
+        // It works with an HTTP readiness check too.
+        let m = p(r#"{"version":1,"program":"/x","user":"reddog",
+            "readiness":{"http":{"port":8080,"path":"/health"}},"liveness":{"interval_ms":1000}}"#)
+        .expect("valid");
+        assert!(m.liveness.is_some());
+    }
+
+    #[test]
+    fn liveness_errors_name_the_field() {
+        let cases = [
+            (r#"{"interval_ms":9}"#, "liveness.interval_ms"),
+            (r#"{"interval_ms":600001}"#, "liveness.interval_ms"),
+            (
+                r#"{"interval_ms":100,"timeout_ms":9}"#,
+                "liveness.timeout_ms",
+            ),
+            (
+                r#"{"interval_ms":100000,"timeout_ms":60001}"#,
+                "liveness.timeout_ms",
+            ),
+            (
+                r#"{"interval_ms":100,"timeout_ms":200}"#,
+                "longer than liveness.interval_ms",
+            ),
+            (r#"{"failures":0}"#, "liveness.failures"),
+            (r#"{"failures":101}"#, "liveness.failures"),
+            (r#"{"failures":-1}"#, "invalid value"),
+            (r#"{"interval_ms":"5s"}"#, "invalid type"),
+            (r#"{"interval":5000}"#, "unknown field `interval`"),
+            (r#"{"tcp":{"port":80}}"#, "unknown field `tcp`"),
+            ("true", "invalid type"),
+        ];
+        for (liveness, want) in cases {
+            let e = with_liveness(liveness).expect_err(liveness).to_string();
+            assert!(e.contains(want), "{liveness}: {e}");
+        }
+        // Without a readiness check there is nothing to run.
+        let e =
+            p(r#"{"version":1,"program":"/x","user":"reddog","liveness":{"interval_ms":1000}}"#)
+                .expect_err("no readiness")
+                .to_string();
+        assert!(
+            e.contains("`liveness`") && e.contains("add \"readiness\""),
+            "{e}"
+        );
     }
 
     #[test]

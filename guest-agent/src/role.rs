@@ -117,30 +117,62 @@ pub fn is_failure(s: ExitStatus) -> bool {
     !matches!(s, ExitStatus::Code(0))
 }
 
-/// One readiness attempt, bounded by `timeout`.
+/// One readiness (or liveness) attempt. `timeout` bounds the whole attempt
+/// (connect, request and status line together), not each step, so a server
+/// that accepts and then answers slowly, or byte by byte, still fails in time.
 pub fn check_ready(r: &Readiness, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let ms = timeout.as_millis();
+    // What is left of the budget; never zero (zero means "no timeout" to the socket calls).
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(format!("no answer within {ms} ms"))
+        } else {
+            Ok(d)
+        }
+    };
     let port = match r {
         Readiness::Tcp { port } | Readiness::Http { port, .. } => *port,
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let mut s =
-        TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect {addr}: {e}"))?;
+        TcpStream::connect_timeout(&addr, left()?).map_err(|e| format!("connect {addr}: {e}"))?;
     let Readiness::Http { path, .. } = r else {
         return Ok(());
     };
-    s.set_read_timeout(Some(timeout))
+    let timed_out = |what: &str, e: std::io::Error| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            format!("GET {path}: no answer within {ms} ms")
+        } else {
+            format!("GET {path}: {what}: {e}")
+        }
+    };
+    s.set_write_timeout(Some(left()?))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    write!(
-        s,
+    let req = format!(
         "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: reddog-guest\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut status = String::new();
-    BufReader::new(s.take(1024))
-        .read_line(&mut status)
-        .map_err(|e| format!("read: {e}"))?;
+    );
+    s.write_all(req.as_bytes())
+        .map_err(|e| timed_out("send", e))?;
+    // The status line: up to the first newline, within the first 1024 bytes.
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 256];
+    while !head.contains(&b'\n') && head.len() < 1024 {
+        s.set_read_timeout(Some(left().map_err(|e| format!("GET {path}: {e}"))?))
+            .map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(timed_out("read", e)),
+        }
+    }
+    let line_end = head.iter().position(|b| *b == b'\n').unwrap_or(head.len());
+    let status = String::from_utf8_lossy(&head[..line_end.min(1024)]);
     let code = status
         .split_whitespace()
         .nth(1)
@@ -210,6 +242,54 @@ mod tests {
         check_ready(&Readiness::Tcp { port }, Duration::from_secs(1)).expect("listening");
         drop(l);
         assert!(check_ready(&Readiness::Tcp { port }, Duration::from_secs(1)).is_err());
+    }
+
+    #[test]
+    fn the_timeout_bounds_the_whole_attempt() {
+        // Accepts, then never answers.
+        let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = l.local_addr().expect("addr").port();
+        let r = Readiness::Http {
+            port,
+            path: "/".into(),
+        };
+        let t = Instant::now();
+        let e = check_ready(&r, Duration::from_millis(150)).expect_err("silent");
+        assert!(e.contains("no answer within 150 ms"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+        // Answers one byte every 50 ms: each read is quick, the whole is not.
+        let port = {
+            let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+            let port = l.local_addr().expect("addr").port();
+            std::thread::spawn(move || {
+                if let Ok((mut s, _)) = l.accept() {
+                    for b in b"HTTP/1.0 200 OK\r\n".iter().cycle().take(100) {
+                        if s.write_all(&[*b]).is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                }
+            });
+            port
+        };
+        let r = Readiness::Http {
+            port,
+            path: "/".into(),
+        };
+        let t = Instant::now();
+        let e = check_ready(&r, Duration::from_millis(200)).expect_err("trickle");
+        assert!(e.contains("no answer within 200 ms"), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(700),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(l);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The agent as an ordinary host process: a unix socket instead of vsock, a
 //! directory instead of the role disk, a passwd file of our own. Supervision,
-//! restarts with back-off, readiness, heartbeats, reconnects and shutdown
-//! deadlines, each in a second or two.
+//! restarts with back-off, readiness, liveness, heartbeats, reconnects and
+//! shutdown deadlines, each in a second or two.
 //!
 //! The roles are `/bin/sh` scripts and (for the HTTP readiness check)
 //! `/bin/busybox httpd` from busybox-static, run as an unprivileged user
@@ -57,6 +57,25 @@ fn setup_all(
     write_timeout: Duration,
     stall_first: bool,
 ) -> Setup {
+    setup_prepared(
+        interval_ms,
+        manifest,
+        instance,
+        write_timeout,
+        stall_first,
+        |_| {},
+    )
+}
+
+/// [`setup_all`], with `prepare` run on the tempdir before the agent starts.
+fn setup_prepared(
+    interval_ms: u32,
+    manifest: Option<&str>,
+    instance: Option<&str>,
+    write_timeout: Duration,
+    stall_first: bool,
+    prepare: impl FnOnce(&Path),
+) -> Setup {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let me = std::fs::metadata("/proc/self").unwrap();
@@ -79,6 +98,7 @@ fn setup_all(
     if let Some(i) = instance {
         std::fs::write(role.join("reddog-instance.json"), i).unwrap();
     }
+    prepare(dir.path());
     let sock = dir.path().join("host.sock");
     let host = FakeHost::start(&sock, interval_ms);
     if stall_first {
@@ -536,4 +556,224 @@ fn a_malformed_instance_file_is_reported_and_nothing_runs() {
     s.host
         .send(HostMsg::Shutdown(Shutdown { deadline_ms: 500 }));
     s.finish(Duration::from_secs(2));
+}
+
+/// `www/index.html` to serve and a `state` directory the role user may write.
+fn web_files(dir: &Path) {
+    std::fs::create_dir(dir.join("www")).unwrap();
+    std::fs::write(dir.join("www/index.html"), "alive\n").unwrap();
+    let state = dir.join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+fn readies(m: &[Got]) -> usize {
+    m.iter().filter(|g| **g == Got::Ready).count()
+}
+
+fn wait_status(s: &Setup, what: &str, limit: Duration, pred: impl Fn(&Status) -> bool) {
+    let end = Instant::now() + limit;
+    loop {
+        let st = s.status();
+        if pred(&st) {
+            return;
+        }
+        assert!(Instant::now() < end, "timed out waiting for {what}: {st:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A web role that serves, passes its liveness checks, then hangs when the
+/// test creates `state/hang` (`hang` is the shell that makes it hang; `$!` is
+/// the server). The next run finds `state/hung-once` and serves for good, but
+/// only after 500 ms: long enough for the liveness check (3 x 100 ms) to kill
+/// it again if it ran before the role is ready again.
+/// `reason` is part of the failed check's message, `exit` how the role ends.
+fn a_hung_role_is_stopped_and_restarted(
+    readiness: &str,
+    hang: &str,
+    reason: &str,
+    exit: ExitStatus,
+) {
+    let port = free_port();
+    let httpd = format!("/bin/busybox httpd -f -p 127.0.0.1:{port} -h {{DIR}}/www");
+    let script = format!(
+        "if [ -e {{DIR}}/state/hung-once ]; then sleep 0.5; exec {httpd}; fi; \
+         {httpd} & \
+         while [ ! -e {{DIR}}/state/hang ]; do sleep 0.02; done; \
+         touch {{DIR}}/state/hung-once; {hang}"
+    );
+    let manifest = format!(
+        r#"{{"version":1,"program":"/bin/sh","args":["-c","{script}"],"working_dir":"/","user":"tester",
+            "readiness":{readiness},"readiness_interval_ms":20,
+            "liveness":{{"interval_ms":100,"timeout_ms":80,"failures":3}},
+            "restart":{{"policy":"on-failure","initial_backoff_ms":20}},"stop_timeout_ms":300}}"#
+    )
+    .replace("{port}", &port.to_string());
+    let mut s = setup_prepared(
+        100,
+        Some(&manifest),
+        None,
+        Duration::from_secs(2),
+        false,
+        web_files,
+    );
+    s.host
+        .wait("RoleStarted then Ready", Duration::from_secs(10), |m| {
+            started(m).len() == 1 && readies(m) == 1
+        });
+    let first = started(&s.host.messages())[0];
+    // Healthy: the checks pass and nothing happens.
+    wait_status(
+        &s,
+        "3 passed liveness checks",
+        Duration::from_secs(5),
+        |st| st.liveness_checks >= 3,
+    );
+    s.host
+        .wait("a Ready heartbeat", Duration::from_secs(3), |m| {
+            m.iter().any(|g| {
+                matches!(g, Got::Heartbeat(hb) if hb.role_state == RoleState::Ready && hb.role_restarts == 0)
+            })
+        });
+    assert_eq!(s.status().liveness_kills, 0);
+    assert!(exits(&s.host.messages()).is_empty());
+
+    // Hang: alive, but the port no longer answers.
+    std::fs::write(s.path().join("state/hang"), "").unwrap();
+    s.host.wait(
+        "the hang reported, the role stopped, restarted and ready again",
+        Duration::from_secs(10),
+        |m| started(m).len() == 2 && readies(m) == 2,
+    );
+    let m = s.host.messages();
+    assert_eq!(exits(&m), vec![(first, exit)], "{m:#?}");
+    let hung: Vec<&String> = m
+        .iter()
+        .filter_map(|g| match g {
+            Got::Log(l) if l.contains("is hung") => Some(l),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hung.len(), 1, "{m:#?}");
+    assert!(
+        hung[0].contains(&format!(
+            "role pid {first} is hung: 3 liveness checks in a row failed"
+        )) && hung[0].contains(reason),
+        "{}",
+        hung[0]
+    );
+    // While it was being stopped (300 ms when it ignores SIGTERM: a few
+    // heartbeats) the heartbeats said it is not ready any more.
+    if exit == ExitStatus::Signal(libc::SIGKILL) {
+        let states: Vec<(RoleState, u32)> = s
+            .host
+            .heartbeats()
+            .iter()
+            .map(|(_, _, hb)| (hb.role_state, hb.role_restarts))
+            .collect();
+        let ready0 = states
+            .iter()
+            .position(|st| *st == (RoleState::Ready, 0))
+            .unwrap();
+        assert!(
+            states[ready0..].contains(&(RoleState::Running, 0)),
+            "no 'Running' heartbeat of the hung run: {states:?}"
+        );
+    }
+    // The second run: readiness first, then liveness again; it stays up.
+    let st = s.status();
+    assert_eq!(
+        (st.role_restarts, st.liveness_kills, st.role_state),
+        (1, 1, Some(RoleState::Ready))
+    );
+    let checks = st.liveness_checks;
+    std::thread::sleep(Duration::from_millis(700));
+    let st = s.status();
+    assert!(
+        st.liveness_checks >= checks + 3,
+        "liveness resumed after the restart: {checks} -> {}",
+        st.liveness_checks
+    );
+    assert_eq!((st.role_restarts, st.liveness_kills), (1, 1));
+    assert_eq!(exits(&s.host.messages()).len(), 1);
+    s.host
+        .send(HostMsg::Shutdown(Shutdown { deadline_ms: 2000 }));
+    let r = s.finish(Duration::from_secs(3));
+    assert_eq!(r.role_exit, Some(ExitStatus::Signal(libc::SIGTERM)));
+}
+
+#[test]
+fn a_role_that_stops_answering_http_is_killed_and_restarted() {
+    // The server is stopped (SIGSTOP): connections are accepted, never
+    // answered, so each check runs into its timeout. The shell ignores
+    // SIGTERM, so the stop ends with SIGKILL at stop_timeout_ms.
+    a_hung_role_is_stopped_and_restarted(
+        r#"{"http":{"port":{port},"path":"/index.html"}}"#,
+        "kill -STOP $!; trap '' TERM; while :; do sleep 0.05; done",
+        "GET /index.html: no answer within 80 ms",
+        ExitStatus::Signal(libc::SIGKILL),
+    );
+}
+
+#[test]
+fn a_role_that_closes_its_port_is_killed_and_restarted() {
+    // The listener goes away (connection refused) while the role lives on.
+    a_hung_role_is_stopped_and_restarted(
+        r#"{"tcp":{"port":{port}}}"#,
+        "kill $!; exec sleep 60",
+        "Connection refused",
+        ExitStatus::Signal(libc::SIGTERM),
+    );
+}
+
+#[test]
+fn a_healthy_role_is_never_restarted_by_liveness() {
+    let port = free_port();
+    let manifest = format!(
+        r#"{{"version":1,"program":"/bin/busybox","args":["httpd","-f","-p","127.0.0.1:{port}","-h","{{DIR}}/www"],
+            "working_dir":"/","user":"tester",
+            "readiness":{{"http":{{"port":{port},"path":"/index.html"}}}},"readiness_interval_ms":20,
+            "liveness":{{"interval_ms":60,"timeout_ms":60,"failures":2}},
+            "restart":{{"policy":"always","initial_backoff_ms":20}}}}"#
+    );
+    let mut s = setup_prepared(
+        100,
+        Some(&manifest),
+        None,
+        Duration::from_secs(2),
+        false,
+        web_files,
+    );
+    s.host
+        .wait("Ready", Duration::from_secs(10), |m| readies(m) == 1);
+    wait_status(&s, "10 liveness checks", Duration::from_secs(5), |st| {
+        st.liveness_checks >= 10
+    });
+    let m = s.host.messages();
+    assert_eq!(started(&m).len(), 1);
+    assert!(exits(&m).is_empty(), "{m:#?}");
+    assert!(!m
+        .iter()
+        .any(|g| matches!(g, Got::Log(l) if l.contains("liveness"))));
+    let st = s.status();
+    assert_eq!(
+        (st.role_restarts, st.liveness_kills, st.role_state),
+        (0, 0, Some(RoleState::Ready))
+    );
+    let hbs = s.host.heartbeats();
+    let first_ready = hbs
+        .iter()
+        .position(|(_, _, hb)| hb.role_state == RoleState::Ready)
+        .unwrap();
+    assert!(
+        hbs[first_ready..]
+            .iter()
+            .all(|(_, _, hb)| hb.role_state == RoleState::Ready && hb.role_restarts == 0),
+        "{hbs:?}"
+    );
+    s.host
+        .send(HostMsg::Shutdown(Shutdown { deadline_ms: 2000 }));
+    let r = s.finish(Duration::from_secs(3));
+    assert_eq!(r.role_exit, Some(ExitStatus::Signal(libc::SIGTERM)));
 }

@@ -261,7 +261,8 @@ pub fn resource_disk(out: &Path, size: u64) -> Result<(), OsImageError> {
 
 /// Writes the web role into `dir`: `role.json` running busybox httpd as the
 /// role user on `port`, serving `www/` from the role disk, ready when
-/// `GET /index.html` answers; and `www/index.html` with `body`. Before httpd
+/// `GET /index.html` answers (and checked the same way every 2 s after that:
+/// three failures in a row restart it); and `www/index.html` with `body`. Before httpd
 /// starts, the role prints one line with what the host agent gave it
 /// (`web role: instance=<REDDOG_INSTANCE_ID> role=<REDDOG_ROLE>
 /// greeting=<GREETING>`): the host agent logs it.
@@ -278,6 +279,7 @@ pub fn web_role(dir: &Path, port: u16, body: &str) -> Result<(), OsImageError> {
   "working_dir": "/role",
   "user": "{ROLE_USER}",
   "readiness": {{"http": {{"port": {port}, "path": "/index.html"}}}},
+  "liveness": {{"interval_ms": 2000, "timeout_ms": 1000, "failures": 3}},
   "restart": {{"policy": "always", "initial_backoff_ms": 200, "max_backoff_ms": 10000}}
 }}
 "#

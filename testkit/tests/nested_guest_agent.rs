@@ -112,6 +112,15 @@ fn web_role_becomes_ready_heartbeats_flow_and_shutdown_powers_off() {
     ] {
         assert!(has(want), "guest console lacks {want:?}\n{all}");
     }
+    // The web role's liveness check was read (and, the role staying healthy,
+    // never stopped it).
+    assert!(
+        guest
+            .iter()
+            .any(|g| g.starts_with("role manifest ok") && g.contains("liveness every 2000 ms")),
+        "{all}"
+    );
+    assert!(!guest.iter().any(|g| g.contains("is hung")), "{all}");
     // The host side saw the whole session.
     let lines: Vec<&str> = listener.lines().collect();
     let find = |p: &str| lines.iter().position(|l| l.contains(p));
