@@ -1,11 +1,11 @@
 //! Disk I/O benchmark of the `vhd` crate, side by side with `qemu-img bench` on the same
 //! images: 4 KiB "random" reads and writes, 1 MiB sequential reads and writes, first writes
 //! (copy-on-write from the base) and steady state (rewrites of allocated clusters), for a
-//! raw image, a qcow2 overlay over a raw base and a VHD differencing image over a dynamic
-//! VHD base.
+//! raw image, a qcow2 overlay over a raw base (64 KiB clusters, qemu's default, and a
+//! smaller cluster size) and a VHD differencing image over a dynamic VHD base.
 //!
 //! Usage: `cargo build --release -p benches && target/release/disk-io [--size-mib N]
-//! [--reps N] [--dir DIR] [--no-qemu]`
+//! [--reps N] [--dir DIR] [--no-qemu] [--small-cluster-kib 4|8|16|32]`
 //!
 //! Fairness: both sides issue the same requests (size, offsets, count) one at a time
 //! (`qemu-img bench -d 1`), through the page cache (`-t writeback`, we use buffered I/O),
@@ -34,6 +34,9 @@ const STRIDE_CLUSTERS: u64 = 1031;
 enum Kind {
     Raw,
     Qcow2,
+    /// A qcow2 overlay with smaller clusters (`--small-cluster-kib`, 4 KiB by
+    /// default: no copy-on-write for 4 KiB writes, but 16x the L2 tables).
+    Qcow2Small,
     Vhd,
 }
 
@@ -42,13 +45,14 @@ impl Kind {
         match self {
             Kind::Raw => "raw",
             Kind::Qcow2 => "qcow2 overlay / raw base",
+            Kind::Qcow2Small => "qcow2 small-cluster ovl",
             Kind::Vhd => "vhd diff / dynamic base",
         }
     }
     fn qemu_fmt(self) -> &'static str {
         match self {
             Kind::Raw => "raw",
-            Kind::Qcow2 => "qcow2",
+            Kind::Qcow2 | Kind::Qcow2Small => "qcow2",
             Kind::Vhd => "vpc",
         }
     }
@@ -76,6 +80,8 @@ struct Setup {
     raw_base_img: Arc<dyn DiskImage>,
     vhd_base_img: Arc<dyn DiskImage>,
     serial: std::cell::Cell<u32>,
+    /// Cluster size of the `Qcow2Small` overlays.
+    small_cluster: u64,
 }
 
 struct Rng(u64);
@@ -91,7 +97,7 @@ impl Rng {
     }
 }
 
-fn setup(dir: &Path, size_mib: u64) -> Result<Setup> {
+fn setup(dir: &Path, size_mib: u64, small_cluster: u64) -> Result<Setup> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     let size = size_mib * MIB + 4 * KIB;
     let raw_base = dir.join("base.raw");
@@ -118,6 +124,7 @@ fn setup(dir: &Path, size_mib: u64) -> Result<Setup> {
         raw_img,
         vhd_base,
         serial: std::cell::Cell::new(0),
+        small_cluster,
     })
 }
 
@@ -128,7 +135,7 @@ impl Setup {
         self.serial.set(n);
         let (path, base, fmt) = match kind {
             Kind::Raw => return Ok(self.raw_img.clone()),
-            Kind::Qcow2 => (
+            Kind::Qcow2 | Kind::Qcow2Small => (
                 self.dir.join(format!("ov{n}.qcow2")),
                 &self.raw_base_img,
                 Format::Qcow2,
@@ -140,7 +147,7 @@ impl Setup {
             ),
         };
         let name = match kind {
-            Kind::Qcow2 => &self.raw_base,
+            Kind::Qcow2 | Kind::Qcow2Small => &self.raw_base,
             _ => &self.vhd_base,
         };
         let bref = BaseRef {
@@ -151,14 +158,19 @@ impl Setup {
                 .context("base name")?
                 .to_string(),
         };
-        vhd::create_diff(&path, fmt, &bref, None, Some(CLUSTER as u32))?;
+        let cluster = if kind == Kind::Qcow2Small {
+            self.small_cluster
+        } else {
+            CLUSTER
+        };
+        vhd::create_diff(&path, fmt, &bref, None, Some(cluster as u32))?;
         Ok(path)
     }
 
     fn open(&self, kind: Kind, path: &Path) -> Result<Arc<dyn DiskImage>> {
         Ok(match kind {
             Kind::Raw => vhd::open(path, Format::Raw, OpenOptions::read_write())?,
-            Kind::Qcow2 => vhd::open(
+            Kind::Qcow2 | Kind::Qcow2Small => vhd::open(
                 path,
                 Format::Qcow2,
                 OpenOptions::read_write().with_backing(Arc::clone(&self.raw_base_img)),
@@ -334,6 +346,7 @@ fn main() -> Result<()> {
     let mut size_mib = 256u64;
     let mut reps = 5usize;
     let mut qemu = true;
+    let mut small_kib = 4u64;
     let mut dir = std::env::temp_dir().join(format!("reddog-disk-io-{}", std::process::id()));
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -342,8 +355,16 @@ fn main() -> Result<()> {
             "--reps" => reps = args.next().context("--reps N")?.parse()?,
             "--dir" => dir = PathBuf::from(args.next().context("--dir DIR")?),
             "--no-qemu" => qemu = false,
-            _ => bail!("usage: disk-io [--size-mib N] [--reps N] [--dir DIR] [--no-qemu]"),
+            "--small-cluster-kib" => {
+                small_kib = args.next().context("--small-cluster-kib N")?.parse()?
+            }
+            _ => bail!(
+                "usage: disk-io [--size-mib N] [--reps N] [--dir DIR] [--no-qemu] [--small-cluster-kib 4|8|16|32]"
+            ),
         }
+    }
+    if !(4..=32).contains(&small_kib) || !small_kib.is_power_of_two() {
+        bail!("--small-cluster-kib must be 4, 8, 16 or 32");
     }
     if size_mib < 16 || reps == 0 {
         bail!("--size-mib must be at least 16 and --reps at least 1");
@@ -374,7 +395,7 @@ fn main() -> Result<()> {
         seq("1M seq write, steady", true, false),
     ];
     println!(
-        "disk-io: {size_mib} MiB disks, 64 KiB qcow2 clusters, 2 MiB VHD blocks, median of {reps} runs"
+        "disk-io: {size_mib} MiB disks, 64 KiB qcow2 clusters (small-cluster overlay: {small_kib} KiB), 2 MiB VHD blocks, median of {reps} runs"
     );
     println!(
         "machine: {} x {}; kernel {}; {}",
@@ -390,8 +411,8 @@ fn main() -> Result<()> {
             .unwrap_or("no qemu-img")
     );
     println!("load average at start: {}", sh("cat", &["/proc/loadavg"]));
-    let s = setup(&dir, size_mib)?;
-    let kinds = [Kind::Raw, Kind::Qcow2, Kind::Vhd];
+    let s = setup(&dir, size_mib, small_kib * KIB)?;
+    let kinds = [Kind::Raw, Kind::Qcow2, Kind::Qcow2Small, Kind::Vhd];
     let mut results = Vec::new();
     for w in &workloads {
         for &k in &kinds {
