@@ -112,7 +112,7 @@ impl PreparedDisks {
 }
 
 /// A subset of an instance's three disks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskSet {
     /// The OS disk.
     pub os: bool,

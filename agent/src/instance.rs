@@ -196,12 +196,25 @@ pub struct InstanceRecord {
     pub disks: Option<PreparedDisks>,
     /// The VMM, while one runs.
     pub vmm: Option<VmmRecord>,
+    /// An update's disks being remade: the disks before it, and which of
+    /// them are stale. Set while `disks` is `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaking: Option<PendingRemake>,
     /// The guest endpoint.
     pub guest: GuestEndpoint,
     /// Restarts so far.
     pub restarts: u32,
     /// Recent transitions.
     pub history: Vec<Transition>,
+}
+
+/// An update's remake in progress (see [`InstanceRecord::remaking`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRemake {
+    /// The disks before the update.
+    pub disks: PreparedDisks,
+    /// The ones to make again.
+    pub stale: crate::disks::DiskSet,
 }
 
 /// How a task starts.
@@ -236,6 +249,8 @@ pub(crate) struct Runner {
     commands: mpsc::Receiver<Command>,
     /// While the VMM is paused: the state before, and since when.
     paused: Option<(InstanceState, Instant)>,
+    /// An update's disks to keep, with the stale ones to remake.
+    keep: Option<(PreparedDisks, crate::disks::DiskSet)>,
 }
 
 impl Runner {
@@ -249,6 +264,7 @@ impl Runner {
         Self {
             commands,
             paused: None,
+            keep: None,
             id: spec.id.clone(),
             ctx,
             shared,
@@ -319,6 +335,10 @@ impl Runner {
             state,
             disks: self.disks.clone(),
             vmm: self.vmm.clone(),
+            remaking: self.keep.as_ref().map(|(disks, stale)| PendingRemake {
+                disks: disks.clone(),
+                stale: *stale,
+            }),
             guest: self.endpoint(),
             restarts: self.restarts,
             history,
@@ -353,6 +373,9 @@ impl Runner {
         let mut adopted = None;
         if let StartMode::Resume(rec) = mode {
             self.disks = rec.disks;
+            if self.disks.is_none() {
+                self.keep = rec.remaking.map(|r| (r.disks, r.stale));
+            }
             self.restarts = rec.restarts;
             self.spec = rec.spec;
             self.update(|s| {
@@ -383,8 +406,6 @@ impl Runner {
         } else {
             self.persist();
         }
-        // An update's disks to keep, with the stale ones to remake.
-        let mut keep: Option<(PreparedDisks, crate::disks::DiskSet)> = None;
         loop {
             // The goal first: removal, or a new spec.
             match self.current_desired() {
@@ -412,17 +433,17 @@ impl Runner {
                     // Remake only the disks the change needs; an update that
                     // failed before leaves its stale disks to remake as well.
                     let which = crate::disks::disks_to_rebuild(&self.spec, &spec);
-                    keep = match (self.disks.take(), keep.take()) {
+                    self.keep = match (self.disks.take(), self.keep.take()) {
                         (Some(d), _) => Some((d, which)),
                         (None, Some((d, stale))) => Some((d, stale.union(which))),
                         (None, None) => None,
                     };
-                    match keep.take() {
+                    match self.keep.take() {
                         Some((d, which)) if which.is_empty() => {
                             tracing::info!(instance = %self.id, "the update keeps all disks");
                             self.disks = Some(d);
                         }
-                        Some((d, which)) if !which.is_all() => keep = Some((d, which)),
+                        Some((d, which)) if !which.is_all() => self.keep = Some((d, which)),
                         _ => self.remove_disks(),
                     }
                     self.spec = spec;
@@ -431,7 +452,7 @@ impl Runner {
                 }
                 Desired::Run(_) => {}
             }
-            if adopted.is_none() && self.disks.is_none() && !self.prepare(&mut keep).await {
+            if adopted.is_none() && self.disks.is_none() && !self.prepare().await {
                 self.wait_change().await;
                 if matches!(self.current_desired_peek(), Desired::Run(_)) {
                     self.go(InstanceState::Pending, "the goal changed; trying again");
@@ -494,15 +515,18 @@ impl Runner {
     /// Makes the disks: all three, or for an update (`keep`) only the stale
     /// ones. On failure removes what was made (an update's kept disks stay for
     /// the retry) and goes Failed.
-    async fn prepare(&mut self, keep: &mut Option<(PreparedDisks, crate::disks::DiskSet)>) -> bool {
+    async fn prepare(&mut self) -> bool {
         let dir = self.disks_dir();
-        if let Some((d, which)) = keep {
+        if let Some((d, which)) = &self.keep {
             if let Err(e) = crate::disks::check_kept(d, *which) {
                 tracing::warn!(instance = %self.id, "{e}; making all disks");
-                *keep = None;
+                self.keep = None;
             }
         }
-        match keep {
+        // While the update's disks are made, the record keeps the pending
+        // remake (`InstanceRecord::remaking`): an agent restarted half-way
+        // remakes the same disks and still keeps the others.
+        match &self.keep {
             Some((_, which)) => self.go(
                 InstanceState::PreparingDisks,
                 format!(
@@ -538,7 +562,7 @@ impl Runner {
                             role_package: self.spec.role_package.clone(),
                             resource_disk_bytes: self.spec.resource_disk_mib << 20,
                         };
-                        match keep {
+                        match &self.keep {
                             Some((d, which)) => self.ctx.disks.remake(&req, d, *which).await,
                             None => self.ctx.disks.prepare(&req).await,
                         }
@@ -549,13 +573,15 @@ impl Runner {
         };
         match result {
             Ok(d) => {
-                *keep = None;
+                self.keep = None;
                 self.disks = Some(d);
                 self.persist();
                 true
             }
             Err(e) => {
-                match keep {
+                // A failed remake stays pending (kept disks and the stale
+                // set) for the next goal incarnation.
+                match &self.keep {
                     Some((d, which)) => {
                         let kept = d.select(which.complement());
                         let kept: Vec<&std::path::Path> =

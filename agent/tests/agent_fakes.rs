@@ -917,3 +917,77 @@ async fn an_environment_change_remakes_only_the_role_disk() {
     assert_eq!(role_env(&retried).role, "worker");
     assert_eq!(h.disks.prepared("a"), 1);
 }
+
+/// An agent killed while an update remakes a disk: the new agent remakes the
+/// same disk and still keeps the others (the resource disk's data survives).
+#[tokio::test(start_paused = true)]
+async fn an_update_interrupted_by_an_agent_restart_still_keeps_the_resource_disk() {
+    use agent::disks::DiskSet;
+    let h = harness().await;
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Ready).await;
+    let res = h
+        .agent
+        .config()
+        .state_dir
+        .join("instances/a/disks/resource.raw");
+    std::fs::write(&res, b"scratch data").expect("write");
+    let before = disk_files(&h, "a");
+    // A slow remake of the role disk (new environment) ...
+    h.disks.set_delay(Duration::from_secs(30));
+    let mut spec = h.spec("a");
+    spec.env.insert("COLOR".into(), "blue".into());
+    h.agent
+        .apply_goal(agent::GoalState {
+            incarnation: 2,
+            instances: vec![spec.clone()],
+        })
+        .await
+        .expect("apply");
+    h.wait_state("a", PreparingDisks).await;
+    // ... during which the agent dies.
+    h.agent.shutdown();
+    tokio::task::yield_now().await;
+    h.disks.set_delay(Duration::ZERO);
+    let agent2 = agent::Agent::open(
+        config(h.dir.path()),
+        backends(&h.launcher, &h.disks, &h.guests),
+    )
+    .await
+    .expect("reopen");
+    let s = agent2
+        .wait_for("a", Duration::from_secs(600), |s| {
+            s.is_some_and(|s| s.state == Ready && s.spec == spec)
+        })
+        .await
+        .expect("ready with the new spec after the restart");
+    let after = disk_files(&h, "a");
+    assert_eq!(
+        after["resource.raw"].0, before["resource.raw"].0,
+        "same file"
+    );
+    assert_eq!(after["resource.raw"].1, b"scratch data", "data kept");
+    assert_eq!(after["os.qcow2"], before["os.qcow2"]);
+    assert_eq!(
+        role_env(&after).env.get("COLOR").map(String::as_str),
+        Some("blue")
+    );
+    // Every remake was of the role disk only (the first one was cut short).
+    let made = h.disks.made("a");
+    assert_eq!(made[0], DiskSet::ALL);
+    assert!(
+        made[1..].iter().all(|m| *m
+            == DiskSet {
+                role: true,
+                ..DiskSet::NONE
+            }),
+        "{made:?}"
+    );
+    assert!(
+        s.history
+            .iter()
+            .any(|t| t.to == PreparingDisks && t.reason.contains("keeping")),
+        "{:#?}",
+        s.history
+    );
+}
