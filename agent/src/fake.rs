@@ -539,8 +539,8 @@ impl FakeGuests {
         }
     }
 
-    /// Guests that obey `Shutdown` by powering their fake VM off and send
-    /// nothing while it is paused.
+    /// Guests that obey `Shutdown` by powering their fake VM off, send
+    /// nothing while it is paused, and take `SetHeartbeatInterval`.
     pub fn with_launcher(launcher: FakeLauncher) -> Self {
         let g = Self::new();
         lock(&g.st).launcher = Some(launcher);
@@ -599,6 +599,7 @@ impl GuestChannel for FakeGuests {
             let caps = guest_proto::Capabilities::ROLE.bits()
                 | if has_launcher {
                     guest_proto::Capabilities::SHUTDOWN.bits()
+                        | guest_proto::Capabilities::HEARTBEAT_INTERVAL.bits()
                 } else {
                     0
                 };
@@ -643,6 +644,10 @@ impl GuestChannel for FakeGuests {
                                 st.commands.push((id.clone(), c));
                                 st.launcher.clone()
                             };
+                            if let HostCommand::SetHeartbeatInterval(ms) = c {
+                                let every = Duration::from_millis(u64::from(ms.max(1)));
+                                tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                            }
                             if let (HostCommand::Shutdown { .. }, Some(l)) = (c, launcher) {
                                 // A paused guest cannot act on it.
                                 if !l.is_paused(&id) {

@@ -587,6 +587,11 @@ impl<'a> Conn<'a> {
         wr: &mut tokio::net::unix::OwnedWriteHalf,
         c: HostCommand,
     ) -> Result<(), End> {
+        if let HostCommand::SetHeartbeatInterval(ms) = c {
+            // Also what the next HelloAck says, should the guest reconnect
+            // before it gets this.
+            self.interval_ms = ms;
+        }
         let Some((version, caps)) = self.negotiated else {
             tracing::debug!(?c, "guest has not said hello; command dropped");
             return Ok(());
@@ -611,9 +616,6 @@ impl<'a> Conn<'a> {
         if !caps.contains(need) {
             tracing::debug!(?c, "guest lacks the capability; command dropped");
             return Ok(());
-        }
-        if let HostCommand::SetHeartbeatInterval(ms) = c {
-            self.interval_ms = ms;
         }
         self.write(wr, &msg, version).await
     }

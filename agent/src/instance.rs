@@ -251,6 +251,9 @@ pub(crate) struct Runner {
     paused: Option<(InstanceState, Instant)>,
     /// An update's disks to keep, with the stale ones to remake.
     keep: Option<(PreparedDisks, crate::disks::DiskSet)>,
+    /// After a live interval change: the old interval, until the next
+    /// heartbeat.
+    interval_grace: Option<u32>,
 }
 
 impl Runner {
@@ -265,6 +268,7 @@ impl Runner {
             commands,
             paused: None,
             keep: None,
+            interval_grace: None,
             id: spec.id.clone(),
             ctx,
             shared,
@@ -776,7 +780,11 @@ impl Runner {
         let mut last_life: Option<Instant> = None;
         let mut vmm_events = handle.take_events();
         loop {
-            let hb_timeout = policy.heartbeat_timeout(self.spec.heartbeat_interval_ms);
+            let interval = self
+                .spec
+                .heartbeat_interval_ms
+                .max(self.interval_grace.unwrap_or(0));
+            let hb_timeout = policy.heartbeat_timeout(interval);
             // No deadline while paused: a parked guest cannot send anything.
             let deadline = match self.paused {
                 Some(_) => None,
@@ -803,11 +811,52 @@ impl Runner {
                 }
                 _ = desired_changed(&mut self.desired) => {
                     if self.desired_differs() {
+                        if self.set_interval_live(link, &mut last_life) {
+                            continue;
+                        }
                         return Sup::Desired;
                     }
                 }
             }
         }
+    }
+
+    /// A goal change of the heartbeat interval alone, for a guest that takes
+    /// `SetHeartbeatInterval` (and is running, connected): applied live, the
+    /// VMM keeps running. Returns whether it was.
+    fn set_interval_live(
+        &mut self,
+        link: &Option<GuestLink>,
+        last_life: &mut Option<Instant>,
+    ) -> bool {
+        let Desired::Run(new) = self.current_desired_peek() else {
+            return false;
+        };
+        let mut same_but_interval = self.spec.clone();
+        same_but_interval.heartbeat_interval_ms = new.heartbeat_interval_ms;
+        let capable = self.guest_caps & guest_proto::Capabilities::HEARTBEAT_INTERVAL.bits() != 0;
+        let (Some(l), true, true, None) = (link, same_but_interval == new, capable, self.paused)
+        else {
+            return false;
+        };
+        let (old, ms) = (self.spec.heartbeat_interval_ms, new.heartbeat_interval_ms);
+        if l.commands
+            .try_send(HostCommand::SetHeartbeatInterval(ms))
+            .is_err()
+        {
+            return false;
+        }
+        tracing::info!(instance = %self.id, old, new = ms, "heartbeat interval changed live");
+        // Until the guest's next heartbeat, the longer of the two intervals
+        // sets the deadline; the clock starts afresh.
+        self.interval_grace = Some(old);
+        if last_life.is_some() {
+            *last_life = Some(Instant::now());
+        }
+        self.spec = new;
+        self.update(|s| s.spec = self.spec.clone());
+        self.persist();
+        true
     }
 
     /// Enters `Paused` (once), remembering where to go back to.
@@ -989,6 +1038,7 @@ impl Runner {
                 ..
             } => {
                 *last_life = Some(now);
+                self.interval_grace = None;
                 self.update(|s| {
                     s.last_heartbeat_unix_ms = Some(now_unix_ms());
                     s.heartbeat_seq = Some(seq);

@@ -991,3 +991,44 @@ async fn an_update_interrupted_by_an_agent_restart_still_keeps_the_resource_disk
         s.history
     );
 }
+
+/// A change of the heartbeat interval alone is applied live to a guest that
+/// takes `SetHeartbeatInterval`: no restart, no disk remade.
+#[tokio::test(start_paused = true)]
+async fn an_interval_only_change_is_applied_live() {
+    let (_dir, a, l, mut spec) = pausable().await;
+    let pid = l.running("a").expect("pid");
+    spec.heartbeat_interval_ms = 2000;
+    a.update_instance(spec.clone()).await.expect("update");
+    // (A live change makes no transition, so no event to wait for.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = a.instance("a").expect("inst");
+    assert_eq!(s.spec.heartbeat_interval_ms, 2000);
+    assert_eq!(s.state, Ready);
+    // Longer than the old timeout (3 x 500 ms + 1 s), shorter than the new
+    // one: the guest beats every 2 s now and stays ready.
+    let seq = s.heartbeat_seq;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let s = a.instance("a").expect("inst");
+    assert_eq!(s.state, Ready);
+    assert_eq!(
+        (s.vmm_pid, l.launches("a")),
+        (Some(pid), 1),
+        "not restarted"
+    );
+    let beats = s.heartbeat_seq.unwrap_or(0) - seq.unwrap_or(0);
+    assert!(
+        (25..=35).contains(&beats),
+        "{beats} heartbeats in 60 s at 2 s"
+    );
+    // A change of more than the interval still restarts the VMM.
+    spec.heartbeat_interval_ms = 500;
+    spec.memory_mib = 128;
+    a.update_instance(spec.clone()).await.expect("update");
+    a.wait_for("a", Duration::from_secs(60), |s| {
+        s.is_some_and(|s| s.state == Ready && s.spec == spec)
+    })
+    .await
+    .expect("ready with the new spec");
+    assert_eq!(l.launches("a"), 2);
+}
