@@ -54,6 +54,7 @@ struct LauncherState {
     launches: Vec<String>,
     fail_launches: u32,
     ignore_graceful: bool,
+    launch_delay: Duration,
 }
 
 /// A fake [`VmmLauncher`]: "VMMs" are entries in a table that survive the
@@ -168,6 +169,12 @@ impl FakeLauncher {
         }
     }
 
+    /// Makes `launch` take this long after the VM exists (tokio's clock): the
+    /// window in which an agent has spawned a VMM but not recorded it.
+    pub fn set_launch_delay(&self, d: Duration) {
+        lock(&self.st).launch_delay = d;
+    }
+
     /// Makes the next `n` launches fail.
     pub fn fail_launches(&self, n: u32) {
         lock(&self.st).fail_launches = n;
@@ -178,16 +185,7 @@ impl FakeLauncher {
         lock(&self.st).ignore_graceful = yes;
     }
 
-    fn end(&self, pid: i32, exit: VmmExit) {
-        if let Some(vm) = lock(&self.st).vms.remove(&pid) {
-            vm.exit.send_replace(Some(exit));
-        }
-    }
-}
-
-#[async_trait]
-impl VmmLauncher for FakeLauncher {
-    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+    fn launch_now(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
         let mut st = lock(&self.st);
         st.launches.push(spec.instance_id.clone());
         if st.fail_launches > 0 {
@@ -220,6 +218,37 @@ impl VmmLauncher for FakeLauncher {
             dir: spec.dir.clone(),
             events: Some(ev_rx),
         }))
+    }
+
+    fn end(&self, pid: i32, exit: VmmExit) {
+        if let Some(vm) = lock(&self.st).vms.remove(&pid) {
+            vm.exit.send_replace(Some(exit));
+        }
+    }
+}
+
+#[async_trait]
+impl VmmLauncher for FakeLauncher {
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+        let handle = self.launch_now(spec)?;
+        let delay = lock(&self.st).launch_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(handle)
+    }
+
+    async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
+        let st = lock(&self.st);
+        st.vms
+            .iter()
+            .find(|(_, v)| v.instance == spec.instance_id)
+            .map(|(pid, v)| VmmRecord {
+                pid: *pid,
+                start_time: v.start_time,
+                control_socket: None,
+                exit_report: spec.dir.join("exit-report.json"),
+            })
     }
 
     async fn adopt(

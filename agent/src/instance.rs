@@ -200,6 +200,11 @@ pub struct InstanceRecord {
     /// them are stale. Set while `disks` is `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaking: Option<PendingRemake>,
+    /// A VMM is being spawned and is not recorded yet: after an agent
+    /// restart, look for it ([`crate::VmmLauncher::recover`]) before starting
+    /// another over the same disks.
+    #[serde(default)]
+    pub launching: bool,
     /// The guest endpoint.
     pub guest: GuestEndpoint,
     /// Restarts so far.
@@ -254,6 +259,8 @@ pub(crate) struct Runner {
     /// After a live interval change: the old interval, until the next
     /// heartbeat.
     interval_grace: Option<u32>,
+    /// A VMM is being spawned, not recorded yet (persisted).
+    launching: bool,
 }
 
 impl Runner {
@@ -269,6 +276,7 @@ impl Runner {
             paused: None,
             keep: None,
             interval_grace: None,
+            launching: false,
             id: spec.id.clone(),
             ctx,
             shared,
@@ -343,6 +351,7 @@ impl Runner {
                 disks: disks.clone(),
                 stale: *stale,
             }),
+            launching: self.launching,
             guest: self.endpoint(),
             restarts: self.restarts,
             history,
@@ -386,7 +395,19 @@ impl Runner {
                 s.restarts = rec.restarts;
                 s.spec = self.spec.clone();
             });
-            if let Some(vr) = rec.vmm {
+            let mut recorded = rec.vmm;
+            if recorded.is_none() && rec.launching && self.disks.is_some() {
+                // The agent died between spawning a VMM and recording it.
+                recorded = self.ctx.launcher.recover(&self.launch_spec()).await;
+                if let Some(vr) = &recorded {
+                    tracing::warn!(
+                        instance = %self.id,
+                        pid = vr.pid,
+                        "found a VMM the previous agent spawned but never recorded"
+                    );
+                }
+            }
+            if let Some(vr) = recorded {
                 let ls = self.launch_spec();
                 match self.ctx.launcher.adopt(&ls, &vr).await {
                     Ok(h) => {
@@ -657,10 +678,19 @@ impl Runner {
                         None => {
                             Err("cannot listen for the guest agent; see the agent log".to_string())
                         }
-                        Some(link) => match self.ctx.launcher.launch(&self.launch_spec()).await {
-                            Ok(h) => Ok((h, Some(link))),
-                            Err(e) => Err(e.to_string()),
-                        },
+                        Some(link) => {
+                            // Recorded before the spawn: an agent killed
+                            // between the spawn and the VMM's record looks
+                            // for the VMM after its restart.
+                            self.launching = true;
+                            self.persist();
+                            let launched = self.ctx.launcher.launch(&self.launch_spec()).await;
+                            self.launching = false;
+                            match launched {
+                                Ok(h) => Ok((h, Some(link))),
+                                Err(e) => Err(e.to_string()),
+                            }
+                        }
                     }
                 }
             };
@@ -676,32 +706,46 @@ impl Runner {
                 }
                 Ok((mut handle, mut link)) => {
                     self.set_vmm(Some(handle.record()));
-                    match self.supervise(&mut handle, &mut link).await {
-                        Sup::Desired => {
-                            self.go(InstanceState::Stopping, "the goal state changed");
-                            self.stop_vmm(handle, link).await;
-                            self.go(InstanceState::Stopped, "stopped for the goal state");
-                            return RunEnd::Stopped;
+                    // Recorded: now the guest may run.
+                    if let Err(e) = handle.boot().await {
+                        let why = format!("the VMM did not boot the VM: {e}");
+                        let _ = handle.stop(StopMode::Force).await;
+                        match wait_bounded(&mut handle).await {
+                            Some(exit) => self.vmm_exited(exit),
+                            None => self.set_vmm(None),
                         }
-                        Sup::Exited(exit) => {
-                            drop(link);
-                            let why = format!("the VMM exited: {}", exit.summary());
-                            self.vmm_exited(*exit);
-                            self.go(InstanceState::Restarting, why.clone());
-                            why
-                        }
-                        Sup::Unresponsive(why) => {
-                            self.go(InstanceState::Unhealthy, why.clone());
-                            let _ = handle.stop(StopMode::Force).await;
-                            let exit = wait_bounded(&mut handle).await;
-                            drop(link);
-                            if let Some(exit) = exit {
-                                self.vmm_exited(exit);
-                            } else {
-                                self.set_vmm(None);
+                        drop(link);
+                        self.update(|s| s.last_error = Some(why.clone()));
+                        self.go(InstanceState::Restarting, why.clone());
+                        why
+                    } else {
+                        match self.supervise(&mut handle, &mut link).await {
+                            Sup::Desired => {
+                                self.go(InstanceState::Stopping, "the goal state changed");
+                                self.stop_vmm(handle, link).await;
+                                self.go(InstanceState::Stopped, "stopped for the goal state");
+                                return RunEnd::Stopped;
                             }
-                            self.go(InstanceState::Restarting, format!("restarting: {why}"));
-                            why
+                            Sup::Exited(exit) => {
+                                drop(link);
+                                let why = format!("the VMM exited: {}", exit.summary());
+                                self.vmm_exited(*exit);
+                                self.go(InstanceState::Restarting, why.clone());
+                                why
+                            }
+                            Sup::Unresponsive(why) => {
+                                self.go(InstanceState::Unhealthy, why.clone());
+                                let _ = handle.stop(StopMode::Force).await;
+                                let exit = wait_bounded(&mut handle).await;
+                                drop(link);
+                                if let Some(exit) = exit {
+                                    self.vmm_exited(exit);
+                                } else {
+                                    self.set_vmm(None);
+                                }
+                                self.go(InstanceState::Restarting, format!("restarting: {why}"));
+                                why
+                            }
                         }
                     }
                 }

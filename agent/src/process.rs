@@ -41,9 +41,10 @@ pub struct ProcessLauncherConfig {
     /// and resumes through it, follows its events, and graceful stops press
     /// the guest's ACPI power button through it before any signal.
     pub control_socket: bool,
-    /// With a control socket: build the VM held (`boot_on_request`), subscribe
-    /// to its events, then `boot` it, so no early event (the boot timer) can
-    /// be missed. `launch` returns once the VMM has answered `boot`.
+    /// With a control socket: build the VM held (`boot_on_request`); the
+    /// agent subscribes to its events and stores its record, then
+    /// [`VmmHandle::boot`] starts the guest, so no event (the boot timer) is
+    /// missed and no guest runs that the agent has not recorded.
     pub boot_on_request: bool,
 }
 
@@ -187,35 +188,32 @@ impl VmmLauncher for ProcessLauncher {
         let control = control_socket
             .clone()
             .map(|s| ControlConn::spawn(s, CONTROL_CONNECT_NEW));
-        let mut handle = ProcessHandle {
+        Ok(Box::new(ProcessHandle {
             pid,
             start_time,
             exit_report,
             control_socket,
             control,
+            held: cfg.boot_on_request,
+            adopted: false,
             child: Some(child),
             exited: None,
-        };
-        if cfg.boot_on_request {
-            // Subscribed first (the connection's first request), then booted.
-            let booted = match &handle.control {
-                Some(c) => c.request(Op::Boot, CONTROL_CONNECT_NEW).await.map(|_| ()),
-                None => Ok(()),
-            };
-            if let Err(e) = booted {
-                let _ = handle.stop(StopMode::Force).await;
-                let exit = tokio::time::timeout(Duration::from_secs(5), handle.wait()).await;
-                let how = exit.map(|x| x.summary()).unwrap_or_default();
-                return Err(VmmError::Spawn {
-                    instance: spec.instance_id.clone(),
-                    why: format!(
-                        "the VMM did not boot the VM on request: {e} ({how}); see {}",
-                        spec.dir.join("vmm.log").display()
-                    ),
-                });
-            }
-        }
-        Ok(Box::new(handle))
+        }))
+    }
+
+    async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
+        let bin = self.cfg.vmm_binary.clone();
+        let config = spec.dir.join("vm.json");
+        let pid = tokio::task::spawn_blocking(move || find_vmm_process(&bin, &config))
+            .await
+            .ok()??;
+        let start_time = process_start_time(pid)?;
+        Some(VmmRecord {
+            pid,
+            start_time,
+            control_socket: self.cfg.control_socket.then(|| spec.dir.join("api.sock")),
+            exit_report: spec.dir.join("exit-report.json"),
+        })
     }
 
     async fn adopt(
@@ -247,11 +245,45 @@ impl VmmLauncher for ProcessLauncher {
             start_time: record.start_time,
             exit_report: record.exit_report.clone(),
             control_socket: record.control_socket.clone(),
+            // Maybe held: an agent that died between spawning it and booting
+            // it. `boot` finds out (a booted VM answers `invalid_state`).
+            held: control.is_some(),
+            adopted: true,
             control,
             child: None,
             exited: None,
         }))
     }
+}
+
+/// The live process whose command line runs `binary` with `--config
+/// <config>` (how [`ProcessLauncher::launch`] starts every VMM), if any.
+fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
+    let want_bin = binary.as_os_str().as_encoded_bytes();
+    let want_cfg = config.as_os_str().as_encoded_bytes();
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // Bounded: a VMM's command line is short; anything longer is not ours.
+        let Ok(f) = std::fs::File::open(e.path().join("cmdline")) else {
+            continue;
+        };
+        let mut buf = Vec::new();
+        if std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut buf).is_err() {
+            continue;
+        }
+        let args: Vec<&[u8]> = buf.split(|b| *b == 0).collect();
+        let ours = args.first() == Some(&want_bin)
+            && args
+                .windows(2)
+                .any(|w| w[0] == b"--config" && w[1] == want_cfg);
+        if ours && process_start_time(pid).is_some() {
+            return Some(pid);
+        }
+    }
+    None
 }
 
 /// Asks a VMM to press the guest's ACPI power button (`shutdown acpi` on its
@@ -279,6 +311,12 @@ pub struct ProcessHandle {
     control_socket: Option<PathBuf>,
     /// The subscribed connection to the control socket.
     control: Option<ControlConn>,
+    /// The guest may still wait for `boot`.
+    held: bool,
+    /// Taken over from an earlier agent: whether it is held is not known, so
+    /// a failed `boot` is only logged (a held guest never says hello and the
+    /// boot timeout restarts it; a running one must not be killed for it).
+    adopted: bool,
     /// `None` for an adopted VMM (watched by polling its start time).
     child: Option<tokio::process::Child>,
     exited: Option<VmmExit>,
@@ -384,6 +422,28 @@ impl VmmHandle for ProcessHandle {
 
     fn take_events(&mut self) -> Option<VmmEvents> {
         self.control.as_mut().and_then(ControlConn::take_events)
+    }
+
+    async fn boot(&mut self) -> Result<(), VmmError> {
+        if !self.held {
+            return Ok(());
+        }
+        let pid = self.pid;
+        let Some(c) = &self.control else {
+            return Ok(());
+        };
+        // Subscribed first (the connection's first request), then booted.
+        match c.request(Op::Boot, CONTROL_CONNECT_NEW).await {
+            Ok(_) => {}
+            Err(crate::control::ControlError::Refused(e))
+                if e.kind == vmm_api::control::ErrorKind::InvalidState => {}
+            Err(source) if self.adopted => {
+                tracing::warn!(pid, "cannot make sure the adopted VMM is booted: {source}");
+            }
+            Err(source) => return Err(VmmError::Control { pid, source }),
+        }
+        self.held = false;
+        Ok(())
     }
 }
 
@@ -506,6 +566,42 @@ exit 10"#,
             l.adopt(&s, &rec).await,
             Err(VmmError::Gone { .. })
         ));
+    }
+
+    /// A VMM the agent spawned but never recorded is found by its command
+    /// line (`<binary> ... --config <dir>/vm.json`), and only that one.
+    #[test]
+    fn an_unrecorded_vmm_is_found_by_its_command_line() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let bin = dir.path().join("reddog-vmm");
+        let cfg = dir.path().join("vm.json");
+        // A shell standing in, its argv[0] and arguments as the launcher's.
+        let mut child = std::process::Command::new("/bin/sh")
+            .arg0(&bin)
+            .args(["-c", "sleep 30; true", "--config"])
+            .arg(&cfg)
+            .spawn()
+            .expect("spawn");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let mut found = None;
+        for _ in 0..100 {
+            found = find_vmm_process(&bin, &cfg);
+            if found.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(found, Some(pid));
+        assert_eq!(find_vmm_process(&bin, &dir.path().join("other.json")), None);
+        assert_eq!(find_vmm_process(Path::new("/other/reddog-vmm"), &cfg), None);
+        child.kill().expect("kill");
+        child.wait().expect("wait");
+        assert_eq!(
+            find_vmm_process(&bin, &cfg),
+            None,
+            "a dead VMM is not found"
+        );
     }
 
     #[tokio::test]

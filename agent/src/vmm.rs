@@ -140,6 +140,12 @@ pub trait VmmHandle: Send + Sync + std::fmt::Debug {
     async fn pause(&mut self) -> Result<(), VmmError>;
     /// Lets the vCPUs run again.
     async fn resume(&mut self) -> Result<(), VmmError>;
+    /// Starts the guest of a VMM launched held (`boot_on_request`), once its
+    /// record is stored; a no-op for a VMM whose guest runs already (an
+    /// adopted one that was booted before).
+    async fn boot(&mut self) -> Result<(), VmmError> {
+        Ok(())
+    }
     /// The events the VMM pushes (boot timer, paused, resumed, stopping),
     /// with its state at subscription replayed first. The first call takes
     /// the stream; `None` after that, or when the VMM has no control socket.
@@ -161,4 +167,10 @@ pub trait VmmLauncher: Send + Sync {
         spec: &LaunchSpec,
         record: &VmmRecord,
     ) -> Result<Box<dyn VmmHandle>, VmmError>;
+    /// Finds a live VMM this launcher started for `spec` whose record was
+    /// never stored (the agent died between spawning it and recording it), so
+    /// it can be adopted instead of running a second VMM over the same disks.
+    async fn recover(&self, _spec: &LaunchSpec) -> Option<VmmRecord> {
+        None
+    }
 }

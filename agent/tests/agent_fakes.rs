@@ -1032,3 +1032,36 @@ async fn an_interval_only_change_is_applied_live() {
     .expect("ready with the new spec");
     assert_eq!(l.launches("a"), 2);
 }
+
+/// An agent killed between spawning a VMM and recording it: the restarted
+/// agent finds that VMM (`VmmLauncher::recover`) and adopts it instead of
+/// running a second one over the same disks.
+#[tokio::test(start_paused = true)]
+async fn a_vmm_spawned_but_not_recorded_is_recovered_not_doubled() {
+    let h = harness().await;
+    h.launcher.set_launch_delay(Duration::from_secs(30));
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Starting).await;
+    // The fake VM exists; the launcher has not returned (no record yet).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = h.launcher.running("a").expect("spawned");
+    assert_eq!(h.agent.instance("a").expect("inst").vmm_pid, None);
+    h.agent.shutdown();
+    tokio::task::yield_now().await;
+    h.launcher.set_launch_delay(Duration::ZERO);
+    let agent2 = agent::Agent::open(
+        config(h.dir.path()),
+        backends(&h.launcher, &h.disks, &h.guests),
+    )
+    .await
+    .expect("reopen");
+    let s = agent2
+        .wait_for("a", Duration::from_secs(60), |s| {
+            s.is_some_and(|s| s.state == Ready)
+        })
+        .await
+        .expect("ready");
+    assert_eq!(s.vmm_pid, Some(pid), "the unrecorded VMM was adopted");
+    assert_eq!(h.launcher.launches("a"), 1, "no second VMM");
+    assert_eq!(h.launcher.running_count(), 1);
+}

@@ -83,6 +83,10 @@ impl VmmLauncher for ModeLauncher {
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         self.pick(&spec.instance_id).adopt(spec, record).await
     }
+
+    async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
+        self.pick(&spec.instance_id).recover(spec).await
+    }
 }
 
 /// A one-thread HTTP server on 127.0.0.1 that records POSTed node reports.

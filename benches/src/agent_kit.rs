@@ -159,6 +159,10 @@ impl VmmLauncher for TimedLauncher {
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         self.inner.adopt(spec, record).await
     }
+
+    async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
+        self.inner.recover(spec).await
+    }
 }
 
 struct TimedDisks {
