@@ -299,7 +299,7 @@ async fn serve(
     events: mpsc::Sender<GuestEvent>,
     mut commands: mpsc::Receiver<HostCommand>,
     limits: GuestLimits,
-    interval_ms: u32,
+    mut interval_ms: u32,
 ) {
     let mut last_boot_id = None;
     loop {
@@ -314,12 +314,19 @@ async fn serve(
             },
             // Nobody is connected: commands have no one to go to.
             c = commands.recv() => match c {
+                Some(HostCommand::SetHeartbeatInterval(ms)) => {
+                    // For the next guest's HelloAck.
+                    interval_ms = ms;
+                    continue;
+                }
                 Some(c) => { tracing::debug!(?c, "no guest connected; command dropped"); continue; }
                 None => return,
             },
         };
         let mut conn = Conn::new(&limits, interval_ms, &mut last_boot_id);
         let end = conn.run(stream, &events, &mut commands).await;
+        // A change during the connection holds for the next one.
+        interval_ms = conn.interval_ms;
         match &end {
             End::Closed(reason) => tracing::info!("guest connection ended: {reason}"),
             End::Misbehaving(reason) => tracing::warn!("guest connection closed: {reason}"),
@@ -588,8 +595,8 @@ impl<'a> Conn<'a> {
         c: HostCommand,
     ) -> Result<(), End> {
         if let HostCommand::SetHeartbeatInterval(ms) = c {
-            // Also what the next HelloAck says, should the guest reconnect
-            // before it gets this.
+            // Also what the next HelloAck says (`serve` carries it over to the
+            // next connection), should the guest reconnect before it gets this.
             self.interval_ms = ms;
         }
         let Some((version, caps)) = self.negotiated else {

@@ -261,6 +261,8 @@ pub(crate) struct Runner {
     interval_grace: Option<u32>,
     /// A VMM is being spawned, not recorded yet (persisted).
     launching: bool,
+    /// A guest agent is connected (said hello, not disconnected since).
+    guest_connected: bool,
 }
 
 impl Runner {
@@ -277,6 +279,7 @@ impl Runner {
             keep: None,
             interval_grace: None,
             launching: false,
+            guest_connected: false,
             id: spec.id.clone(),
             ctx,
             shared,
@@ -694,7 +697,11 @@ impl Runner {
                     }
                 }
             };
+            // What the previous VMM's guest said does not hold for this one.
             self.paused = None;
+            self.guest_caps = 0;
+            self.guest_connected = false;
+            self.interval_grace = None;
             let failure = match started {
                 Err(e) => {
                     self.update(|s| s.last_error = Some(e.clone()));
@@ -879,8 +886,14 @@ impl Runner {
         let mut same_but_interval = self.spec.clone();
         same_but_interval.heartbeat_interval_ms = new.heartbeat_interval_ms;
         let capable = self.guest_caps & guest_proto::Capabilities::HEARTBEAT_INTERVAL.bits() != 0;
-        let (Some(l), true, true, None) = (link, same_but_interval == new, capable, self.paused)
-        else {
+        let connected = self.guest_connected;
+        let (Some(l), true, true, true, None) = (
+            link,
+            same_but_interval == new,
+            capable,
+            connected,
+            self.paused,
+        ) else {
             return false;
         };
         let (old, ms) = (self.spec.heartbeat_interval_ms, new.heartbeat_interval_ms);
@@ -901,6 +914,28 @@ impl Runner {
         self.update(|s| s.spec = self.spec.clone());
         self.persist();
         true
+    }
+
+    /// The state, or while paused the one it resumes to.
+    fn effective_state(&self) -> InstanceState {
+        match self.paused {
+            Some((before, _)) => before,
+            None => self.state(),
+        }
+    }
+
+    /// A transition the guest's word asks for; while paused it changes the
+    /// state the instance resumes to instead (a Hello or Ready queued before
+    /// the pause is not lost).
+    fn move_to(&mut self, to: InstanceState, reason: impl Into<String>) {
+        match &mut self.paused {
+            Some((before, _)) if before.can_go_to(to) => {
+                tracing::info!(instance = %self.id, from = %before, %to, reason = %reason.into(), "while paused");
+                *before = to;
+            }
+            Some(_) => {}
+            None => self.go(to, reason),
+        }
     }
 
     /// Enters `Paused` (once), remembering where to go back to.
@@ -947,8 +982,8 @@ impl Runner {
                     instance: self.id.clone(),
                     boot_time_us: us,
                 });
-                if self.state() == InstanceState::Starting {
-                    self.go(
+                if self.effective_state() == InstanceState::Starting {
+                    self.move_to(
                         InstanceState::Booted,
                         format!(
                             "the guest booted: boot timer {:.1} ms after the VMM started",
@@ -1037,7 +1072,8 @@ impl Runner {
 
     fn on_guest(&mut self, ev: GuestEvent, last_life: &mut Option<Instant>) {
         let now = Instant::now();
-        let state = self.state();
+        // While paused, what the guest says moves the state it resumes to.
+        let state = self.effective_state();
         match ev {
             GuestEvent::Hello {
                 boot_id,
@@ -1046,6 +1082,7 @@ impl Runner {
                 agent_version,
             } => {
                 *last_life = Some(now);
+                self.guest_connected = true;
                 let rebooted = self.boot_id.is_some_and(|b| b != boot_id);
                 self.boot_id = Some(boot_id);
                 self.guest_caps = capabilities;
@@ -1065,12 +1102,12 @@ impl Runner {
                     s.last_heartbeat_unix_ms = Some(now_unix_ms());
                 });
                 match state {
-                    InstanceState::Starting => self.go(
+                    InstanceState::Starting => self.move_to(
                         InstanceState::Booted,
                         format!("the guest agent said hello ({agent_version}, protocol {version})"),
                     ),
                     InstanceState::Ready if rebooted => {
-                        self.go(InstanceState::Booted, "the guest rebooted (new boot id)")
+                        self.move_to(InstanceState::Booted, "the guest rebooted (new boot id)")
                     }
                     _ => {}
                 }
@@ -1090,19 +1127,20 @@ impl Runner {
                 });
                 match (state, role) {
                     (InstanceState::Booted, RoleStatus::Ready) => {
-                        self.go(InstanceState::Ready, "a heartbeat says the role is ready")
+                        self.move_to(InstanceState::Ready, "a heartbeat says the role is ready")
                     }
-                    (InstanceState::Ready, RoleStatus::Exited | RoleStatus::Failed) => self.go(
-                        InstanceState::Booted,
-                        format!("a heartbeat says the role is {role:?}"),
-                    ),
+                    (InstanceState::Ready, RoleStatus::Exited | RoleStatus::Failed) => self
+                        .move_to(
+                            InstanceState::Booted,
+                            format!("a heartbeat says the role is {role:?}"),
+                        ),
                     _ => {}
                 }
             }
             GuestEvent::Ready => {
                 *last_life = Some(now);
                 if state == InstanceState::Booted {
-                    self.go(InstanceState::Ready, "the guest reported ready");
+                    self.move_to(InstanceState::Ready, "the guest reported ready");
                 }
             }
             GuestEvent::RoleStarted { pid } => {
@@ -1117,7 +1155,7 @@ impl Runner {
                     how: how.clone(),
                 });
                 if state == InstanceState::Ready {
-                    self.go(InstanceState::Booted, format!("the role exited ({how})"));
+                    self.move_to(InstanceState::Booted, format!("the role exited ({how})"));
                 }
             }
             GuestEvent::Pong { .. } => *last_life = Some(now),
@@ -1125,6 +1163,7 @@ impl Runner {
                 reason,
                 misbehaving,
             } => {
+                self.guest_connected = false;
                 if misbehaving {
                     let _ = self.ctx.events.send(AgentEvent::GuestMisbehaved {
                         instance: self.id.clone(),
@@ -1141,9 +1180,13 @@ impl Runner {
         let grace = self.ctx.cfg.health.stop_grace;
         let half = grace / 2;
         let mut exit = None;
-        if self.paused.take().is_some() {
-            // A parked guest cannot shut down: let it run first.
-            if let Err(e) = handle.resume().await {
+        // A parked guest cannot shut down: let it run first. Also when the
+        // agent does not know it is paused (a VMM re-adopted paused, stopped
+        // before its events were read): a running VM refuses the resume,
+        // which is fine.
+        let was_paused = self.paused.take().is_some();
+        if let Err(e) = handle.resume().await {
+            if was_paused {
                 tracing::warn!(instance = %self.id, "cannot resume before stopping: {e}");
             }
         }

@@ -112,8 +112,9 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 const CONTROL_CONNECT_NEW: Duration = Duration::from_secs(10);
 /// How long an adopted VMM's control socket is tried (it exists already).
 const CONTROL_CONNECT_ADOPTED: Duration = Duration::from_secs(1);
-/// How long a pause or resume may take.
-const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a pause or resume may take: longer than the VMM's own 5 s limit
+/// for parking every vCPU, so its answer (success or failure) comes first.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How often an adopted VMM (not our child: no `wait`) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
@@ -257,10 +258,15 @@ impl VmmLauncher for ProcessLauncher {
 }
 
 /// The live process whose command line runs `binary` with `--config
-/// <config>` (how [`ProcessLauncher::launch`] starts every VMM), if any.
+/// <config>` (how [`ProcessLauncher::launch`] starts every VMM), owned by
+/// this process's user and, when `binary` resolves, running that executable;
+/// if any.
 fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
+    use std::os::unix::fs::MetadataExt;
     let want_bin = binary.as_os_str().as_encoded_bytes();
     let want_cfg = config.as_os_str().as_encoded_bytes();
+    let want_exe = std::fs::canonicalize(binary).ok();
+    let me = std::fs::metadata("/proc/self").ok()?.uid();
     let entries = std::fs::read_dir("/proc").ok()?;
     for e in entries.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
@@ -279,9 +285,19 @@ fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--config" && w[1] == want_cfg);
-        if ours && process_start_time(pid).is_some() {
-            return Some(pid);
+        if !ours || process_start_time(pid).is_none() {
+            continue;
         }
+        // Not someone else's process dressed up as our VMM.
+        if std::fs::metadata(e.path()).map(|m| m.uid()).ok() != Some(me) {
+            continue;
+        }
+        if let Some(exe) = &want_exe {
+            if std::fs::read_link(e.path().join("exe")).ok().as_ref() != Some(exe) {
+                continue;
+            }
+        }
+        return Some(pid);
     }
     None
 }
@@ -432,8 +448,28 @@ impl VmmHandle for ProcessHandle {
         let Some(c) = &self.control else {
             return Ok(());
         };
-        // Subscribed first (the connection's first request), then booted.
-        match c.request(Op::Boot, CONTROL_CONNECT_NEW).await {
+        // Subscribed first (the connection's first request), then booted;
+        // a VMM that dies meanwhile (a bad kernel, a busy socket path) ends
+        // the wait at once, with its own reason.
+        let request = c.request(Op::Boot, CONTROL_CONNECT_NEW);
+        let answer = match self.child.as_mut() {
+            Some(child) => tokio::select! {
+                r = request => Some(r),
+                _ = child.wait() => None,
+            },
+            None => Some(request.await),
+        };
+        let Some(answer) = answer else {
+            let exit = self.wait().await;
+            return Err(VmmError::Gone {
+                pid,
+                why: format!(
+                    "it exited before its guest booted: {}; see vmm.log",
+                    exit.summary()
+                ),
+            });
+        };
+        match answer {
             Ok(_) => {}
             Err(crate::control::ControlError::Refused(e))
                 if e.kind == vmm_api::control::ErrorKind::InvalidState => {}
@@ -595,6 +631,10 @@ exit 10"#,
         assert_eq!(found, Some(pid));
         assert_eq!(find_vmm_process(&bin, &dir.path().join("other.json")), None);
         assert_eq!(find_vmm_process(Path::new("/other/reddog-vmm"), &cfg), None);
+        // When the binary exists, the process must run it (this one runs the
+        // shell, not the file now at `bin`).
+        std::fs::write(&bin, "not the shell").expect("write");
+        assert_eq!(find_vmm_process(&bin, &cfg), None, "another executable");
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert_eq!(

@@ -1065,3 +1065,21 @@ async fn a_vmm_spawned_but_not_recorded_is_recovered_not_doubled() {
     assert_eq!(h.launcher.launches("a"), 1, "no second VMM");
     assert_eq!(h.launcher.running_count(), 1);
 }
+
+/// What the guest or the VMM says while the instance is paused moves the
+/// state it resumes to (a boot timer queued before the pause is not lost).
+#[tokio::test(start_paused = true)]
+async fn a_boot_seen_while_paused_is_where_the_instance_resumes() {
+    let h = harness().await;
+    h.guests.set_default(GuestBehaviour::Silent);
+    h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
+    h.wait_state("a", Starting).await;
+    let s = h.agent.pause_instance("a").await.expect("pause");
+    assert_eq!(s.state, Paused);
+    assert!(h.launcher.boot_timer("a", 999));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.agent.instance("a").expect("inst").state, Paused);
+    let s = h.agent.resume_instance("a").await.expect("resume");
+    assert_eq!(s.state, Booted, "{:#?}", s.history);
+    assert_eq!(s.boot_time_us, Some(999));
+}

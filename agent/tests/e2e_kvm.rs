@@ -624,6 +624,8 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         .expect("launch");
     let record = h.record();
     let _guard = KillOnDrop(vec![record.pid]);
+    // Launched held (`boot_on_request`): the guest starts on `boot`.
+    h.boot().await.expect("boot");
     let sock = record.control_socket.clone().expect("a control socket");
     common::wait_for_socket(&sock);
     h.stop(StopMode::Graceful)

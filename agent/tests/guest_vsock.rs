@@ -412,3 +412,48 @@ async fn a_hello_with_only_future_versions_is_refused() {
     s.write_all(&hello_versions(5, 9)).await.expect("write");
     expect_misbehaving(&mut t, "no common protocol version").await;
 }
+
+/// A heartbeat interval changed while no guest is connected, or during a
+/// connection, is what the next connection's HelloAck says.
+#[tokio::test]
+async fn an_interval_change_holds_for_the_next_connection() {
+    let mut t = open(GuestLimits::default()).await;
+    // Nobody connected yet.
+    t.link
+        .commands
+        .send(HostCommand::SetHeartbeatInterval(1500))
+        .await
+        .expect("send");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let connect_and_ack = |path: std::path::PathBuf| async move {
+        let mut s = UnixStream::connect(path).await.expect("connect");
+        s.write_all(&hello(Capabilities::HEARTBEAT_INTERVAL))
+            .await
+            .expect("write");
+        let mut dec = StreamDecoder::new();
+        let ack = read_host_msg(&mut s, &mut dec).await.expect("ack");
+        (s, dec, ack)
+    };
+    let (mut s, mut dec, ack) = connect_and_ack(t.ep.listen_path()).await;
+    assert!(ack.contains("heartbeat_interval_ms: 1500"), "{ack}");
+    assert!(matches!(next(&mut t.link).await, GuestEvent::Hello { .. }));
+    // During the connection: the guest gets the command ...
+    t.link
+        .commands
+        .send(HostCommand::SetHeartbeatInterval(700))
+        .await
+        .expect("send");
+    let cmd = read_host_msg(&mut s, &mut dec).await.expect("command");
+    assert!(
+        cmd.contains("SetHeartbeatInterval") && cmd.contains("700"),
+        "{cmd}"
+    );
+    // ... and a reconnecting guest is told the new interval.
+    drop(s);
+    assert!(matches!(
+        next(&mut t.link).await,
+        GuestEvent::Disconnected { .. }
+    ));
+    let (_s, _dec, ack) = connect_and_ack(t.ep.listen_path()).await;
+    assert!(ack.contains("heartbeat_interval_ms: 700"), "{ack}");
+}

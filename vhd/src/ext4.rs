@@ -189,10 +189,21 @@ pub fn add_file(image: &Path, name: &str, contents: &[u8]) -> Result<()> {
     let src_name = format!(".{name}.{}.add", std::process::id());
     let src = parent.join(&src_name);
     std::fs::write(&src, contents).ctx_path(op, &src)?;
+    // debugfs copies the source's mode: make it 0644 whatever the umask.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Err(e) = std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)) {
+            let _ = std::fs::remove_file(&src);
+            return Err(DiskError::io(op, e).with_path(&src));
+        }
+    }
     let image_arg = Path::new(".").join(image_name);
     let written = run_debugfs(
         parent,
-        &["-w", "-R", &format!("write {src_name} /{name}")],
+        // The bare name: debugfs starts in the root directory, and before
+        // e2fsprogs 1.47 `write` took the destination literally (a leading
+        // '/' became part of the name).
+        &["-w", "-R", &format!("write {src_name} {name}")],
         &image_arg,
     );
     let _ = std::fs::remove_file(&src);
@@ -292,6 +303,18 @@ mod tests {
         let body = br#"{"version":1,"env":{"A":"b c"}}"#;
         add_file(&img, "reddog-instance.json", body).expect("add");
         assert_eq!(debugfs_cat(&img, "reddog-instance.json").0, body);
+        // At the root under its own name, mode 0644 (not the umask's).
+        let ls = Command::new("debugfs")
+            .args(["-R", "ls -l /"])
+            .arg(&img)
+            .output()
+            .expect("debugfs ls");
+        let ls = String::from_utf8_lossy(&ls.stdout);
+        let line = ls
+            .lines()
+            .find(|l| l.trim_end().ends_with(" reddog-instance.json"))
+            .unwrap_or_else(|| panic!("not listed at the root: {ls}"));
+        assert!(line.contains("100644"), "{line}");
         // The package is still there, the file system is consistent and no
         // temporary file is left next to the image.
         assert_eq!(debugfs_cat(&img, "run.sh").0, b"#!/bin/sh\n");

@@ -196,8 +196,9 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     threads.reverse();
     run_ctl.gate.set_threads(threads);
 
-    // 9. The control socket, once the vCPUs run (nothing of it is on the way
-    //    to the first KVM_RUN).
+    // 9. The control socket, once the vCPU threads are started (nothing of it
+    //    is on the way to the first KVM_RUN; with `boot_on_request` they wait
+    //    on the gate for the socket's `boot`).
     let control = match &cfg.api_sock {
         Some(path) => {
             let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {

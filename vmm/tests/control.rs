@@ -580,8 +580,14 @@ fn a_vm_held_for_boot_starts_on_request_only() {
     let info = c.info().expect("info");
     assert_eq!((info.boot_time_us, info.first_run_us), (None, None));
     assert_eq!(c.metrics().expect("metrics").exits.total(), 0);
-    // Pause and resume make no sense before boot.
-    for op in [Op::Pause, Op::Resume] {
+    // Pause, resume and the power button make no sense before boot.
+    for op in [
+        Op::Pause,
+        Op::Resume,
+        Op::Shutdown {
+            mode: ShutdownMode::Acpi,
+        },
+    ] {
         let e = api_error(c.call(op));
         assert_eq!(e.kind, ErrorKind::InvalidState, "{op:?}: {e:?}");
         assert!(e.message.contains("boot"), "{e:?}");

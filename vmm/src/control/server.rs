@@ -146,7 +146,8 @@ fn send(writer: &Writer, response: &Response) -> bool {
 }
 
 impl ControlServer {
-    /// Binds `path` and starts serving. Called once the vCPUs run.
+    /// Binds `path` and starts serving. Called once the vCPU threads are
+    /// started (held on the gate until `boot` with `boot_on_request`).
     pub fn start(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
         let listener = bind(path)?;
         let ident = std::fs::symlink_metadata(path)
@@ -376,6 +377,15 @@ impl Shared {
                 Some(id),
                 ErrorKind::InvalidState,
                 "the VM has not booted yet; send boot first",
+            ),
+            // No guest runs to see the button: say so, so the caller stops the
+            // VMM another way (`shutdown force`, a signal).
+            Op::Shutdown {
+                mode: ShutdownMode::Acpi,
+            } if !run.booted.load(Ordering::SeqCst) => Response::error(
+                Some(id),
+                ErrorKind::InvalidState,
+                "the VM has not booted yet: no guest to press the power button for; use mode force",
             ),
             Op::Pause => {
                 let _ops = lock(&self.ops);
