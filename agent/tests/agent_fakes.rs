@@ -349,9 +349,21 @@ async fn a_vmm_that_ignores_the_graceful_stop_is_killed() {
     assert_eq!(h.launcher.running_count(), 0);
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_guest_with_the_shutdown_capability_is_asked_first() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// An agent whose fake guests are linked to their fake VMs (they obey
+/// `Shutdown`, fall silent while paused, take `SetHeartbeatInterval`), with
+/// one instance "a" ready.
+async fn linked() -> (
+    tempfile::TempDir,
+    agent::Agent,
+    agent::fake::FakeLauncher,
+    agent::InstanceSpec,
+    agent::fake::FakeDisks,
+    agent::fake::FakeGuests,
+) {
+    let dir = tempfile::Builder::new()
+        .prefix("rdg")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
     let l = agent::fake::FakeLauncher::new();
     let d = agent::fake::FakeDisks::new();
     let g = agent::fake::FakeGuests::with_launcher(l.clone());
@@ -364,7 +376,7 @@ async fn a_guest_with_the_shutdown_capability_is_asked_first() {
         .image_cache()
         .import_file(&img, vmm_api::DiskFormat::Raw, None)
         .expect("import");
-    let mut spec = agent::InstanceSpec {
+    let spec = agent::InstanceSpec {
         id: "a".into(),
         role: "r".into(),
         base_image: info.reference(),
@@ -381,6 +393,12 @@ async fn a_guest_with_the_shutdown_capability_is_asked_first() {
     })
     .await
     .expect("ready");
+    (dir, a, l, spec, d, g)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_guest_with_the_shutdown_capability_is_asked_first() {
+    let (_dir, a, _l, mut spec, d, g) = linked().await;
     // An update: stop (through the guest), start again (a vCPU change keeps
     // every disk).
     spec.vcpus = 2;
@@ -542,53 +560,10 @@ async fn node_report_metrics_and_image_references() {
     assert!(h.agent.images().is_empty());
 }
 
-/// An agent whose fake guests fall silent while their VMM is paused.
-async fn pausable() -> (
-    tempfile::TempDir,
-    agent::Agent,
-    agent::fake::FakeLauncher,
-    agent::InstanceSpec,
-) {
-    let dir = tempfile::Builder::new()
-        .prefix("rdg")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let l = agent::fake::FakeLauncher::new();
-    let d = agent::fake::FakeDisks::new();
-    let g = agent::fake::FakeGuests::with_launcher(l.clone());
-    let a = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
-        .await
-        .expect("open");
-    let img = dir.path().join("img");
-    std::fs::write(&img, b"x").expect("write");
-    let info = a
-        .image_cache()
-        .import_file(&img, vmm_api::DiskFormat::Raw, None)
-        .expect("import");
-    let spec = agent::InstanceSpec {
-        id: "a".into(),
-        role: "r".into(),
-        base_image: info.reference(),
-        role_package: dir.path().to_owned(),
-        vcpus: 1,
-        memory_mib: 64,
-        resource_disk_mib: 1,
-        env: Default::default(),
-        heartbeat_interval_ms: 500,
-    };
-    a.create_instance(spec.clone()).await.expect("create");
-    a.wait_for("a", Duration::from_secs(60), |s| {
-        s.is_some_and(|s| s.state == Ready)
-    })
-    .await
-    .expect("ready");
-    (dir, a, l, spec)
-}
-
 #[tokio::test(start_paused = true)]
 async fn a_paused_instance_is_not_restarted_and_resumes_where_it_was() {
     use agent::InstanceOpError;
-    let (_dir, a, l, _spec) = pausable().await;
+    let (_dir, a, l, _spec, _d, _g) = linked().await;
     let pid = l.running("a").expect("pid");
     // Resuming a running instance, or anything on an unknown one, is refused.
     let e = a.resume_instance("a").await.expect_err("not paused");
@@ -643,7 +618,7 @@ async fn a_paused_instance_is_not_restarted_and_resumes_where_it_was() {
 
 #[tokio::test(start_paused = true)]
 async fn vmm_events_pause_and_boot_timer_are_followed() {
-    let (_dir, a, l, _spec) = pausable().await;
+    let (_dir, a, l, _spec, _d, _g) = linked().await;
     let mut events = a.subscribe();
     // Someone with the VMM's control socket pauses it: the agent follows.
     assert!(l.set_paused("a", true));
@@ -687,7 +662,7 @@ async fn vmm_events_pause_and_boot_timer_are_followed() {
 
 #[tokio::test(start_paused = true)]
 async fn a_paused_vmm_is_readopted_paused_and_a_removal_resumes_it_to_stop_it() {
-    let (dir, a, l, _spec) = pausable().await;
+    let (dir, a, l, _spec, _d, _g) = linked().await;
     let pid = l.running("a").expect("pid");
     a.pause_instance("a").await.expect("pause");
     a.shutdown();
@@ -996,7 +971,7 @@ async fn an_update_interrupted_by_an_agent_restart_still_keeps_the_resource_disk
 /// takes `SetHeartbeatInterval`: no restart, no disk remade.
 #[tokio::test(start_paused = true)]
 async fn an_interval_only_change_is_applied_live() {
-    let (_dir, a, l, mut spec) = pausable().await;
+    let (_dir, a, l, mut spec, _d, _g) = linked().await;
     let pid = l.running("a").expect("pid");
     spec.heartbeat_interval_ms = 2000;
     a.update_instance(spec.clone()).await.expect("update");
