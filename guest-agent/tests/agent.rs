@@ -487,11 +487,23 @@ fn a_host_that_stops_reading_never_blocks_supervision() {
 #[test]
 fn invalid_manifest_is_reported_and_nothing_runs() {
     let m = r#"{"version":1,"program":"relative/path","user":"tester"}"#;
-    let mut s = setup(100, Some(m), Duration::from_secs(2));
-    s.host.wait("the error and a Failed heartbeat", Duration::from_secs(5), |m| {
-        m.iter().any(|g| matches!(g, Got::Log(l) if l.contains("role manifest rejected") && l.contains("program")))
-            && m.iter().any(|g| matches!(g, Got::Heartbeat(hb) if hb.role_state == RoleState::Failed))
-    });
+    let s = setup(100, Some(m), Duration::from_secs(2));
+    refused_and_nothing_runs(s, "role manifest rejected", "program");
+}
+
+/// Waits for the log line naming the refusal and `field`, and a `Failed`
+/// heartbeat; checks no role started; shuts the agent down.
+fn refused_and_nothing_runs(mut s: Setup, what: &str, field: &str) {
+    s.host.wait(
+        "the error and a Failed heartbeat",
+        Duration::from_secs(5),
+        |m| {
+            m.iter()
+                .any(|g| matches!(g, Got::Log(l) if l.contains(what) && l.contains(field)))
+                && m.iter()
+                    .any(|g| matches!(g, Got::Heartbeat(hb) if hb.role_state == RoleState::Failed))
+        },
+    );
     let m = s.host.messages();
     assert!(started(&m).is_empty() && !m.contains(&Got::Ready));
     s.host
@@ -546,16 +558,8 @@ fn the_role_sees_the_instance_environment_over_the_manifests() {
 fn a_malformed_instance_file_is_reported_and_nothing_runs() {
     let m = r#"{"version":1,"program":"/bin/sh","args":["-c","exec sleep 60"],"working_dir":"/","user":"tester"}"#;
     let i = r#"{"version":1,"instance_id":"web-1","role":"web","env":{"BAD-NAME":"x"}}"#;
-    let mut s = setup_all(100, Some(m), Some(i), Duration::from_secs(2), false);
-    s.host.wait("the error and a Failed heartbeat", Duration::from_secs(5), |m| {
-        m.iter().any(|g| matches!(g, Got::Log(l) if l.contains("instance file rejected") && l.contains("env.BAD-NAME")))
-            && m.iter().any(|g| matches!(g, Got::Heartbeat(hb) if hb.role_state == RoleState::Failed))
-    });
-    let m = s.host.messages();
-    assert!(started(&m).is_empty() && !m.contains(&Got::Ready));
-    s.host
-        .send(HostMsg::Shutdown(Shutdown { deadline_ms: 500 }));
-    s.finish(Duration::from_secs(2));
+    let s = setup_all(100, Some(m), Some(i), Duration::from_secs(2), false);
+    refused_and_nothing_runs(s, "instance file rejected", "env.BAD-NAME");
 }
 
 /// `www/index.html` to serve and a `state` directory the role user may write.
