@@ -715,30 +715,28 @@ async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
             c.call::<StateReply>(op).expect("state reply").state
         }
     };
-    let st = tokio::task::spawn_blocking(ctl(Op::Pause))
-        .await
-        .expect("task");
-    assert_eq!(st, VmState::Paused);
-    h.wait(
-        "ok-1",
-        "paused by the VMM's event",
-        Duration::from_secs(5),
-        |s| s.state == InstanceState::Paused,
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    assert_eq!(h.agent.instance("ok-1").expect("inst").restarts, 0);
-    let st = tokio::task::spawn_blocking(ctl(Op::Resume))
-        .await
-        .expect("task");
-    assert_eq!(st, VmState::Running);
-    h.wait(
-        "ok-1",
-        "ready after the resume event",
-        Duration::from_secs(5),
-        |s| s.state == InstanceState::Ready,
-    )
-    .await;
+    for (op, vm_state, state, what) in [
+        (
+            Op::Pause,
+            VmState::Paused,
+            InstanceState::Paused,
+            "paused by the VMM's event",
+        ),
+        (
+            Op::Resume,
+            VmState::Running,
+            InstanceState::Ready,
+            "ready after the resume event",
+        ),
+    ] {
+        let st = tokio::task::spawn_blocking(ctl(op)).await.expect("task");
+        assert_eq!(st, vm_state);
+        h.wait("ok-1", what, Duration::from_secs(5), |s| s.state == state)
+            .await;
+        // Past the heartbeat timeout, paused or running again: no restart.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        assert_eq!(h.agent.instance("ok-1").expect("inst").restarts, 0);
+    }
     h.heartbeats_advance("ok-1").await;
     let s = h.agent.instance("ok-1").expect("inst");
     assert_eq!((s.vmm_pid, s.restarts), (Some(pid), 0));
