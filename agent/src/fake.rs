@@ -620,7 +620,9 @@ impl GuestChannel for FakeGuests {
             let b = me.behaviour(&id);
             if b == GuestBehaviour::Silent {
                 while let Some(c) = cmd_rx.recv().await {
-                    lock(&me.st).commands.push((id.clone(), c));
+                    if !matches!(c, HostCommand::VmPaused(_)) {
+                        lock(&me.st).commands.push((id.clone(), c));
+                    }
                 }
                 return;
             }
@@ -667,6 +669,8 @@ impl GuestChannel for FakeGuests {
                     }
                     c = cmd_rx.recv() => match c {
                         None => return,
+                        // Channel-side only: nothing reaches the guest.
+                        Some(HostCommand::VmPaused(_)) => {}
                         Some(c) => {
                             let launcher = {
                                 let mut st = lock(&me.st);

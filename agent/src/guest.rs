@@ -144,6 +144,11 @@ pub enum HostCommand {
     SetHeartbeatInterval(u32),
     /// Ping.
     Ping(u64),
+    /// Not sent to the guest: its VM's vCPUs are parked (`true`) or run
+    /// again (`false`). While parked, the channel's hello and partial-frame
+    /// clocks stop (a parked guest cannot finish anything); they start afresh
+    /// on resume.
+    VmPaused(bool),
 }
 
 /// One VM's guest link: events in, commands out. Dropping it stops listening.
@@ -302,6 +307,7 @@ async fn serve(
     mut interval_ms: u32,
 ) {
     let mut last_boot_id = None;
+    let mut vm_paused = false;
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -319,14 +325,20 @@ async fn serve(
                     interval_ms = ms;
                     continue;
                 }
+                Some(HostCommand::VmPaused(p)) => {
+                    vm_paused = p;
+                    continue;
+                }
                 Some(c) => { tracing::debug!(?c, "no guest connected; command dropped"); continue; }
                 None => return,
             },
         };
         let mut conn = Conn::new(&limits, interval_ms, &mut last_boot_id);
+        conn.vm_paused = vm_paused;
         let end = conn.run(stream, &events, &mut commands).await;
         // A change during the connection holds for the next one.
         interval_ms = conn.interval_ms;
+        vm_paused = conn.vm_paused;
         match &end {
             End::Closed(reason) => tracing::info!("guest connection ended: {reason}"),
             End::Misbehaving(reason) => tracing::warn!("guest connection closed: {reason}"),
@@ -402,6 +414,8 @@ impl Bucket {
 struct Conn<'a> {
     limits: &'a GuestLimits,
     interval_ms: u32,
+    /// The VM is paused: no hello or partial-frame deadline.
+    vm_paused: bool,
     last_boot_id: &'a mut Option<[u8; 16]>,
     negotiated: Option<(u8, Capabilities)>,
     frames: Bucket,
@@ -430,6 +444,7 @@ impl<'a> Conn<'a> {
         Self {
             limits,
             interval_ms,
+            vm_paused: false,
             last_boot_id,
             negotiated: None,
             frames: Bucket::new(limits.frames_per_sec, limits.frame_burst),
@@ -466,7 +481,7 @@ impl<'a> Conn<'a> {
     ) -> End {
         let (mut rd, mut wr) = stream.into_split();
         let mut dec = StreamDecoder::new();
-        let connected = Instant::now();
+        let mut connected = Instant::now();
         let mut partial_since: Option<Instant> = None;
         loop {
             // Drain every complete frame, paying for each with a token.
@@ -545,6 +560,7 @@ impl<'a> Conn<'a> {
                 .then(|| connected + self.limits.hello_timeout);
             let partial_deadline = partial_since.map(|t| t + self.limits.partial_frame_timeout);
             let deadline = match (hello_deadline, partial_deadline) {
+                _ if self.vm_paused => None,
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
@@ -556,6 +572,14 @@ impl<'a> Conn<'a> {
                 },
                 c = commands.recv() => match c {
                     None => return End::AgentGone,
+                    Some(HostCommand::VmPaused(p)) => {
+                        self.vm_paused = p;
+                        if !p {
+                            // The clocks start afresh.
+                            connected = Instant::now();
+                            partial_since = partial_since.map(|_| Instant::now());
+                        }
+                    }
                     Some(c) => if let Err(end) = self.command(&mut wr, c).await { return end },
                 },
                 _ = crate::util::sleep_until_opt(deadline) => {
@@ -619,6 +643,8 @@ impl<'a> Conn<'a> {
                 HostMsg::Ping(guest_proto::Ping { nonce }),
                 Capabilities::NONE,
             ),
+            // Handled in `run`; nothing goes to the guest.
+            HostCommand::VmPaused(_) => return Ok(()),
         };
         if !caps.contains(need) {
             tracing::debug!(?c, "guest lacks the capability; command dropped");

@@ -841,6 +841,7 @@ impl Runner {
                 Some(_) => None,
                 None => Some(last_life.map_or(boot_deadline, |t| t + hb_timeout)),
             };
+            let was_paused = self.paused.is_some();
             tokio::select! {
                 exit = handle.wait() => return Sup::Exited(Box::new(exit)),
                 ev = next_event(link) => match ev {
@@ -867,6 +868,13 @@ impl Runner {
                         }
                         return Sup::Desired;
                     }
+                }
+            }
+            // The guest channel's own clocks stop while the VM is parked.
+            let paused = self.paused.is_some();
+            if paused != was_paused {
+                if let Some(l) = link {
+                    let _ = l.commands.try_send(HostCommand::VmPaused(paused));
                 }
             }
         }

@@ -457,3 +457,36 @@ async fn an_interval_change_holds_for_the_next_connection() {
     let (_s, _dec, ack) = connect_and_ack(t.ep.listen_path()).await;
     assert!(ack.contains("heartbeat_interval_ms: 700"), "{ack}");
 }
+
+/// While the VM is paused the channel's hello and partial-frame clocks stop
+/// (a parked guest cannot finish anything), and start afresh on resume.
+#[tokio::test(start_paused = true)]
+async fn a_paused_vm_does_not_time_out_its_guest() {
+    let mut t = open(GuestLimits::default()).await;
+    let limits = GuestLimits::default();
+    // Connected, no hello yet; then the VM is paused for far longer than the
+    // hello timeout.
+    let _s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    t.link
+        .commands
+        .send(HostCommand::VmPaused(true))
+        .await
+        .expect("send");
+    tokio::time::sleep(limits.hello_timeout * 5).await;
+    assert!(
+        t.link.events.try_recv().is_err(),
+        "the connection was closed while the VM was paused"
+    );
+    // Resumed: the hello clock starts again, and runs out in full.
+    t.link
+        .commands
+        .send(HostCommand::VmPaused(false))
+        .await
+        .expect("send");
+    tokio::time::sleep(limits.hello_timeout / 2).await;
+    assert!(t.link.events.try_recv().is_err(), "closed too early");
+    expect_misbehaving(&mut t, "no Hello").await;
+}
