@@ -120,6 +120,8 @@ struct State {
     heartbeat: Option<Heartbeat>,
     stats: OutboxStats,
     unreported_logs_dropped: u64,
+    /// Popped by the link thread and not yet written (or put back).
+    in_flight: usize,
 }
 
 /// The bounded queue between the supervisor and the link thread.
@@ -198,9 +200,17 @@ impl Outbox {
         self.cv.notify_all();
     }
 
+    /// The report last popped was written (or dropped): it no longer counts
+    /// as waiting.
+    fn sent(&self) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+
     /// Puts a report whose write failed back at the front.
     fn unpop(&self, r: Report) {
         let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
         match r {
             Report::Heartbeat(_) => {}
             r => {
@@ -219,16 +229,19 @@ impl Outbox {
         let mut s = self.lock();
         loop {
             if let Some(hb) = s.heartbeat.take() {
+                s.in_flight += 1;
                 return Some(Report::Heartbeat(hb));
             }
             if let Some(r) = s.queue.pop_front() {
                 if matches!(r, Report::Log(..)) {
                     s.logs -= 1;
                 }
+                s.in_flight += 1;
                 return Some(r);
             }
             if s.unreported_logs_dropped > 0 {
                 let n = std::mem::take(&mut s.unreported_logs_dropped);
+                s.in_flight += 1;
                 return Some(Report::Log(
                     LogLevel::Warn,
                     LogSource::Agent,
@@ -252,10 +265,12 @@ impl Outbox {
         self.lock().heartbeat = None;
     }
 
-    /// Whether nothing is waiting.
+    /// Whether nothing is waiting, and nothing taken by the link thread is
+    /// still being written (a shutdown that stopped the link in the middle of
+    /// a write would lose that report).
     pub fn is_empty(&self) -> bool {
         let s = self.lock();
-        s.queue.is_empty() && s.heartbeat.is_none()
+        s.queue.is_empty() && s.heartbeat.is_none() && s.in_flight == 0
     }
 
     /// The counters.
@@ -549,6 +564,7 @@ fn serve(
             Ok(n) => n,
             Err(e) => {
                 say(&format!("link: cannot encode {r:?}: {e}; dropped"));
+                outbox.sent();
                 continue;
             }
         };
@@ -567,6 +583,7 @@ fn serve(
             };
             break;
         }
+        outbox.sent();
     }
     conn.shutdown();
     *current
@@ -703,5 +720,28 @@ mod tests {
         assert_eq!(o.pop(Duration::ZERO, &stop), Some(Report::RoleStarted(2)));
         o.unpop(Report::RoleStarted(2));
         assert_eq!(o.pop(Duration::ZERO, &stop), Some(Report::RoleStarted(2)));
+    }
+
+    /// A report the link thread took counts as waiting until it is written:
+    /// a shutdown that waits for an empty outbox must not cut that write.
+    #[test]
+    fn a_report_being_written_still_counts_as_waiting() {
+        let o = Outbox::new(OutboxLimits::default());
+        let stop = AtomicBool::new(false);
+        o.push(Report::RoleExited(7, guest_proto::ExitStatus::Signal(15)));
+        assert!(!o.is_empty());
+        let r = o.pop(Duration::ZERO, &stop);
+        assert!(r.is_some());
+        assert!(!o.is_empty(), "popped but not written yet");
+        o.sent();
+        assert!(o.is_empty());
+        // A failed write puts it back: still waiting, counted once.
+        o.push(Report::Ready);
+        let r = o.pop(Duration::ZERO, &stop).expect("report");
+        o.unpop(r);
+        assert!(!o.is_empty());
+        let _ = o.pop(Duration::ZERO, &stop);
+        o.sent();
+        assert!(o.is_empty());
     }
 }
