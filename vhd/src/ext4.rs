@@ -17,10 +17,30 @@ fn mkfs(image: &Path, label: &str, extra: &[&str]) -> Result<()> {
     r
 }
 
+/// Runs an e2fsprogs tool (`mkfs.ext4`, `debugfs`) and collects its output;
+/// a missing tool is a `NotFound` error that says which package to install.
+fn e2fsprogs_output(
+    cmd: &mut Command,
+    tool: &str,
+    op: &'static str,
+) -> Result<std::process::Output> {
+    cmd.output().map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            err(
+                ErrorKind::NotFound,
+                op,
+                format!("{tool} is not installed; install e2fsprogs"),
+            )
+        } else {
+            DiskError::io(op, e)
+        }
+    })
+}
+
 fn run_mkfs(image: &Path, label: &str, extra: &[&str]) -> Result<()> {
     let op = "format ext4";
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", label])
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-L", label])
         .args(extra)
         .args([
             "-E",
@@ -28,20 +48,8 @@ fn run_mkfs(image: &Path, label: &str, extra: &[&str]) -> Result<()> {
             "-m",
             "0",
         ])
-        .arg(image)
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                err(
-                    ErrorKind::NotFound,
-                    op,
-                    "mkfs.ext4 is not installed; install e2fsprogs",
-                )
-            } else {
-                DiskError::io(op, e)
-            }
-        })
-        .map_err(|e| e.with_path(image))?;
+        .arg(image);
+    let out = e2fsprogs_output(&mut cmd, "mkfs.ext4", op).map_err(|e| e.with_path(image))?;
     if !out.status.success() {
         return Err(err(
             ErrorKind::Io,
@@ -243,22 +251,9 @@ pub fn add_file(image: &Path, name: &str, contents: &[u8]) -> Result<()> {
 /// version banner (debugfs reports failures there and still exits 0).
 fn run_debugfs(dir: &Path, args: &[&str], image: &Path) -> Result<(Vec<u8>, String)> {
     let op = "add file to ext4 image";
-    let out = Command::new("debugfs")
-        .current_dir(dir)
-        .args(args)
-        .arg(image)
-        .output()
-        .map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                err(
-                    ErrorKind::NotFound,
-                    op,
-                    "debugfs is not installed; install e2fsprogs",
-                )
-            } else {
-                DiskError::io(op, e)
-            }
-        })?;
+    let mut cmd = Command::new("debugfs");
+    cmd.current_dir(dir).args(args).arg(image);
+    let out = e2fsprogs_output(&mut cmd, "debugfs", op)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let errors: Vec<&str> = stderr
         .lines()
