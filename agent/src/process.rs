@@ -112,6 +112,8 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
 const CONTROL_CONNECT_NEW: Duration = Duration::from_secs(10);
 /// How long an adopted VMM's control socket is tried (it exists already).
 const CONTROL_CONNECT_ADOPTED: Duration = Duration::from_secs(1);
+/// How long the VMM may take to answer `shutdown acpi`.
+const ACPI_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a pause or resume may take: longer than the VMM's own 5 s limit
 /// for parking every vCPU, so its answer (success or failure) comes first.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(8);
@@ -302,22 +304,6 @@ fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
     None
 }
 
-/// Asks a VMM to press the guest's ACPI power button (`shutdown acpi` on its
-/// control socket), waiting at most 2 s for the answer.
-fn acpi_shutdown(sock: &std::path::Path) -> Result<(), String> {
-    use vmm_api::control::{Client, Op, ShutdownMode};
-    let mut c = Client::connect(sock).map_err(|e| e.to_string())?;
-    c.set_timeout(Some(Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?;
-    c.request(Op::Shutdown {
-        mode: ShutdownMode::Acpi,
-    })
-    .map_err(|e| e.to_string())?
-    .into_result()
-    .map(|_: serde_json::Value| ())
-    .map_err(|e| e.to_string())
-}
-
 /// A `reddog-vmm` process: our child, or adopted by pid + start time.
 #[derive(Debug)]
 pub struct ProcessHandle {
@@ -360,15 +346,22 @@ impl VmmHandle for ProcessHandle {
         if mode == StopMode::Graceful {
             // The ACPI power button through the VMM's control socket, when it
             // has one; the caller escalates to Force after its deadline.
-            if let Some(sock) = self.control_socket.clone() {
-                let asked = tokio::task::spawn_blocking(move || acpi_shutdown(&sock)).await;
+            // The subscribed connection carries it (no second connection).
+            if let Some(c) = &self.control {
+                let asked = c
+                    .request(
+                        Op::Shutdown {
+                            mode: vmm_api::control::ShutdownMode::Acpi,
+                        },
+                        ACPI_TIMEOUT,
+                    )
+                    .await;
                 match asked {
-                    Ok(Ok(())) => return Ok(()),
-                    Ok(Err(e)) => tracing::warn!(
+                    Ok(_) => return Ok(()),
+                    Err(e) => tracing::warn!(
                         pid = self.pid,
                         "ACPI shutdown through the control socket failed ({e}); sending SIGTERM"
                     ),
-                    Err(e) => tracing::warn!(pid = self.pid, "control-socket task failed: {e}"),
                 }
             }
         }
