@@ -3,8 +3,8 @@
 
 use serde::Serialize;
 
-use crate::lifecycle::Transition;
-use crate::vmm::VmmExit;
+use crate::backend::vmm::VmmExit;
+use crate::instance::Transition;
 
 /// Something that happened on the node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

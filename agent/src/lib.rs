@@ -1,45 +1,44 @@
 //! The reddog host agent library: what a fabric controller embeds, and what
-//! the `reddog-agent` daemon serves over REST.
+//! the `reddog-agent` daemon (crate `reddog-cli`) serves over REST.
 //!
-//! - [`Agent`]: apply a goal state ([`GoalState`]), create/update/delete role
-//!   instances, read instances and the [`NodeReport`], subscribe to
-//!   [`AgentEvent`]s, manage the image cache.
-//! - Seams, each with a real implementation and a fake in [`fake`]:
-//!   [`VmmLauncher`] / [`VmmHandle`] ([`process::ProcessLauncher`]),
-//!   [`DiskPreparer`] ([`disks::VhdDiskPreparer`]), [`GuestChannel`]
-//!   ([`guest::VsockGuestChannel`]).
-//! - [`api`]: the REST API (axum), [`client`]: a client for it,
-//!   [`upstream`]: node reports pushed to the controller.
+//! **Owns**: the goal state and its validation, one task per role instance
+//! (lifecycle, health, restarts, pause/resume, re-adoption after a restart),
+//! the image cache, node reports pushed upstream, the REST API. **May use**:
+//! `vmm-api` (the VMM contract), `guest-proto` (the guest contract), `vhd`
+//! (disks), tokio, axum/hyper. **Must not use**: clap or anything only a
+//! command line needs (that is `reddog-cli`), the VMM's internals (`vmm`), or
+//! test support (`testkit`); the dependency rules are checked by
+//! `testkit/tests/dependency_rules.rs`.
 //!
-//! See `docs/agent.md`.
+//! | module | holds |
+//! |---|---|
+//! | [`node`] | [`Agent`]: the handle a controller embeds; the goal, the registry of instance tasks, the node report |
+//! | [`instance`] | one task per instance: lifecycle, policy, record, supervision |
+//! | [`backend`] | the seams (VMM launcher and handle, disks, guest channel), their real implementations, the fakes (feature `fake`) |
+//! | [`api`] | the REST server, its client, HTTP helpers |
+//! | [`spec`] | the goal state's types and validation |
+//! | [`images`] | the content-addressed base-image cache |
+//! | [`events`], [`report`], [`upstream`] | what the agent tells: events, the node report and metrics, the upstream pusher |
+//! | [`util`] | atomic writes, clocks, escaping |
+//!
+//! See `docs/agent.md` and the agent's module map in `docs/architecture.md`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod agent;
 pub mod api;
-pub mod client;
-pub mod control;
-pub mod disks;
+pub mod backend;
 pub mod events;
-pub mod fake;
-pub mod guest;
-pub mod http;
 pub mod images;
 pub mod instance;
-pub mod lifecycle;
-pub mod process;
+pub mod node;
 pub mod report;
 pub mod spec;
 pub mod upstream;
 pub mod util;
-pub mod vmm;
 
-pub use agent::{Agent, AgentConfig, AgentError, ApplyOutcome, Backends};
-pub use disks::DiskPreparer;
+pub use backend::{Backends, DiskPreparer, GuestChannel, VmmHandle, VmmLauncher};
 pub use events::AgentEvent;
-pub use guest::GuestChannel;
-pub use instance::{HealthPolicy, InstanceOpError, InstanceStatus};
-pub use lifecycle::{InstanceState, Transition};
+pub use instance::{HealthPolicy, InstanceOpError, InstanceState, InstanceStatus, Transition};
+pub use node::{Agent, AgentConfig, AgentError, ApplyOutcome};
 pub use report::NodeReport;
 pub use spec::{Capacity, GoalError, GoalState, InstanceSpec, NodeConfig};
-pub use vmm::{VmmHandle, VmmLauncher};

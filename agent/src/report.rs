@@ -5,8 +5,8 @@ use std::fmt::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::guest::RoleStatus;
-use crate::lifecycle::InstanceState;
+use crate::backend::guest::RoleStatus;
+use crate::instance::InstanceState;
 use crate::spec::Capacity;
 
 /// One instance in a node report.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::Method;
 use vmm_api::DiskFormat;
 
-use crate::http::{download, request_url, HttpError, HttpUrl};
+use crate::api::http::{download, request_url, HttpError, HttpUrl};
 use crate::images::{ImageError, ImageInfo};
 use crate::report::UpstreamStats;
 use crate::Agent;

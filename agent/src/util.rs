@@ -77,6 +77,12 @@ pub async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Locks a std mutex, ignoring poisoning (the data behind the agent's
+/// mutexes are plain values, consistent after every statement).
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use agent::fake::GuestBehaviour;
+use agent::backend::fake::GuestBehaviour;
 use agent::{AgentEvent, GoalError, InstanceState::*};
 use common::*;
 use tokio::time::Instant;
@@ -355,18 +355,18 @@ async fn a_vmm_that_ignores_the_graceful_stop_is_killed() {
 async fn linked() -> (
     tempfile::TempDir,
     agent::Agent,
-    agent::fake::FakeLauncher,
+    agent::backend::fake::FakeLauncher,
     agent::InstanceSpec,
-    agent::fake::FakeDisks,
-    agent::fake::FakeGuests,
+    agent::backend::fake::FakeDisks,
+    agent::backend::fake::FakeGuests,
 ) {
     let dir = tempfile::Builder::new()
         .prefix("rdg")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    let l = agent::fake::FakeLauncher::new();
-    let d = agent::fake::FakeDisks::new();
-    let g = agent::fake::FakeGuests::with_launcher(l.clone());
+    let l = agent::backend::fake::FakeLauncher::new();
+    let d = agent::backend::fake::FakeDisks::new();
+    let g = agent::backend::fake::FakeGuests::with_launcher(l.clone());
     let a = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
         .await
         .expect("open");
@@ -410,7 +410,7 @@ async fn a_guest_with_the_shutdown_capability_is_asked_first() {
     .expect("ready again");
     assert!(matches!(
         g.commands("a").as_slice(),
-        [agent::guest::HostCommand::Shutdown { .. }]
+        [agent::backend::guest::HostCommand::Shutdown { .. }]
     ));
     let s = a.instance("a").expect("inst");
     assert!(
@@ -667,8 +667,8 @@ async fn a_paused_vmm_is_readopted_paused_and_a_removal_resumes_it_to_stop_it() 
     a.pause_instance("a").await.expect("pause");
     a.shutdown();
     tokio::task::yield_now().await;
-    let d = agent::fake::FakeDisks::new();
-    let g = agent::fake::FakeGuests::with_launcher(l.clone());
+    let d = agent::backend::fake::FakeDisks::new();
+    let g = agent::backend::fake::FakeGuests::with_launcher(l.clone());
     let a2 = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
         .await
         .expect("reopen");
@@ -695,7 +695,7 @@ async fn a_paused_vmm_is_readopted_paused_and_a_removal_resumes_it_to_stop_it() 
     assert_eq!(l.running_count(), 0);
     assert!(matches!(
         g.commands("a").as_slice(),
-        [agent::guest::HostCommand::Shutdown { .. }]
+        [agent::backend::guest::HostCommand::Shutdown { .. }]
     ));
     let mut exit = None;
     while let Ok(e) = events.try_recv() {
@@ -748,14 +748,14 @@ async fn update_to(h: &H, inc: u64, spec: agent::InstanceSpec) -> agent::Instanc
 
 fn role_env(
     files: &std::collections::BTreeMap<String, (u64, Vec<u8>)>,
-) -> agent::disks::InstanceFile {
+) -> agent::backend::disks::InstanceFile {
     serde_json::from_slice(&files["role.raw"].1)
         .expect("the fake role disk holds the instance file")
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_new_base_image_keeps_the_resource_disk() {
-    use agent::disks::DiskSet;
+    use agent::backend::disks::DiskSet;
     let h = harness().await;
     h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
     h.wait_state("a", Ready).await;
@@ -809,7 +809,7 @@ async fn a_new_base_image_keeps_the_resource_disk() {
 
 #[tokio::test(start_paused = true)]
 async fn a_vcpu_or_memory_change_remakes_no_disk() {
-    use agent::disks::DiskSet;
+    use agent::backend::disks::DiskSet;
     let h = harness().await;
     h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
     h.wait_state("a", Ready).await;
@@ -837,7 +837,7 @@ async fn a_vcpu_or_memory_change_remakes_no_disk() {
 
 #[tokio::test(start_paused = true)]
 async fn an_environment_change_remakes_only_the_role_disk() {
-    use agent::disks::DiskSet;
+    use agent::backend::disks::DiskSet;
     let h = harness().await;
     h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
     h.wait_state("a", Ready).await;
@@ -897,7 +897,7 @@ async fn an_environment_change_remakes_only_the_role_disk() {
 /// same disk and still keeps the others (the resource disk's data survives).
 #[tokio::test(start_paused = true)]
 async fn an_update_interrupted_by_an_agent_restart_still_keeps_the_resource_disk() {
-    use agent::disks::DiskSet;
+    use agent::backend::disks::DiskSet;
     let h = harness().await;
     h.agent.apply_goal(h.goal(1, &["a"])).await.expect("apply");
     h.wait_state("a", Ready).await;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agent::client::{ApiClient, ClientError};
+use agent::api::client::{ApiClient, ClientError};
 use agent::upstream::{import_image_url, spawn_pusher, UpstreamConfig};
 use axum::routing::{get, post};
 use common::*;

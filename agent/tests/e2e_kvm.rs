@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::disks::VhdDiskPreparer;
-use agent::guest::{GuestLimits, VsockGuestChannel};
-use agent::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::backend::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::backend::vhd_disks::VhdDiskPreparer;
+use agent::backend::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
+use agent::backend::vsock_guest::{GuestLimits, VsockGuestChannel};
 use agent::upstream::{spawn_pusher, UpstreamConfig};
-use agent::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
 use agent::{
     Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
 };
@@ -595,7 +595,7 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socket() {
-    use agent::vmm::StopMode;
+    use agent::backend::vmm::StopMode;
     require_kvm();
     let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
     let dir = tempfile::Builder::new()

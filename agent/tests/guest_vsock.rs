@@ -4,9 +4,8 @@
 
 use std::time::Duration;
 
-use agent::guest::{
-    GuestChannel, GuestEndpoint, GuestEvent, GuestLimits, HostCommand, VsockGuestChannel,
-};
+use agent::backend::guest::{GuestChannel, GuestEndpoint, GuestEvent, HostCommand};
+use agent::backend::vsock_guest::{GuestLimits, VsockGuestChannel};
 use guest_proto::{
     Capabilities, Decoded, Frame, GuestMsg, Heartbeat, Hello, HostMsg, RoleState, StreamDecoder,
     MAX_FRAME_LEN,
@@ -44,7 +43,7 @@ fn heartbeat(seq: u64) -> Vec<u8> {
 struct T {
     _dir: tempfile::TempDir,
     ep: GuestEndpoint,
-    link: agent::guest::GuestLink,
+    link: agent::backend::guest::GuestLink,
 }
 
 async fn open(limits: GuestLimits) -> T {
@@ -68,7 +67,7 @@ async fn open(limits: GuestLimits) -> T {
     }
 }
 
-async fn next(link: &mut agent::guest::GuestLink) -> GuestEvent {
+async fn next(link: &mut agent::backend::guest::GuestLink) -> GuestEvent {
     tokio::time::timeout(Duration::from_secs(20), link.events.recv())
         .await
         .expect("an event in time")

@@ -15,12 +15,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::agent::DEFAULT_GUEST_PORT;
-use agent::client::ApiClient;
-use agent::disks::{DiskRequest, PreparedDisks, VhdDiskPreparer};
-use agent::guest::VsockGuestChannel;
-use agent::process::{ProcessLauncher, ProcessLauncherConfig};
-use agent::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
+use agent::api::client::ApiClient;
+use agent::backend::disks::{DiskRequest, PreparedDisks};
+use agent::backend::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::backend::vhd_disks::VhdDiskPreparer;
+use agent::backend::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
+use agent::backend::vsock_guest::VsockGuestChannel;
+use agent::node::DEFAULT_GUEST_PORT;
 use agent::{
     Agent, AgentConfig, Backends, Capacity, DiskPreparer, GoalState, InstanceSpec, NodeConfig,
 };
@@ -175,7 +176,7 @@ impl DiskPreparer for TimedDisks {
     async fn prepare(
         &self,
         req: &DiskRequest,
-    ) -> Result<PreparedDisks, agent::disks::DiskPrepError> {
+    ) -> Result<PreparedDisks, agent::backend::disks::DiskPrepError> {
         self.log
             .note(&req.instance_id, |t| t.disks_start = Some(Instant::now()));
         let r = self.inner.prepare(req).await;
@@ -188,8 +189,8 @@ impl DiskPreparer for TimedDisks {
         &self,
         req: &DiskRequest,
         current: &PreparedDisks,
-        which: agent::disks::DiskSet,
-    ) -> Result<PreparedDisks, agent::disks::DiskPrepError> {
+        which: agent::backend::disks::DiskSet,
+    ) -> Result<PreparedDisks, agent::backend::disks::DiskPrepError> {
         self.inner.remake(req, current, which).await
     }
 }

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::fake::{FakeDisks, FakeGuests, FakeLauncher};
-use agent::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::backend::fake::{FakeDisks, FakeGuests, FakeLauncher};
+use agent::backend::process::{ProcessLauncher, ProcessLauncherConfig};
 use agent::{Agent, AgentConfig, Backends, Capacity, NodeConfig};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
@@ -78,7 +78,7 @@ struct Args {
     #[arg(long)]
     no_vmm_control_socket: bool,
     /// Host vsock port the guest agent connects to.
-    #[arg(long, default_value_t = agent::agent::DEFAULT_GUEST_PORT)]
+    #[arg(long, default_value_t = agent::node::DEFAULT_GUEST_PORT)]
     guest_port: u32,
     /// Seconds from VMM start to the guest's hello.
     #[arg(long, default_value_t = 60)]
@@ -163,8 +163,8 @@ async fn main() -> anyhow::Result<()> {
         pl.control_socket = !args.no_vmm_control_socket;
         Backends {
             launcher: Arc::new(ProcessLauncher::new(pl)),
-            disks: Arc::new(agent::disks::VhdDiskPreparer),
-            guests: Arc::new(agent::guest::VsockGuestChannel::default()),
+            disks: Arc::new(agent::backend::vhd_disks::VhdDiskPreparer),
+            guests: Arc::new(agent::backend::vsock_guest::VsockGuestChannel::default()),
         }
     };
     let agent = Agent::open(cfg, backends)

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agent::client::ApiClient;
+use agent::api::client::ApiClient;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use hyper::Method;
@@ -308,7 +308,7 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
 /// Downloads `url` into a temporary file, drawing a progress bar on stderr.
 async fn download_with_progress(url: &str) -> anyhow::Result<tempfile::NamedTempFile> {
     use std::io::Write as _;
-    let parsed = agent::http::HttpUrl::parse(url)?;
+    let parsed = agent::api::http::HttpUrl::parse(url)?;
     let mut tmp = tempfile::Builder::new()
         .prefix("reddog-import-")
         .tempfile()?;
@@ -337,7 +337,7 @@ async fn download_with_progress(url: &str) -> anyhow::Result<tempfile::NamedTemp
         let _ = write!(err, "{line}{}", if last { "\n" } else { "" });
         let _ = err.flush();
     };
-    let status = agent::http::download_with_length(
+    let status = agent::api::http::download_with_length(
         &parsed,
         std::time::Duration::from_secs(30),
         |len| *total.lock().unwrap_or_else(|p| p.into_inner()) = len,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent::fake::{FakeDisks, FakeGuests, FakeLauncher};
+use agent::backend::fake::{FakeDisks, FakeGuests, FakeLauncher};
 use agent::{
     Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
 };

@@ -29,8 +29,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent::fake::{FakeDisks, FakeLauncher};
-use agent::guest::{GuestEndpoint, GuestEvent, GuestLimits, VsockGuestChannel};
+use agent::backend::fake::{FakeDisks, FakeLauncher};
+use agent::backend::guest::{GuestEndpoint, GuestEvent};
+use agent::backend::vsock_guest::{GuestLimits, VsockGuestChannel};
 use agent::{
     Agent, AgentConfig, AgentEvent, Backends, Capacity, GoalState, GuestChannel, InstanceSpec,
     InstanceState, NodeConfig,
@@ -307,7 +308,7 @@ async fn channel_side(dir: &Path, o: &Opts) -> Result<(ChannelSide, Vec<PathBuf>
     for i in 0..o.guests {
         let ep = GuestEndpoint {
             uds_path: dir.join(format!("g{i}.vsock")),
-            port: agent::agent::DEFAULT_GUEST_PORT,
+            port: agent::node::DEFAULT_GUEST_PORT,
             heartbeat_interval_ms: o.interval_ms.clamp(100, 60_000) as u32,
         };
         paths.push(ep.listen_path());
@@ -474,7 +475,7 @@ async fn agent_side(dir: &Path, o: &Opts) -> Result<(AgentSide, Vec<PathBuf>)> {
         .map(|id| {
             GuestEndpoint {
                 uds_path: dir.join("state").join("run").join(format!("{id}.vsock")),
-                port: agent::agent::DEFAULT_GUEST_PORT,
+                port: agent::node::DEFAULT_GUEST_PORT,
                 heartbeat_interval_ms: 0,
             }
             .listen_path()

@@ -1,6 +1,7 @@
 //! The agent <-> VMM seam: spawn a VMM for an instance, stop it, wait for it,
-//! re-adopt it after an agent restart. [`crate::process::ProcessLauncher`]
-//! runs `reddog-vmm` processes; [`crate::fake::FakeLauncher`] is for tests.
+//! re-adopt it after an agent restart, and ask it about itself.
+//! [`super::process::ProcessLauncher`] runs `reddog-vmm` processes;
+//! `super::fake::FakeLauncher` (feature `fake`) is for tests.
 
 use std::path::PathBuf;
 
@@ -112,7 +113,7 @@ pub enum VmmError {
         /// Its pid.
         pid: i32,
         /// What failed.
-        source: crate::control::ControlError,
+        source: super::control::ControlError,
     },
     /// The recorded VMM is not running any more (or its pid is now another
     /// process).
@@ -146,10 +147,22 @@ pub trait VmmHandle: Send + Sync + std::fmt::Debug {
     async fn boot(&mut self) -> Result<(), VmmError> {
         Ok(())
     }
+    /// The VMM's own view of itself (`info` and `metrics` on its control
+    /// socket).
+    async fn inspect(&mut self) -> Result<VmmView, VmmError>;
     /// The events the VMM pushes (boot timer, paused, resumed, stopping),
     /// with its state at subscription replayed first. The first call takes
     /// the stream; `None` after that, or when the VMM has no control socket.
     fn take_events(&mut self) -> Option<VmmEvents>;
+}
+
+/// A VMM's own view of itself, from its control socket.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmmView {
+    /// `info`: config, state, pid, vCPUs, memory, uptime, boot times.
+    pub info: vmm_api::control::Info,
+    /// `metrics`: exit counters, console bytes, power-button presses.
+    pub metrics: vmm_api::control::Metrics,
 }
 
 /// A VMM's pushed events; the stream ends when its control connection closes.

@@ -2,6 +2,11 @@
 //! history. The state lives in a private field and changes only through
 //! [`Lifecycle::go`], which consults [`InstanceState::can_go_to`]: an illegal
 //! transition is refused and never reaches the recorded state.
+//!
+//! `Paused` is a state like the others, and the lifecycle remembers the state
+//! it was entered from ([`Lifecycle::resume_to`]): [`Lifecycle::resume`] goes
+//! back there, and what the guest says while its VM is parked moves that state
+//! instead of the current one ([`Lifecycle::go_or_defer`]).
 
 use std::collections::VecDeque;
 
@@ -149,6 +154,9 @@ pub struct Lifecycle {
     state: InstanceState,
     since_unix_ms: u64,
     history: VecDeque<Transition>,
+    /// While `Paused`: the state to go back to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    resume_to: Option<InstanceState>,
 }
 
 impl Default for Lifecycle {
@@ -164,11 +172,12 @@ impl Lifecycle {
             state: InstanceState::Pending,
             since_unix_ms: crate::util::now_unix_ms(),
             history: VecDeque::new(),
+            resume_to: None,
         }
     }
 
     /// Continues a recorded history (after an agent restart) from Pending.
-    pub fn resume(history: Vec<Transition>) -> Self {
+    pub fn from_history(history: Vec<Transition>) -> Self {
         let mut l = Self::new();
         l.history = history.into();
         while l.history.len() > HISTORY_LEN {
@@ -212,6 +221,7 @@ impl Lifecycle {
             reason,
             at_unix_ms: crate::util::now_unix_ms(),
         };
+        self.resume_to = (to == InstanceState::Paused).then_some(self.state);
         self.state = to;
         self.since_unix_ms = t.at_unix_ms;
         if self.history.len() == HISTORY_LEN {
@@ -219,6 +229,58 @@ impl Lifecycle {
         }
         self.history.push_back(t.clone());
         Ok(t)
+    }
+
+    /// While `Paused`, the state [`Lifecycle::resume`] goes back to.
+    pub fn resume_to(&self) -> Option<InstanceState> {
+        self.resume_to
+    }
+
+    /// Whether the instance is `Paused`.
+    pub fn is_paused(&self) -> bool {
+        self.state == InstanceState::Paused
+    }
+
+    /// The state, or while paused the one it resumes to.
+    pub fn effective(&self) -> InstanceState {
+        self.resume_to.unwrap_or(self.state)
+    }
+
+    /// Leaves `Paused` for the state it was entered from.
+    pub fn resume(&mut self, reason: impl Into<String>) -> Result<Transition, IllegalTransition> {
+        match self.resume_to {
+            Some(to) => self.go(to, reason),
+            None => Err(IllegalTransition {
+                from: self.state,
+                to: self.state,
+                reason: format!("{}: not paused", reason.into()),
+            }),
+        }
+    }
+
+    /// A transition asked for by what the guest or the VMM said: applied now,
+    /// or while paused to the state the instance resumes to (a `Hello` or a
+    /// `Ready` queued before the pause is not lost). `Ok(None)` when it was
+    /// deferred.
+    pub fn go_or_defer(
+        &mut self,
+        to: InstanceState,
+        reason: impl Into<String>,
+    ) -> Result<Option<Transition>, IllegalTransition> {
+        match self.resume_to {
+            Some(before) if self.state == InstanceState::Paused => {
+                if !before.can_go_to(to) {
+                    return Err(IllegalTransition {
+                        from: before,
+                        to,
+                        reason: reason.into(),
+                    });
+                }
+                self.resume_to = Some(to);
+                Ok(None)
+            }
+            _ => self.go(to, reason).map(Some),
+        }
     }
 }
 
@@ -329,6 +391,35 @@ mod tests {
             l.go(Starting, "s").expect("ok");
         }
         assert_eq!(l.history().count(), HISTORY_LEN);
+    }
+
+    #[test]
+    fn paused_remembers_where_it_resumes_to() {
+        let mut l = Lifecycle::new();
+        for to in [PreparingDisks, Starting, Booted] {
+            l.go(to, "up").expect("legal");
+        }
+        assert_eq!(l.resume_to(), None);
+        l.go(Paused, "pause").expect("legal");
+        assert!(l.is_paused());
+        assert_eq!((l.resume_to(), l.effective()), (Some(Booted), Booted));
+        // The guest's Ready while parked moves the state it resumes to.
+        assert_eq!(l.go_or_defer(Ready, "ready").expect("legal"), None);
+        assert_eq!((l.state(), l.effective()), (Paused, Ready));
+        // Not a transition the resumed-to state allows: refused, nothing moves.
+        l.go_or_defer(PreparingDisks, "bogus").expect_err("illegal");
+        assert_eq!(l.effective(), Ready);
+        let t = l.resume("resume").expect("legal");
+        assert_eq!((t.from, t.to), (Paused, Ready));
+        assert_eq!(l.resume_to(), None);
+        l.resume("again").expect_err("not paused");
+        // Leaving Paused another way forgets the resume state.
+        l.go(Paused, "pause").expect("legal");
+        l.go(Restarting, "the VMM exited").expect("legal");
+        assert_eq!((l.resume_to(), l.effective()), (None, Restarting));
+        // Outside Paused, go_or_defer is go.
+        let t = l.go_or_defer(Starting, "restart").expect("legal");
+        assert_eq!(t.map(|t| t.to), Some(Starting));
     }
 
     #[test]

@@ -11,14 +11,14 @@ use tokio::sync::{mpsc, watch};
 use vmm_api::control::Event;
 use vmm_api::{DiskConfig, DiskFormat, ExitReason, ExitReport};
 
-use crate::disks::{DiskPrepError, DiskPreparer, DiskRequest, PreparedDisks};
-use crate::guest::{
+use super::disks::{DiskPrepError, DiskPreparer, DiskRequest, PreparedDisks};
+use super::guest::{
     GuestChannel, GuestEndpoint, GuestError, GuestEvent, GuestLink, HostCommand, RoleStatus,
 };
-use crate::instance::lock;
-use crate::vmm::{
-    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord,
+use super::vmm::{
+    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord, VmmView,
 };
+use crate::util::lock;
 
 #[derive(Debug)]
 struct FakeVm {
@@ -297,13 +297,13 @@ impl FakeHandle {
         let Some(vm) = st.vms.get_mut(&self.pid) else {
             return Err(VmmError::Control {
                 pid: self.pid,
-                source: crate::control::ControlError::Closed,
+                source: super::control::ControlError::Closed,
             });
         };
         if vm.paused != run {
             return Err(VmmError::Control {
                 pid: self.pid,
-                source: crate::control::ControlError::Refused(vmm_api::control::ApiError::new(
+                source: super::control::ControlError::Refused(vmm_api::control::ApiError::new(
                     vmm_api::control::ErrorKind::InvalidState,
                     if run {
                         "the VM is running"
@@ -377,6 +377,16 @@ impl VmmHandle for FakeHandle {
         self.set_running(true)
     }
 
+    async fn inspect(&mut self) -> Result<VmmView, VmmError> {
+        Err(VmmError::Control {
+            pid: self.pid,
+            source: super::control::ControlError::Unreachable {
+                path: std::path::PathBuf::new(),
+                why: "a fake VMM has no control socket".into(),
+            },
+        })
+    }
+
     fn take_events(&mut self) -> Option<VmmEvents> {
         self.events.take()
     }
@@ -386,13 +396,13 @@ impl VmmHandle for FakeHandle {
 struct DiskState {
     fail: BTreeMap<String, String>,
     prepared: Vec<String>,
-    made: Vec<(String, crate::disks::DiskSet)>,
+    made: Vec<(String, super::disks::DiskSet)>,
     delay: Duration,
 }
 
 /// A fake [`DiskPreparer`]: writes three small files, or fails on request.
 /// The OS disk's file names its base, the role disk's holds the instance file
-/// ([`crate::disks::InstanceFile`]) the real role disk carries.
+/// ([`super::disks::InstanceFile`]) the real role disk carries.
 #[derive(Debug, Clone, Default)]
 pub struct FakeDisks {
     st: Arc<Mutex<DiskState>>,
@@ -430,9 +440,9 @@ impl FakeDisks {
             .count()
     }
 
-    /// Which disks each successful preparation ([`crate::disks::DiskSet::ALL`]) or remake
+    /// Which disks each successful preparation ([`super::disks::DiskSet::ALL`]) or remake
     /// made for `instance`, oldest first.
-    pub fn made(&self, instance: &str) -> Vec<crate::disks::DiskSet> {
+    pub fn made(&self, instance: &str) -> Vec<super::disks::DiskSet> {
         lock(&self.st)
             .made
             .iter()
@@ -447,7 +457,7 @@ impl FakeDisks {
         &self,
         req: &DiskRequest,
         current: Option<&PreparedDisks>,
-        which: crate::disks::DiskSet,
+        which: super::disks::DiskSet,
     ) -> Result<PreparedDisks, DiskPrepError> {
         let delay = lock(&self.st).delay;
         if !delay.is_zero() {
@@ -468,7 +478,7 @@ impl FakeDisks {
         };
         let mut out = current.cloned().unwrap_or_else(|| fresh.clone());
         let os = format!("fake os over {}", req.base.display()).into_bytes();
-        let role = crate::disks::InstanceFile::for_request(req).to_bytes()?;
+        let role = super::disks::InstanceFile::for_request(req).to_bytes()?;
         let mut first = true;
         for (on, cfg, slot, bytes) in [
             (which.os, &fresh.os, &mut out.os, os),
@@ -502,7 +512,7 @@ impl FakeDisks {
 #[async_trait]
 impl DiskPreparer for FakeDisks {
     async fn prepare(&self, req: &DiskRequest) -> Result<PreparedDisks, DiskPrepError> {
-        let d = self.make(req, None, crate::disks::DiskSet::ALL).await?;
+        let d = self.make(req, None, super::disks::DiskSet::ALL).await?;
         lock(&self.st).prepared.push(req.instance_id.clone());
         Ok(d)
     }
@@ -511,9 +521,9 @@ impl DiskPreparer for FakeDisks {
         &self,
         req: &DiskRequest,
         current: &PreparedDisks,
-        which: crate::disks::DiskSet,
+        which: super::disks::DiskSet,
     ) -> Result<PreparedDisks, DiskPrepError> {
-        crate::disks::check_kept(current, which)?;
+        super::disks::check_kept(current, which)?;
         self.make(req, Some(current), which).await
     }
 }

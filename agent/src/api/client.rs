@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use hyper::Method;
 
-use crate::http::{request_unix, HttpError};
+use super::http::{request_unix, HttpError};
 
 /// Client errors.
 #[derive(Debug, thiserror::Error)]

@@ -12,9 +12,9 @@ use async_trait::async_trait;
 use rustix::process::{Pid, Signal};
 use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
 
-use crate::control::ControlConn;
-use crate::vmm::{
-    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord,
+use super::control::ControlConn;
+use super::vmm::{
+    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord, VmmView,
 };
 use vmm_api::control::Op;
 
@@ -117,6 +117,9 @@ const ACPI_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a pause or resume may take: longer than the VMM's own 5 s limit
 /// for parking every vCPU, so its answer (success or failure) comes first.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// How long `info` or `metrics` may take.
+const INSPECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How often an adopted VMM (not our child: no `wait`) is checked.
 const ADOPTED_POLL: Duration = Duration::from_millis(250);
@@ -429,6 +432,25 @@ impl VmmHandle for ProcessHandle {
         self.set_running(true).await
     }
 
+    async fn inspect(&mut self) -> Result<VmmView, VmmError> {
+        let pid = self.pid;
+        let err = |source| VmmError::Control { pid, source };
+        let c = self.control.as_ref().ok_or_else(|| {
+            err(super::control::ControlError::Unreachable {
+                path: self.control_socket.clone().unwrap_or_default(),
+                why: "the agent runs its VMMs without a control socket".into(),
+            })
+        })?;
+        let info = c.request(Op::Info, INSPECT_TIMEOUT).await.map_err(err)?;
+        let metrics = c.request(Op::Metrics, INSPECT_TIMEOUT).await.map_err(err)?;
+        let parse =
+            |e: serde_json::Error| err(super::control::ControlError::Protocol(e.to_string()));
+        Ok(VmmView {
+            info: serde_json::from_value(info).map_err(parse)?,
+            metrics: serde_json::from_value(metrics).map_err(parse)?,
+        })
+    }
+
     fn take_events(&mut self) -> Option<VmmEvents> {
         self.control.as_mut().and_then(ControlConn::take_events)
     }
@@ -464,7 +486,7 @@ impl VmmHandle for ProcessHandle {
         };
         match answer {
             Ok(_) => {}
-            Err(crate::control::ControlError::Refused(e))
+            Err(super::control::ControlError::Refused(e))
                 if e.kind == vmm_api::control::ErrorKind::InvalidState => {}
             Err(source) if self.adopted => {
                 tracing::warn!(pid, "cannot make sure the adopted VMM is booted: {source}");
@@ -481,7 +503,7 @@ impl ProcessHandle {
         let pid = self.pid;
         let err = |source| VmmError::Control { pid, source };
         let Some(c) = &self.control else {
-            return Err(err(crate::control::ControlError::Unreachable {
+            return Err(err(super::control::ControlError::Unreachable {
                 path: self.control_socket.clone().unwrap_or_default(),
                 why: "the agent runs its VMMs without a control socket".into(),
             }));

@@ -1,28 +1,32 @@
-//! [`Agent`]: the handle a fabric controller embeds (the daemon is a thin
-//! layer over it). Apply a goal state, create/update/delete instances, read
-//! instances and the node report, subscribe to events, manage the image cache.
+//! [`Agent`]: the node's host agent, the handle a fabric controller embeds
+//! (the daemon is a thin layer over it). Apply a goal state, create, update
+//! and delete instances, read instances and the node report, subscribe to
+//! events, manage the image cache.
+//!
+//! The agent owns a registry of instance tasks ([`crate::instance`]); each
+//! task gets an explicit environment ([`InstanceEnv`]) and tells the agent
+//! when it has removed its instance (a reaper drops the ended handle).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use vmm_api::DiskFormat;
 
-use crate::disks::DiskPreparer;
+use crate::backend::vmm::VmmView;
+use crate::backend::Backends;
 use crate::events::AgentEvent;
-use crate::guest::{GuestChannel, GuestEndpoint};
 use crate::images::{ImageCache, ImageError, ImageInfo};
+use crate::instance::record::RecordError;
 use crate::instance::{
-    lock, new_shared, Command, Desired, HealthPolicy, InstanceOpError, InstanceRecord,
-    InstanceStatus, Runner, Shared, StartMode,
+    Command, Desired, HealthPolicy, InstanceEnv, InstanceHandle, InstanceOpError, InstanceRecord,
+    InstanceState, InstanceStatus, StartMode, Transition,
 };
-use crate::lifecycle::InstanceState;
 use crate::report::{InstanceSummary, NodeReport, UpstreamStats};
 use crate::spec::{usage, GoalError, GoalState, InstanceSpec, NodeConfig};
-use crate::util::{now_unix_ms, write_json_atomic};
-use crate::vmm::VmmLauncher;
+use crate::util::{lock, now_unix_ms, write_json_atomic};
 
 /// Default host vsock port of the guest agent.
 pub const DEFAULT_GUEST_PORT: u32 = 1024;
@@ -55,26 +59,6 @@ impl AgentConfig {
     }
 }
 
-/// A VMM's own view of itself, from its control socket.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VmmView {
-    /// `info`: config, state, pid, vCPUs, memory, uptime, boot times.
-    pub info: vmm_api::control::Info,
-    /// `metrics`: exit counters, console bytes, power-button presses.
-    pub metrics: vmm_api::control::Metrics,
-}
-
-/// The three seams the agent drives.
-#[derive(Clone)]
-pub struct Backends {
-    /// Starts VMMs.
-    pub launcher: Arc<dyn VmmLauncher>,
-    /// Makes disks.
-    pub disks: Arc<dyn DiskPreparer>,
-    /// Talks to guest agents.
-    pub guests: Arc<dyn GuestChannel>,
-}
-
 /// Errors opening the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -97,6 +81,9 @@ pub enum AgentError {
     /// The image cache.
     #[error(transparent)]
     Image(#[from] ImageError),
+    /// An instance record could not be read.
+    #[error(transparent)]
+    Record(#[from] RecordError),
     /// The state directory's path is too long for unix sockets.
     #[error("state directory {0} is too long: instance sockets would exceed 107 bytes; use a shorter path")]
     PathTooLong(PathBuf),
@@ -119,40 +106,20 @@ pub struct ApplyOutcome {
 
 /// How long a pause or resume may wait for the instance's task.
 const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long `vmm_view` may wait for the VMM's answer through the task.
+const INSPECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
-pub(crate) struct Entry {
-    pub shared: Arc<Mutex<Shared>>,
-    pub desired: watch::Sender<Desired>,
-    pub commands: mpsc::Sender<Command>,
-    pub task: tokio::task::JoinHandle<()>,
-}
+type Registry = Arc<Mutex<BTreeMap<String, InstanceHandle>>>;
 
-/// What instance tasks share.
-pub(crate) struct Ctx {
-    pub cfg: AgentConfig,
-    pub launcher: Arc<dyn VmmLauncher>,
-    pub disks: Arc<dyn DiskPreparer>,
-    pub guests: Arc<dyn GuestChannel>,
-    pub images: ImageCache,
-    pub events: broadcast::Sender<AgentEvent>,
-    pub instances: Mutex<BTreeMap<String, Entry>>,
-    pub goal: Mutex<Option<GoalState>>,
-    pub goal_lock: tokio::sync::Mutex<()>,
-    pub upstream: Mutex<Option<UpstreamStats>>,
-}
-
-impl Ctx {
-    pub(crate) fn instance_dir(&self, id: &str) -> PathBuf {
-        self.cfg.state_dir.join("instances").join(id)
-    }
-
-    pub(crate) fn guest_endpoint(&self, id: &str, interval_ms: u32) -> GuestEndpoint {
-        GuestEndpoint {
-            uds_path: self.cfg.state_dir.join("run").join(format!("{id}.vsock")),
-            port: self.cfg.guest_port,
-            heartbeat_interval_ms: interval_ms,
-        }
-    }
+/// What the agent's clones share.
+struct Ctx {
+    cfg: AgentConfig,
+    env: Arc<InstanceEnv>,
+    instances: Registry,
+    goal: Mutex<Option<GoalState>>,
+    goal_lock: tokio::sync::Mutex<()>,
+    upstream: Mutex<Option<UpstreamStats>>,
+    reaper: tokio::task::JoinHandle<()>,
 }
 
 /// The host agent. Cheap to clone; every clone is the same agent.
@@ -210,8 +177,7 @@ impl Agent {
         let mut records = Vec::new();
         if let Ok(rd) = std::fs::read_dir(sd.join("instances")) {
             for e in rd.flatten() {
-                let p = e.path().join("record.json");
-                match read_json::<InstanceRecord>(&p) {
+                match InstanceRecord::read(&e.path()) {
                     Ok(Some(r)) if crate::spec::check_id(&r.spec.id).is_ok() => records.push(r),
                     Ok(_) => {
                         tracing::warn!("removing {}: no usable record", e.path().display());
@@ -222,16 +188,25 @@ impl Agent {
             }
         }
         let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
-        let ctx = Arc::new(Ctx {
-            launcher: backends.launcher,
-            disks: backends.disks,
-            guests: backends.guests,
+        let (ended_tx, ended_rx) = mpsc::unbounded_channel();
+        let env = Arc::new(InstanceEnv {
+            state_dir: sd.clone(),
+            guest_port: cfg.guest_port,
+            health: cfg.health.clone(),
+            backends,
             images,
             events,
-            instances: Mutex::new(BTreeMap::new()),
+            ended: ended_tx,
+        });
+        let instances: Registry = Arc::new(Mutex::new(BTreeMap::new()));
+        let reaper = tokio::spawn(reap(instances.clone(), ended_rx));
+        let ctx = Arc::new(Ctx {
+            env,
+            instances,
             goal: Mutex::new(goal.clone()),
             goal_lock: tokio::sync::Mutex::new(()),
             upstream: Mutex::new(None),
+            reaper,
             cfg,
         });
         let agent = Agent { ctx };
@@ -275,27 +250,15 @@ impl Agent {
 
     fn spawn_locked(
         &self,
-        map: &mut BTreeMap<String, Entry>,
+        map: &mut BTreeMap<String, InstanceHandle>,
         spec: InstanceSpec,
-        history: Vec<crate::lifecycle::Transition>,
+        history: Vec<Transition>,
         desired: Desired,
         mode: StartMode,
     ) {
-        let shared = Arc::new(Mutex::new(new_shared(&spec, history)));
-        let (tx, rx) = watch::channel(desired);
-        let (cmd_tx, cmd_rx) = mpsc::channel(4);
-        let runner = Runner::new(self.ctx.clone(), spec.clone(), shared.clone(), rx, cmd_rx);
-        let span = tracing::info_span!("instance", id = %spec.id);
-        let task = tokio::spawn(tracing::Instrument::instrument(runner.run(mode), span));
-        map.insert(
-            spec.id.clone(),
-            Entry {
-                shared,
-                desired: tx,
-                commands: cmd_tx,
-                task,
-            },
-        );
+        let id = spec.id.clone();
+        let h = InstanceHandle::spawn(self.ctx.env.clone(), spec, history, desired, mode);
+        map.insert(id, h);
     }
 
     /// This agent's configuration.
@@ -305,7 +268,7 @@ impl Agent {
 
     /// Subscribes to events.
     pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
-        self.ctx.events.subscribe()
+        self.ctx.env.events.subscribe()
     }
 
     /// The applied goal state.
@@ -344,7 +307,7 @@ impl Agent {
         }
         goal.validate(&self.ctx.cfg.node)?;
         for s in &goal.instances {
-            if self.ctx.images.get(&s.image_sha256()).is_none() {
+            if self.ctx.env.images.get(&s.image_sha256()).is_none() {
                 return Err(GoalError::UnknownImage {
                     id: s.id.clone(),
                     image: s.base_image.clone(),
@@ -359,14 +322,14 @@ impl Agent {
                     ),
                 });
             }
-            let reserved = s.role_package.join(crate::disks::INSTANCE_FILE);
+            let reserved = s.role_package.join(crate::backend::disks::INSTANCE_FILE);
             if std::fs::symlink_metadata(&reserved).is_ok() {
                 return Err(GoalError::Invalid {
                     id: s.id.clone(),
                     why: format!(
                         "role_package {} contains {}, a name reserved for the agent's instance file; rename it",
                         s.role_package.display(),
-                        crate::disks::INSTANCE_FILE
+                        crate::backend::disks::INSTANCE_FILE
                     ),
                 });
             }
@@ -382,40 +345,52 @@ impl Agent {
             let mut map = lock(&self.ctx.instances);
             for spec in &goal.instances {
                 let want = Desired::Run(spec.clone());
-                match map.get(&spec.id) {
-                    Some(e) => {
-                        let failed = lock(&e.shared).lifecycle.state() == InstanceState::Failed;
-                        if *e.desired.borrow() != want {
-                            let was_removed = matches!(*e.desired.borrow(), Desired::Removed);
-                            e.desired.send_replace(want);
-                            if was_removed {
-                                out.created.push(spec.id.clone());
-                            } else {
+                let live = map.get(&spec.id).filter(|h| !h.is_ended());
+                let sent = match live {
+                    Some(h) => {
+                        let before = h.desired();
+                        if before != want {
+                            let r = h.set_desired(want.clone());
+                            if r.is_ok() {
+                                if matches!(before, Desired::Removed) {
+                                    out.created.push(spec.id.clone());
+                                } else {
+                                    out.updated.push(spec.id.clone());
+                                }
+                            }
+                            r.is_ok()
+                        } else if h.state() == InstanceState::Failed {
+                            // A new incarnation retries failed instances.
+                            let r = h.poke();
+                            if r.is_ok() {
                                 out.updated.push(spec.id.clone());
                             }
-                        } else if failed {
-                            // A new incarnation retries failed instances.
-                            e.desired.send_modify(|_| {});
-                            out.updated.push(spec.id.clone());
+                            r.is_ok()
+                        } else {
+                            true
                         }
                     }
-                    None => {
-                        self.spawn_locked(&mut map, spec.clone(), Vec::new(), want, StartMode::New);
-                        out.created.push(spec.id.clone());
-                    }
+                    None => false,
+                };
+                if !sent {
+                    // New, or its task ended removing it: a fresh task.
+                    self.spawn_locked(&mut map, spec.clone(), Vec::new(), want, StartMode::New);
+                    out.created.push(spec.id.clone());
                 }
             }
             let keep: std::collections::BTreeSet<&str> =
                 goal.instances.iter().map(|s| s.id.as_str()).collect();
-            for (id, e) in map.iter() {
-                if !keep.contains(id.as_str()) && *e.desired.borrow() != Desired::Removed {
-                    e.desired.send_replace(Desired::Removed);
+            for (id, h) in map.iter() {
+                if !keep.contains(id.as_str())
+                    && h.desired() != Desired::Removed
+                    && h.set_desired(Desired::Removed).is_ok()
+                {
                     out.removed.push(id.clone());
                 }
             }
         }
         tracing::info!(incarnation = goal.incarnation, created = ?out.created, updated = ?out.updated, removed = ?out.removed, "goal state applied");
-        let _ = self.ctx.events.send(AgentEvent::GoalApplied {
+        let _ = self.ctx.env.events.send(AgentEvent::GoalApplied {
             incarnation: out.incarnation,
             created: out.created.clone(),
             updated: out.updated.clone(),
@@ -476,31 +451,27 @@ impl Agent {
     }
 
     /// The running VMM of instance `id` as it reports itself over its control
-    /// socket: `info` and `metrics` (`docs/vmm-api.md`). `None` when there is
-    /// no such instance; an error when it has no running VMM with a control
-    /// socket, or the VMM does not answer within 2 s.
+    /// socket: `info` and `metrics` (`docs/vmm-api.md`), asked through the
+    /// instance's task and its VMM handle. `None` when there is no such
+    /// instance; an error when it has no running VMM with a control socket,
+    /// or the VMM does not answer in time.
     pub async fn vmm_view(&self, id: &str) -> Option<Result<VmmView, String>> {
-        self.instance(id)?;
-        let record: Option<InstanceRecord> =
-            match read_json(&self.ctx.instance_dir(id).join("record.json")) {
-                Ok(r) => r,
-                Err(e) => return Some(Err(e.to_string())),
-            };
-        let Some(sock) = record.and_then(|r| r.vmm).and_then(|v| v.control_socket) else {
+        let state = self.instance(id)?.state;
+        if !state.vmm_may_run() || state == InstanceState::Stopping {
             return Some(Err(format!(
-                "instance {id} has no running VMM with a control socket"
+                "instance {id} is {state}: it has no running VMM to ask"
             )));
-        };
-        let view = tokio::task::spawn_blocking(move || {
-            let mut c = vmm_api::control::Client::connect(&sock).map_err(|e| e.to_string())?;
-            c.set_timeout(Some(std::time::Duration::from_secs(2)))
-                .map_err(|e| e.to_string())?;
-            let info = c.info().map_err(|e| e.to_string())?;
-            let metrics = c.metrics().map_err(|e| e.to_string())?;
-            Ok(VmmView { info, metrics })
-        })
-        .await;
-        Some(view.unwrap_or_else(|e| Err(format!("control-socket task failed: {e}"))))
+        }
+        let (tx, rx) = oneshot::channel();
+        Some(
+            match self
+                .send_command(id, Command::Inspect(tx), INSPECT_TIMEOUT, rx)
+                .await
+            {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            },
+        )
     }
 
     /// Pauses instance `id`'s VMM (its vCPUs are parked; memory stays). The
@@ -522,51 +493,65 @@ impl Agent {
         id: &str,
         pause: bool,
     ) -> Result<InstanceStatus, InstanceOpError> {
+        let state = self
+            .instance(id)
+            .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))?
+            .state;
+        let ok = if pause {
+            state.can_go_to(InstanceState::Paused)
+        } else {
+            state == InstanceState::Paused
+        };
+        if !ok {
+            return Err(InstanceOpError::WrongState {
+                id: id.into(),
+                state,
+                what: if pause {
+                    "only a starting, booted or ready instance can be paused"
+                } else {
+                    "only a paused instance can be resumed"
+                },
+            });
+        }
         let (tx, rx) = oneshot::channel();
         let cmd = if pause {
             Command::Pause(tx)
         } else {
             Command::Resume(tx)
         };
-        {
-            let map = lock(&self.ctx.instances);
-            let e = map
-                .get(id)
-                .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))?;
-            let state = lock(&e.shared).lifecycle.state();
-            let ok = if pause {
-                state.can_go_to(InstanceState::Paused)
-            } else {
-                state == InstanceState::Paused
-            };
-            if !ok {
-                return Err(InstanceOpError::WrongState {
-                    id: id.into(),
-                    state,
-                    what: if pause {
-                        "only a starting, booted or ready instance can be paused"
-                    } else {
-                        "only a paused instance can be resumed"
-                    },
-                });
-            }
-            e.commands
-                .try_send(cmd)
-                .map_err(|_| InstanceOpError::Busy(id.into()))?;
-        }
-        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) | Err(_) => return Err(InstanceOpError::Busy(id.into())),
-        }
+        self.send_command(id, cmd, COMMAND_TIMEOUT, rx).await??;
         self.instance(id)
             .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))
+    }
+
+    /// Queues `cmd` for instance `id`'s task and waits for its answer.
+    async fn send_command<T>(
+        &self,
+        id: &str,
+        cmd: Command,
+        timeout: std::time::Duration,
+        rx: oneshot::Receiver<T>,
+    ) -> Result<T, InstanceOpError> {
+        {
+            let map = lock(&self.ctx.instances);
+            let h = map
+                .get(id)
+                .filter(|h| !h.is_ended())
+                .ok_or_else(|| InstanceOpError::NoSuchInstance(id.into()))?;
+            h.command(cmd)
+                .map_err(|_| InstanceOpError::Busy(id.into()))?;
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(_)) | Err(_) => Err(InstanceOpError::Busy(id.into())),
+        }
     }
 
     /// Every instance (without histories).
     pub fn instances(&self) -> Vec<InstanceStatus> {
         lock(&self.ctx.instances)
             .values()
-            .map(|e| lock(&e.shared).snapshot(false))
+            .filter_map(|h| h.status(false))
             .collect()
     }
 
@@ -574,7 +559,7 @@ impl Agent {
     pub fn instance(&self, id: &str) -> Option<InstanceStatus> {
         lock(&self.ctx.instances)
             .get(id)
-            .map(|e| lock(&e.shared).snapshot(true))
+            .and_then(|h| h.status(true))
     }
 
     /// The node report.
@@ -605,7 +590,7 @@ impl Agent {
             goal_incarnation: goal.map(|g| g.incarnation),
             capacity: node.capacity,
             used,
-            image_cache_bytes: self.ctx.images.total_bytes(),
+            image_cache_bytes: self.ctx.env.images.total_bytes(),
             instances,
         }
     }
@@ -621,14 +606,16 @@ impl Agent {
 
     /// The image cache.
     pub fn image_cache(&self) -> &ImageCache {
-        &self.ctx.images
+        &self.ctx.env.images
     }
 
     fn references(&self) -> BTreeMap<String, usize> {
         let mut refs = BTreeMap::new();
-        for e in lock(&self.ctx.instances).values() {
-            let sha = lock(&e.shared).status.spec.image_sha256();
-            *refs.entry(sha).or_insert(0) += 1;
+        for s in lock(&self.ctx.instances)
+            .values()
+            .filter_map(|h| h.status(false))
+        {
+            *refs.entry(s.spec.image_sha256()).or_insert(0) += 1;
         }
         for s in self.goal().iter().flat_map(|g| g.instances.iter()) {
             refs.entry(s.image_sha256()).or_insert(1);
@@ -640,6 +627,7 @@ impl Agent {
     pub fn images(&self) -> Vec<ImageInfo> {
         let refs = self.references();
         self.ctx
+            .env
             .images
             .list()
             .into_iter()
@@ -657,7 +645,7 @@ impl Agent {
         format: DiskFormat,
         expected: Option<String>,
     ) -> Result<ImageInfo, ImageError> {
-        let cache = self.ctx.images.clone();
+        let cache = self.ctx.env.images.clone();
         tokio::task::spawn_blocking(move || cache.import_file(&path, format, expected.as_deref()))
             .await
             .map_err(|e| ImageError::Io {
@@ -671,9 +659,9 @@ impl Agent {
     pub fn collect_images(&self) -> Vec<String> {
         let refs = self.references();
         let mut gone = Vec::new();
-        for i in self.ctx.images.list() {
+        for i in self.ctx.env.images.list() {
             if refs.get(&i.sha256).copied().unwrap_or(0) == 0
-                && self.ctx.images.remove(&i.sha256, 0).is_ok()
+                && self.ctx.env.images.remove(&i.sha256, 0).is_ok()
             {
                 gone.push(i.sha256);
             }
@@ -684,9 +672,10 @@ impl Agent {
     /// Stops the agent's own tasks. VMMs keep running and their records stay,
     /// so the next [`Agent::open`] on the state directory re-adopts them.
     pub fn shutdown(&self) {
-        for e in lock(&self.ctx.instances).values() {
-            e.task.abort();
+        for h in lock(&self.ctx.instances).values() {
+            h.abort();
         }
+        self.ctx.reaper.abort();
     }
 
     /// Waits until `f` holds for instance `id` or the timeout passes (for
@@ -709,6 +698,17 @@ impl Agent {
                 Ok(Err(broadcast::error::RecvError::Closed)) => return None,
                 Ok(_) => {}
             }
+        }
+    }
+}
+
+/// Drops the handles of instance tasks that removed their instance (unless
+/// the id has a new task by then).
+async fn reap(instances: Registry, mut ended: mpsc::UnboundedReceiver<String>) {
+    while let Some(id) = ended.recv().await {
+        let mut map = lock(&instances);
+        if map.get(&id).is_some_and(InstanceHandle::is_ended) {
+            map.remove(&id);
         }
     }
 }

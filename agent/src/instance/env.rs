@@ -1,0 +1,57 @@
+//! [`InstanceEnv`]: what an instance task is given, and all it may use.
+
+use std::path::PathBuf;
+
+use tokio::sync::{broadcast, mpsc};
+
+use super::policy::HealthPolicy;
+use crate::backend::guest::GuestEndpoint;
+use crate::backend::Backends;
+use crate::events::AgentEvent;
+use crate::images::ImageCache;
+
+/// An instance task's environment: paths, timings, the backends, the image
+/// cache, where events go, and where the task tells its owner it has ended.
+#[derive(Clone)]
+pub struct InstanceEnv {
+    /// The agent's state directory (instances live in `instances/<id>/`,
+    /// guest sockets in `run/`).
+    pub state_dir: PathBuf,
+    /// The host vsock port the guest agent connects to.
+    pub guest_port: u32,
+    /// Health, restart and stop timings.
+    pub health: HealthPolicy,
+    /// VMMs, disks and guest channels.
+    pub backends: Backends,
+    /// Base images.
+    pub images: ImageCache,
+    /// Events for subscribers.
+    pub events: broadcast::Sender<AgentEvent>,
+    /// The ids of instances whose task removed them and ended.
+    pub ended: mpsc::UnboundedSender<String>,
+}
+
+impl std::fmt::Debug for InstanceEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InstanceEnv")
+            .field("state_dir", &self.state_dir)
+            .field("guest_port", &self.guest_port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InstanceEnv {
+    /// `<state>/instances/<id>`.
+    pub fn instance_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("instances").join(id)
+    }
+
+    /// Where instance `id`'s guest agent connects.
+    pub fn guest_endpoint(&self, id: &str, interval_ms: u32) -> GuestEndpoint {
+        GuestEndpoint {
+            uds_path: self.state_dir.join("run").join(format!("{id}.vsock")),
+            port: self.guest_port,
+            heartbeat_interval_ms: interval_ms,
+        }
+    }
+}
