@@ -280,8 +280,8 @@ pub fn prepare(step: &mut dyn FnMut(&str)) -> Result<AgentArtifacts, ScenarioErr
     step("static reddog-vmm");
     let vmm = artifacts::static_vmm()?;
     step("static reddog-agent and reddog");
-    let agent = artifacts::static_bin("agent", "reddog-agent")?;
-    let cli = artifacts::static_bin("agent", "reddog")?;
+    let agent = artifacts::static_bin("reddog-cli", "reddog-agent")?;
+    let cli = artifacts::static_bin("reddog-cli", "reddog")?;
     step("static agent-driver");
     let driver = artifacts::static_bin("testkit", "agent-driver")?;
     step("Debian's cloud kernel (apt, cached)");
