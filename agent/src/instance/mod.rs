@@ -23,6 +23,8 @@ pub mod policy;
 pub mod record;
 mod supervise;
 mod task;
+#[cfg(test)]
+mod tests;
 
 use std::sync::{Arc, Mutex};
 
