@@ -311,6 +311,59 @@ async fn a_flooding_guest_is_throttled_then_closed() {
     assert!(start.elapsed() >= Duration::from_millis(400));
 }
 
+/// A flood whose reads end mid-frame while it is throttled is cut off by the
+/// flood rule, not as "a frame stayed incomplete": frames keep completing, so
+/// the partial-frame clock starts again with each one.
+#[tokio::test]
+async fn a_throttled_flood_is_not_mistaken_for_an_incomplete_frame() {
+    let limits = GuestLimits {
+        // A read's worth of frames drains in less than the partial-frame
+        // limit, but the reads go on for much longer than it.
+        frames_per_sec: 500.0,
+        frame_burst: 10.0,
+        partial_frame_timeout: Duration::from_millis(200),
+        max_throttled: Duration::from_millis(1500),
+        ..GuestLimits::default()
+    };
+    let mut t = open(limits).await;
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    let writer = tokio::spawn(async move {
+        // Frames written in chunks that straddle frame boundaries, so what
+        // the host has read ends inside a frame most of the time.
+        let mut bytes = Vec::new();
+        for seq in 0..50_000 {
+            bytes.extend_from_slice(&heartbeat(seq));
+        }
+        for chunk in bytes.chunks(37) {
+            if s.write_all(chunk).await.is_err() {
+                break;
+            }
+        }
+    });
+    let start = std::time::Instant::now();
+    loop {
+        if let GuestEvent::Disconnected {
+            reason,
+            misbehaving,
+        } = next(&mut t.link).await
+        {
+            assert!(
+                misbehaving && reason.contains("frames per second"),
+                "closed for the wrong reason after {:?}: {reason}",
+                start.elapsed()
+            );
+            break;
+        }
+    }
+    assert!(start.elapsed() >= Duration::from_millis(1400));
+    writer.abort();
+}
+
 #[tokio::test]
 async fn one_guest_flooding_does_not_delay_another() {
     let limits = GuestLimits {

@@ -291,9 +291,14 @@ impl<'a> Conn<'a> {
         let mut partial_since: Option<Instant> = None;
         loop {
             // Drain every complete frame, paying for each with a token.
+            let mut completed = false;
             loop {
                 let step = match dec.next_frame::<GuestMsg>() {
                     Decoded::NeedMore { .. } => break,
+                    Decoded::Frame { frame, .. } => {
+                        completed = true;
+                        self.on_frame(frame)
+                    }
                     Decoded::Error { error, recovery } => {
                         if recovery.lost_sync() {
                             return End::Misbehaving(format!("framing error: {error}"));
@@ -304,7 +309,6 @@ impl<'a> Conn<'a> {
                             None => continue,
                         }
                     }
-                    Decoded::Frame { frame, .. } => self.on_frame(frame),
                 };
                 let step = match step {
                     Ok(s) => s,
@@ -355,8 +359,13 @@ impl<'a> Conn<'a> {
                 self.logs_dropped = 0;
                 self.logs_dropped_reported = Instant::now();
             }
+            // The partial-frame clock times one frame: it starts again when
+            // a frame completed (a throttled flood whose reads end mid-frame
+            // is the flood rule's business, not this one's).
             if dec.is_empty() {
                 partial_since = None;
+            } else if completed {
+                partial_since = Some(Instant::now());
             } else {
                 partial_since.get_or_insert_with(Instant::now);
             }
