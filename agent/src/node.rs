@@ -577,6 +577,7 @@ impl Agent {
                 since_unix_ms: s.since_unix_ms,
                 last_heartbeat_unix_ms: s.last_heartbeat_unix_ms,
                 restarts: s.restarts,
+                guest_misbehaviours: s.guest_misbehaviours,
                 role_state: s.role,
                 last_error: s.last_error,
             })

@@ -24,6 +24,10 @@ pub struct InstanceSummary {
     pub last_heartbeat_unix_ms: Option<u64>,
     /// Restarts.
     pub restarts: u32,
+    /// Times the guest side misbehaved (see
+    /// [`crate::InstanceStatus::guest_misbehaviours`]).
+    #[serde(default)]
+    pub guest_misbehaviours: u32,
     /// The role's state, as the guest reports it.
     pub role_state: Option<RoleStatus>,
     /// The last error, if any.
@@ -148,6 +152,16 @@ pub fn prometheus(r: &NodeReport, up: Option<UpstreamStats>) -> String {
             escape_label(&i.id),
             escape_label(&i.role),
             i.restarts
+        );
+    }
+    let _ = writeln!(o, "# HELP reddog_instance_guest_misbehaviours_total Guest connections closed for misbehaviour, and hellos with a new boot id from a VM that did not restart.\n# TYPE reddog_instance_guest_misbehaviours_total counter");
+    for i in &r.instances {
+        let _ = writeln!(
+            o,
+            "reddog_instance_guest_misbehaviours_total{{instance=\"{}\",role=\"{}\"}} {}",
+            escape_label(&i.id),
+            escape_label(&i.role),
+            i.guest_misbehaviours
         );
     }
     if let Some(u) = up {

@@ -1058,3 +1058,37 @@ async fn a_boot_seen_while_paused_is_where_the_instance_resumes() {
     assert_eq!(s.state, Booted, "{:#?}", s.history);
     assert_eq!(s.boot_time_us, Some(999));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_new_boot_id_from_the_same_vmm_is_counted_as_misbehaviour() {
+    let h = harness().await;
+    h.agent
+        .apply_goal(h.goal(1, &["web-1"]))
+        .await
+        .expect("apply");
+    let s = h.wait_state("web-1", Ready).await;
+    assert_eq!(s.guest_misbehaviours, 0);
+    let pid = s.vmm_pid;
+    let mut events = h.agent.subscribe();
+    h.guests.impostor_hello("web-1");
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Ok(AgentEvent::GuestMisbehaved { instance, reason })) => {
+                assert_eq!(instance, "web-1");
+                break reason;
+            }
+            Ok(Ok(_)) => {}
+            other => panic!("no misbehaviour reported: {other:?}"),
+        }
+    };
+    assert!(reason.contains("new boot id"), "{reason}");
+    let s = h.agent.instance("web-1").expect("instance");
+    assert_eq!(s.guest_misbehaviours, 1);
+    assert_eq!(s.vmm_pid, pid, "the VMM is not restarted for it");
+    let report = h.agent.node_report();
+    assert_eq!(report.instances[0].guest_misbehaviours, 1);
+    assert!(h
+        .agent
+        .metrics()
+        .contains("reddog_instance_guest_misbehaviours_total{instance=\"web-1\",role=\"web\"} 1"));
+}

@@ -548,6 +548,7 @@ struct GuestsState {
     opens: BTreeMap<String, usize>,
     commands: Vec<(String, HostCommand)>,
     launcher: Option<FakeLauncher>,
+    impostors: std::collections::BTreeSet<String>,
 }
 
 /// A fake [`GuestChannel`]: a scripted guest per instance, heartbeating on
@@ -574,6 +575,7 @@ impl FakeGuests {
                 opens: BTreeMap::new(),
                 commands: Vec::new(),
                 launcher: None,
+                impostors: Default::default(),
             })),
         }
     }
@@ -594,6 +596,12 @@ impl FakeGuests {
     /// Sets one instance's guest behaviour (takes effect at its next beat).
     pub fn set(&self, instance: &str, b: GuestBehaviour) {
         lock(&self.st).per.insert(instance.into(), b);
+    }
+
+    /// At `instance`'s next beat, a `Hello` with another boot id arrives on
+    /// its link, as when a second connection stands in for the guest.
+    pub fn impostor_hello(&self, instance: &str) {
+        lock(&self.st).impostors.insert(instance.into());
     }
 
     /// Commands the agent sent to `instance`'s guest.
@@ -667,6 +675,15 @@ impl GuestChannel for FakeGuests {
                         let paused = lock(&me.st).launcher.as_ref().is_some_and(|l| l.is_paused(&id));
                         if paused {
                             continue;
+                        }
+                        if lock(&me.st).impostors.remove(&id) {
+                            let hello = GuestEvent::Hello {
+                                boot_id: [0xee; 16],
+                                version: 1,
+                                capabilities: caps,
+                                agent_version: "impostor 0".into(),
+                            };
+                            if ev_tx.send(hello).await.is_err() { return; }
                         }
                         let role = match me.behaviour(&id) {
                             GuestBehaviour::Healthy => RoleStatus::Ready,

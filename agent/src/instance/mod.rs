@@ -120,6 +120,11 @@ pub struct InstanceStatus {
     pub restarts: u32,
     /// Failures inside the crash-loop window.
     pub recent_failures: u32,
+    /// Times the guest side misbehaved since the agent started: a connection
+    /// closed for breaking the protocol or its limits, or a `Hello` with a
+    /// new boot id while the same VMM runs (under reddog-vmm a guest reboot
+    /// is a new VMM, so that is another connection claiming to be the guest).
+    pub guest_misbehaviours: u32,
     /// The last sign of life from the guest (ms since the Unix epoch).
     pub last_heartbeat_unix_ms: Option<u64>,
     /// The last heartbeat's sequence number.
@@ -268,6 +273,7 @@ pub(crate) fn new_shared(spec: &InstanceSpec, history: Vec<Transition>) -> Share
             since_unix_ms: lifecycle.since_unix_ms(),
             restarts: 0,
             recent_failures: 0,
+            guest_misbehaviours: 0,
             last_heartbeat_unix_ms: None,
             heartbeat_seq: None,
             role: None,

@@ -279,6 +279,12 @@ impl Runner {
                 *last_life = Some(now);
                 self.guest_connected = true;
                 let rebooted = self.boot_id.is_some_and(|b| b != boot_id);
+                if rebooted {
+                    self.misbehaved(format!(
+                        "a Hello with a new boot id ({}) while the same VMM runs: another connection claims to be the guest",
+                        boot_id_hex(&boot_id)
+                    ));
+                }
                 self.boot_id = Some(boot_id);
                 self.guest_caps = capabilities;
                 let info = GuestInfo {
@@ -360,12 +366,19 @@ impl Runner {
             } => {
                 self.guest_connected = false;
                 if misbehaving {
-                    let _ = self.env.events.send(AgentEvent::GuestMisbehaved {
-                        instance: self.id.clone(),
-                        reason,
-                    });
+                    self.misbehaved(reason);
                 }
             }
         }
+    }
+
+    /// Counts and announces a misbehaviour of the guest side.
+    fn misbehaved(&self, reason: String) {
+        tracing::warn!(instance = %self.id, %reason, "the guest misbehaved");
+        self.update(|s| s.guest_misbehaviours = s.guest_misbehaviours.saturating_add(1));
+        let _ = self.env.events.send(AgentEvent::GuestMisbehaved {
+            instance: self.id.clone(),
+            reason,
+        });
     }
 }

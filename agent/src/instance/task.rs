@@ -317,7 +317,8 @@ impl Runner {
                 Desired::Removed => {
                     if let Some(h) = adopted.take() {
                         self.go(InstanceState::Stopping, "removed from the goal state");
-                        self.stop_vmm(h, None).await;
+                        let link = self.reconnect_guest().await;
+                        self.stop_vmm(h, link).await;
                     }
                     if self.state() != InstanceState::Stopped {
                         self.go(InstanceState::Stopped, "removed from the goal state");
@@ -723,11 +724,39 @@ impl Runner {
         self.set_vmm(None);
     }
 
+    /// For a re-adopted VMM about to be stopped: listens for its guest agent,
+    /// which reconnects within a heartbeat interval of the agent's restart,
+    /// so the guest can be asked to shut down itself; `None` when it does not
+    /// say hello in time (at most half the stop grace).
+    async fn reconnect_guest(&mut self) -> Option<GuestLink> {
+        let mut link = self.open_link().await?;
+        let within = (Duration::from_millis(u64::from(self.spec.heartbeat_interval_ms))
+            + Duration::from_secs(1))
+        .min(self.env.health.stop_grace / 2);
+        let hello = tokio::time::timeout(within, async {
+            while let Some(ev) = link.events.recv().await {
+                if let GuestEvent::Hello { capabilities, .. } = ev {
+                    return Some(capabilities);
+                }
+            }
+            None
+        })
+        .await;
+        match hello {
+            Ok(Some(caps)) => {
+                self.guest_caps = caps;
+                Some(link)
+            }
+            _ => None,
+        }
+    }
+
     /// Stops a VMM: the guest's own shutdown if it can, then SIGTERM (or the
     /// control socket), then SIGKILL.
     async fn stop_vmm(&mut self, mut handle: Box<dyn VmmHandle>, link: Option<GuestLink>) {
         let grace = self.env.health.stop_grace;
         let half = grace / 2;
+        let started = Instant::now();
         let mut exit = None;
         // A parked guest cannot shut down: let it run first. Also when the
         // agent does not know it is paused (a VMM re-adopted paused, stopped
@@ -753,7 +782,11 @@ impl Runner {
             exit = tokio::time::timeout(half, handle.wait()).await.ok();
         }
         if exit.is_none() {
-            tracing::warn!(instance = %self.id, "the VMM did not stop within {grace:?}; killing it");
+            tracing::warn!(
+                instance = %self.id,
+                "the VMM did not stop within {:?} of being asked; killing it",
+                started.elapsed()
+            );
             if let Err(e) = handle.stop(StopMode::Force).await {
                 tracing::warn!(instance = %self.id, "{e}");
             }
