@@ -89,6 +89,7 @@ impl Qcow2Disk {
             .open(path)
             .ctx_path(op, path)?;
         let header = meta::read_header(&file).map_err(|e| e.with_path(path))?;
+        meta::check_supported_features(&header).map_err(|e| e.with_path(path))?;
         if header.incompatible & meta::INCOMPAT_DATA_FILE != 0 {
             return Err(err(
                 ErrorKind::Unsupported,
