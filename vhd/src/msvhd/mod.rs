@@ -33,6 +33,7 @@ pub use header::{DynHeader, ParentLocator};
 pub use layout::{info, VhdInfo};
 
 use crate::error::{err, DiskError, ErrorKind, IoContext, Result};
+use crate::util::{lock_writable, WriteLock};
 use crate::{DiskImage, OpenOptions};
 use footer::vhd_time;
 use layout::{parse, Parsed};
@@ -70,6 +71,8 @@ pub struct VhdDisk {
     /// Unit tests only: every file write and sync, in order, once started.
     #[cfg(test)]
     journal: Mutex<Option<Vec<IoEvent>>>,
+    /// Held while open writable (declared last: released after the file is closed).
+    _lock: Option<WriteLock>,
 }
 
 /// A write to the image file or a sync of it (recorded by unit tests, which replay them to
@@ -98,6 +101,9 @@ impl VhdDisk {
     /// `opts.backing`; the parent's unique ID and timestamp must match what the image records.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
         let op = "open vhd image";
+        let lock = (!opts.read_only)
+            .then(|| lock_writable(path, op))
+            .transpose()?;
         let file = FsOpenOptions::new()
             .read(true)
             .write(!opts.read_only)
@@ -146,6 +152,7 @@ impl VhdDisk {
             parent,
             #[cfg(test)]
             journal: Mutex::new(None),
+            _lock: lock,
         })
     }
 
