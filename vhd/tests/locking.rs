@@ -17,9 +17,16 @@ fn second_writable_open_refused(format: Format) {
     let e = vhd::open(&img, format, OpenOptions::read_write()).expect_err("second writable open");
     assert_eq!(e.kind(), ErrorKind::Locked, "{format}: {e}");
     let msg = e.to_string();
-    let want = format!("disk {} is in use by another process (locked)", img.display());
+    let want = format!(
+        "disk {} is in use by another process (locked)",
+        img.display()
+    );
     assert!(msg.contains(&want), "{format}: {msg:?} lacks {want:?}");
-    assert_eq!(std::fs::read(&img).unwrap(), before, "{format}: the refused open wrote");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "{format}: the refused open wrote"
+    );
 
     // Read-only opens take no lock: they work beside the writer and see its flushed data.
     let ro = vhd::open(&img, format, OpenOptions::read_only()).expect("read-only beside");
