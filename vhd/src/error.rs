@@ -33,6 +33,9 @@ pub enum ErrorKind {
     BackingMismatch,
     /// The file claims a structure larger than this layer accepts.
     TooLarge,
+    /// A writable open found the image locked: another process (or another open in this
+    /// one) has it open writable.
+    Locked,
 }
 
 impl fmt::Display for ErrorKind {
@@ -50,6 +53,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::BackingRequired => "backing image required",
             ErrorKind::BackingMismatch => "backing image mismatch",
             ErrorKind::TooLarge => "too large",
+            ErrorKind::Locked => "in use",
         };
         f.write_str(s)
     }

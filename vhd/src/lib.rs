@@ -5,6 +5,16 @@
 //! is advisory only. A backing (parent) image is never looked up from a name stored inside
 //! an image: the caller opens the base read-only and hands it in through
 //! [`OpenOptions::backing`]. See `docs/disks.md`.
+//!
+//! **The crate's rules.** It owns the on-disk formats (parsing, validation, I/O, creation,
+//! `check`, `convert`), the exclusive lock on every writable image, the ext4 resource and
+//! role disks (through the e2fsprogs tools) and the `reddog-image` command line ([`cli`]).
+//! It is synchronous and self-contained: it may depend on `imago` (the `sync` build only),
+//! `nix` (fallocate, flock), `thiserror`, `tracing`, and, for the command line alone, `clap`,
+//! `anyhow` and `tracing-subscriber`. It must not depend on KVM, vm-memory or any other
+//! rust-vmm crate, on tokio or any async runtime, on serde/serde_json, or on another reddog
+//! crate: reddog-vmm and the agent use it, never the reverse. Everything read from an image
+//! is hostile input: no panics, no unbounded allocations, no `unsafe` (forbidden below).
 #![forbid(unsafe_code)]
 
 use std::any::Any;

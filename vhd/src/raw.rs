@@ -1,7 +1,7 @@
 //! Raw images: the file's bytes are the disk's bytes.
 
 use crate::error::{err, DiskError, ErrorKind, IoContext, Result};
-use crate::util::{check_bounds, check_writable, file_len, ZERO_CHUNK};
+use crate::util::{check_bounds, check_writable, file_len, lock_writable, WriteLock, ZERO_CHUNK};
 use crate::{DiskImage, Format, MAX_DISK_SIZE};
 use nix::fcntl::{fallocate, FallocateFlags};
 use std::any::Any;
@@ -16,6 +16,8 @@ pub struct RawDisk {
     path: PathBuf,
     size: u64,
     read_only: bool,
+    /// Held while open writable (declared last: released after the file is closed).
+    _lock: Option<WriteLock>,
 }
 
 /// Creates a sparse raw image of `size` bytes; fails if `path` exists.
@@ -49,6 +51,7 @@ impl RawDisk {
     /// Opens an existing raw image; its size is the file's length.
     pub fn open(path: &Path, read_only: bool) -> Result<Self> {
         let op = "open raw image";
+        let lock = (!read_only).then(|| lock_writable(path, op)).transpose()?;
         let file = OpenOptions::new()
             .read(true)
             .write(!read_only)
@@ -60,6 +63,7 @@ impl RawDisk {
             path: path.to_path_buf(),
             size,
             read_only,
+            _lock: lock,
         })
     }
 

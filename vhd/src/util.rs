@@ -2,6 +2,8 @@
 
 use crate::error::{err, DiskError, ErrorKind, IoContext, Result};
 use crate::Format;
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -133,4 +135,35 @@ pub(crate) fn probe(path: &Path) -> Result<Format> {
         }
     }
     Ok(Format::Raw)
+}
+
+/// The exclusive advisory lock of an image opened writable (`flock(LOCK_EX | LOCK_NB)` on a
+/// descriptor of its own, kept open as long as the image): a second writable open of the
+/// same file, from this process or another, is refused. Released when dropped.
+pub(crate) struct WriteLock(#[allow(dead_code)] Flock<File>);
+
+impl std::fmt::Debug for WriteLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteLock")
+    }
+}
+
+/// Takes the exclusive lock of `path` before it is opened writable; fails at once with
+/// [`ErrorKind::Locked`] if another writable open holds it.
+pub(crate) fn lock_writable(path: &Path, op: &'static str) -> Result<WriteLock> {
+    let f = File::open(path).ctx_path(op, path)?;
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(WriteLock(l)),
+        Err((_, Errno::EWOULDBLOCK)) => Err(err(
+            ErrorKind::Locked,
+            op,
+            format!(
+                "disk {} is in use by another process (locked): another VMM or tool has it open \
+                 writable; stop it first, or open the disk read-only",
+                path.display()
+            ),
+        )
+        .with_path(path)),
+        Err((_, e)) => Err(DiskError::io(op, std::io::Error::from(e)).with_path(path)),
+    }
 }

@@ -7,7 +7,7 @@
 //! show one of the states it went through (never anything else).
 //!
 //! (The power-loss variant, where writes not yet synced are dropped in any combination, is a
-//! unit test next to the code: `msvhd_power_loss.rs`, since it needs to see every file
+//! unit test next to the code: `src/msvhd/power_loss.rs`, since it needs to see every file
 //! write the disk layer makes.)
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -329,6 +329,8 @@ fn virtio_mmio_devices_can_be_listed_on_the_command_line() {
     std::fs::write(&raw, vec![0u8; 1 << 20]).expect("write");
     let k = test_guest::elf_path().to_str().expect("utf-8");
     let disk = format!("path={},format=raw", raw.display());
+    // The second attachment is read-only: a disk is writable through one open only.
+    let disk_ro = format!("{disk},ro");
     let run = vmm(&[
         "--kernel",
         k,
@@ -337,7 +339,7 @@ fn virtio_mmio_devices_can_be_listed_on_the_command_line() {
         "--disk",
         &disk,
         "--disk",
-        &disk,
+        &disk_ro,
         "--virtio-mmio-cmdline",
     ]);
     assert_eq!(run.status, 0, "{}", run.describe());

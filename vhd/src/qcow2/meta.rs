@@ -56,6 +56,8 @@ pub struct Header {
     pub compatible: u64,
     /// log2 of the refcount width in bits.
     pub refcount_order: u32,
+    /// Compression type (v3 header byte 104; 0 = zlib, 1 = zstd).
+    pub compression_type: u8,
     /// Length of the image file.
     pub file_len: u64,
 }
@@ -207,6 +209,7 @@ pub fn read_header(f: &File) -> Result<Header> {
         incompatible,
         compatible,
         refcount_order,
+        compression_type: 0,
         file_len,
     };
     if u64::from(l1_size) > MAX_L1_ENTRIES {
@@ -231,8 +234,13 @@ pub fn read_header(f: &File) -> Result<Header> {
     }
     check_table(reftable_offset, rt_bytes, cs, file_len, "refcount table")?;
 
-    // Backing file name.
     let mut hdr = hdr;
+    if version == 3 && header_length > 104 {
+        let mut ct = [0u8; 1];
+        read_exact(f, &mut ct, 104, op, "compression type")?;
+        hdr.compression_type = ct[0];
+    }
+    // Backing file name.
     let bf_off = be64(&h, 8);
     let bf_len = be32(&h, 16);
     if bf_off != 0 && bf_len != 0 {
@@ -302,16 +310,51 @@ fn check_table(offset: u64, len: u64, cs: u64, file_len: u64, what: &str) -> Res
     }
 }
 
-/// Refuses images whose metadata we must not write to.
-pub(crate) fn check_writable_features(h: &Header) -> Result<()> {
-    let op = "open qcow2 image for writing";
-    if h.incompatible & INCOMPAT_DIRTY != 0 {
+/// How to turn an image this crate cannot open into one it can.
+const CONVERT_HINT: &str = "make a usable copy with `qemu-img convert -O qcow2 -o \
+     extended_l2=off,compression_type=zlib IN OUT`";
+
+/// Refuses, at any open, valid images using features imago 0.2.6 cannot read: extended L2
+/// entries, a compression type other than zlib, and the dirty bit (imago refuses every
+/// incompatible feature bit but the external data file at load, even read-only).
+pub(crate) fn check_supported_features(h: &Header) -> Result<()> {
+    let op = "open qcow2 image";
+    if h.incompatible & INCOMPAT_EXTL2 != 0 {
         return Err(err(
-            ErrorKind::Corrupt,
+            ErrorKind::Unsupported,
             op,
-            "the image is marked dirty (its refcounts may be stale); run `qemu-img check -r all` on it first",
+            format!("images with extended L2 entries (extended_l2=on) are not supported; {CONVERT_HINT}"),
         ));
     }
+    if h.incompatible & INCOMPAT_COMPRESSION != 0 {
+        return Err(err(
+            ErrorKind::Unsupported,
+            op,
+            format!(
+                "images with {} compression are not supported (only zlib); {CONVERT_HINT}",
+                match h.compression_type {
+                    1 => "zstd".to_string(),
+                    t => format!("type {t}"),
+                }
+            ),
+        ));
+    }
+    if h.incompatible & INCOMPAT_DIRTY != 0 {
+        return Err(err(
+            ErrorKind::Unsupported,
+            op,
+            "the image is marked dirty (a writer with lazy refcounts stopped without closing \
+             it; its data is intact but its refcounts may be stale) and cannot be opened, not \
+             even read-only; repair it with `qemu-img check -r all IMAGE`, then open it again",
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses images whose metadata we must not write to (dirty ones are refused at any open,
+/// by [`check_supported_features`]).
+pub(crate) fn check_writable_features(h: &Header) -> Result<()> {
+    let op = "open qcow2 image for writing";
     if h.incompatible & INCOMPAT_CORRUPT != 0 {
         return Err(err(
             ErrorKind::Corrupt,

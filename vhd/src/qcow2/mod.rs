@@ -5,7 +5,7 @@ pub mod meta;
 
 use crate::error::{err, DiskError, ErrorKind, IoContext, Result};
 use crate::raw::{check_create_size, RawDisk};
-use crate::util::{check_bounds, check_writable, ZERO_CHUNK};
+use crate::util::{check_bounds, check_writable, lock_writable, WriteLock, ZERO_CHUNK};
 use crate::{BaseRef, DiskImage, Format, OpenOptions};
 use imago::file::File as ImagoFile;
 use imago::qcow2::Qcow2;
@@ -30,6 +30,8 @@ pub struct Qcow2Disk {
     header: Header,
     /// Keeps the base alive for as long as the overlay.
     _backing: Option<Arc<dyn DiskImage>>,
+    /// Held while open writable (declared last: released after imago closes the file).
+    _lock: Option<WriteLock>,
 }
 
 impl std::fmt::Debug for Qcow2Disk {
@@ -83,12 +85,16 @@ impl Qcow2Disk {
     /// the base (opened read-only); the recorded name is never followed.
     pub fn open(path: &Path, opts: OpenOptions) -> Result<Self> {
         let op = "open qcow2 image";
+        let lock = (!opts.read_only)
+            .then(|| lock_writable(path, op))
+            .transpose()?;
         let file = FsOpenOptions::new()
             .read(true)
             .write(!opts.read_only)
             .open(path)
             .ctx_path(op, path)?;
         let header = meta::read_header(&file).map_err(|e| e.with_path(path))?;
+        meta::check_supported_features(&header).map_err(|e| e.with_path(path))?;
         if header.incompatible & meta::INCOMPAT_DATA_FILE != 0 {
             return Err(err(
                 ErrorKind::Unsupported,
@@ -162,6 +168,7 @@ impl Qcow2Disk {
             read_only: opts.read_only,
             header,
             _backing: opts.backing,
+            _lock: lock,
         })
     }
 

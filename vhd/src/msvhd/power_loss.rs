@@ -19,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
+use crate::{BaseRef, Format};
 use std::collections::BTreeMap;
 
 const MIB: u64 = 1 << 20;
