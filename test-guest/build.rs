@@ -1,6 +1,7 @@
 //! Builds the test guest from `guest/` with gcc and GNU binutils:
 //!
-//! 1. compile `entry.S`, `main.c` and `agent.c` once;
+//! 1. compile `entry.S`, `main.c` and `agent.c` once, with reddog-vmm's
+//!    virtio-mmio layout (`vmm_api::platform::mmio`) as `-D` definitions;
 //! 2. link them twice with `guest.ld.S` (run through the preprocessor): with the
 //!    PVH note (`test-guest-pvh.elf`) and without (`test-guest-nopvh.elf`);
 //! 3. `objcopy -O binary` the note-less ELF into a flat payload and put a Linux
@@ -93,12 +94,14 @@ fn build() -> Result<()> {
     check_tool(&tools.cc)?;
 
     let include = format!("-I{}", src.display());
+    let layout = mmio_layout_defines();
     let mut objects = Vec::new();
     for source in SOURCES {
         let object = out.join(Path::new(source).with_extension("o"));
         let mut cmd = Command::new(&tools.cc);
         cmd.args(CFLAGS)
             .arg(&include)
+            .args(&layout)
             .arg("-c")
             .arg(src.join(source))
             .arg("-o")
@@ -150,6 +153,18 @@ fn build() -> Result<()> {
     let bzimage_path = out.join("test-guest.bzImage");
     fs::write(&bzimage_path, bzimage)
         .map_err(|e| format!("writing {}: {e}", bzimage_path.display()))
+}
+
+/// reddog-vmm's virtio-mmio layout, the contract in `vmm_api::platform::mmio`,
+/// as preprocessor definitions for the guest's vsock agent (`guest/agent.c`).
+fn mmio_layout_defines() -> Vec<String> {
+    use vmm_api::platform::mmio;
+    vec![
+        format!("-DVMM_MMIO_BASE={:#x}ull", mmio::BASE),
+        format!("-DVMM_MMIO_WINDOW={:#x}", mmio::WINDOW_SIZE),
+        format!("-DVMM_FIRST_GSI={}", mmio::FIRST_GSI),
+        format!("-DVMM_MMIO_MAX_DEVICES={}", mmio::MAX_DEVICES),
+    ]
 }
 
 fn check_tool(cc: &str) -> Result<()> {

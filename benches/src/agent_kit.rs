@@ -28,21 +28,21 @@ use agent::{
 use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use guest_proto::{Decoded, Frame, GuestMsg, HostMsg, StreamDecoder, MAX_FRAME_LEN};
+use testkit::test_guest::Cmdline;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
-/// The test guest's command line: its vsock window comes after the three
-/// disks (OS, resource, role), as in `agent/tests/e2e_kvm.rs`.
-pub const GUEST_CMDLINE: &str = "quiet exit=acpi smp=0 vsock=0xd0003000 agent_port={vsock_port}";
-
-/// Fails (never skips) without a usable /dev/kvm.
-pub fn require_kvm() -> Result<()> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .map(drop)
-        .context("these benchmarks need /dev/kvm (read/write)")
+/// The test guest's command line (a launcher template): its vsock window
+/// comes after the three disks (OS, resource, role), as in
+/// `agent/tests/e2e_kvm.rs`.
+pub fn guest_cmdline() -> String {
+    Cmdline::new()
+        .quiet()
+        .exit_acpi()
+        .no_smp()
+        .vsock_for_disks(3)
+        .agent_port_template()
+        .to_string()
 }
 
 /// `--vmm PATH`, or `reddog-vmm` next to this binary, or the static build
@@ -279,7 +279,7 @@ impl KvmAgent {
         cfg.health.boot_timeout = opts.boot_timeout;
         cfg.event_capacity = 16_384;
         let mut launcher = ProcessLauncherConfig::new(&opts.vmm, test_guest::elf_path());
-        launcher.cmdline = GUEST_CMDLINE.into();
+        launcher.cmdline = guest_cmdline();
         let seams = SeamLog::default();
         let backends = Backends {
             launcher: Arc::new(TimedLauncher {

@@ -1,5 +1,15 @@
 //! Shared pieces of reddog's benchmarks: spawning a VMM and timing it from the
 //! outside, and summarising samples.
+//!
+//! # Crate rules
+//!
+//! - **Owns** the benchmark binaries and what they share (timing, summaries,
+//!   [`agent_kit`]); nothing here is linked by another crate.
+//! - **May depend on** anything in the workspace it measures (the `agent`
+//!   library in-process, `vmm-api`, `vhd`, `guest-proto`), `testkit` (the KVM
+//!   check, the test guest's command line) and `tokio` for the agent benchmarks.
+//! - **Must not** be a dependency of any other crate, nor reach into the VMM's
+//!   internals: the VMM is measured as the `reddog-vmm` process.
 
 // `wait4` (for the child's peak RSS) is a raw syscall.
 #![allow(unsafe_code)]

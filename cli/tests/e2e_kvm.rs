@@ -25,18 +25,18 @@ use agent::{
     Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
 };
 use async_trait::async_trait;
+use testkit::kvm::require_kvm;
+use testkit::test_guest::{Cmdline, Exit, HbMode};
 
-/// The test guest's vsock window: after the three disks (OS, resource, role).
-const VSOCK_BASE: &str = "0xd0003000";
-
-fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs /dev/kvm (read/write): {e}. KVM tests do not skip");
-    }
+/// The test guest as the agent launches it: quiet, its vsock agent on the
+/// window after the three disks (OS, resource, role), on the instance's port.
+fn guest_cmdline() -> Cmdline {
+    Cmdline::new()
+        .quiet()
+        .exit_acpi()
+        .no_smp()
+        .vsock_for_disks(3)
+        .agent_port_template()
 }
 
 /// Picks the guest's behaviour from the instance id's first word
@@ -50,15 +50,16 @@ impl ModeLauncher {
     fn new(vmm: &Path) -> Self {
         let mut by_mode = HashMap::new();
         for (mode, extra) in [
-            ("ok", "hb_mode=normal"),
-            ("silent", "hb_mode=silent"),
-            ("crash", "hb_mode=crash crash_after=2"),
-            ("garbage", "hb_mode=garbage"),
+            ("ok", Cmdline::new().hb_mode(HbMode::Normal)),
+            ("silent", Cmdline::new().hb_mode(HbMode::Silent)),
+            (
+                "crash",
+                Cmdline::new().hb_mode(HbMode::Crash).crash_after(2),
+            ),
+            ("garbage", Cmdline::new().hb_mode(HbMode::Garbage)),
         ] {
             let mut cfg = ProcessLauncherConfig::new(vmm, test_guest::elf_path());
-            cfg.cmdline = format!(
-                "quiet exit=acpi smp=0 vsock={VSOCK_BASE} agent_port={{vsock_port}} {extra}"
-            );
+            cfg.cmdline = guest_cmdline().extend(&extra).to_string();
             by_mode.insert(mode, ProcessLauncher::new(cfg));
         }
         Self { by_mode }
@@ -444,7 +445,7 @@ async fn a_silent_guest_is_restarted_a_crash_loop_fails_and_a_hostile_guest_is_c
 }
 
 fn start_daemon(state: &Path, sock: &Path, vmm: &Path, log: &Path) -> Daemon {
-    let cmdline = format!("quiet exit=acpi smp=0 vsock={VSOCK_BASE} agent_port={{vsock_port}}");
+    let cmdline = guest_cmdline().to_string();
     let log = std::fs::File::create(log).expect("log file");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_reddog-agent"))
         .args([
@@ -603,7 +604,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         .tempdir_in("/tmp")
         .expect("tempdir");
     let mut cfg = ProcessLauncherConfig::new(&vmm, test_guest::elf_path());
-    cfg.cmdline = "quiet exit=hang smp=0".into();
+    cfg.cmdline = Cmdline::new().quiet().exit(Exit::Hang).no_smp().to_string();
     assert!(cfg.control_socket, "VMMs get a control socket by default");
     let spec = LaunchSpec {
         instance_id: "acpi-1".into(),

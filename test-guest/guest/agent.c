@@ -138,10 +138,12 @@
 #define VEC_SPURIOUS 0x2f
 #define IDT_ENTRIES 0x30
 
-/* Where virtio-mmio windows start in reddog-vmm, and their first GSI. */
-#define VMM_MMIO_BASE 0xd0000000ull
-#define VMM_MMIO_WINDOW 0x1000
-#define VMM_FIRST_GSI 5
+/* reddog-vmm's virtio-mmio layout (vmm_api::platform::mmio): build.rs passes
+ * VMM_MMIO_BASE, VMM_MMIO_WINDOW, VMM_FIRST_GSI and VMM_MMIO_MAX_DEVICES from it. */
+#if !defined(VMM_MMIO_BASE) || !defined(VMM_MMIO_WINDOW) || !defined(VMM_FIRST_GSI) || \
+	!defined(VMM_MMIO_MAX_DEVICES)
+#error "build.rs passes the virtio-mmio layout (VMM_MMIO_*, VMM_FIRST_GSI)"
+#endif
 
 /* --- shared with entry.S ------------------------------------------------------ */
 
@@ -1370,7 +1372,7 @@ void agent_main(const struct agent_options *o, u64 usable_ram_bytes, int quiet)
 	a->free_kib = usable_ram_bytes / 1024;
 	a->backoff_ms = BACKOFF_MIN_MS;
 	a->local_port = FIRST_LOCAL_PORT - 1;
-	if (a->base < VMM_MMIO_BASE || (a->base - VMM_MMIO_BASE) / VMM_MMIO_WINDOW > 18) {
+	if (a->base < VMM_MMIO_BASE || (a->base - VMM_MMIO_BASE) / VMM_MMIO_WINDOW >= VMM_MMIO_MAX_DEVICES) {
 		fail("vsock-address"); /* not one of reddog-vmm's virtio-mmio windows */
 		return;
 	}

@@ -6,6 +6,17 @@
 //! - [`elf_path`]: ELF64 with a Xen PVH note (32-bit PVH entry), `e_entry` = 64-bit entry;
 //! - [`elf_nopvh_path`]: the same ELF64 without the note (64-bit entry, `boot_params` in rsi);
 //! - [`bzimage_path`]: a Linux bzImage (64-bit boot protocol, entry at 1 MiB + 0x200).
+//!
+//! Its command line is built with `testkit::test_guest::Cmdline`.
+//!
+//! # Crate rules
+//!
+//! - **Owns** the guest's C and assembly sources and their build; the library
+//!   only hands out the paths of the built images.
+//! - **May depend on** `vmm-api`, at build time only, for the guest-visible
+//!   platform it must agree with (the virtio-mmio layout).
+//! - **Must not depend on** anything at run time: tests of every crate link
+//!   it, so it stays a leaf (no `vmm`, no `agent`, no `tokio`).
 
 use std::path::Path;
 

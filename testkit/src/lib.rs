@@ -10,14 +10,34 @@
 //!   unmodified Linux guests with reddog-vmm on hosts whose own KVM cannot.
 //! - [`agent_scenario`]: the whole host agent with real Debian guests, in the
 //!   nested machine or on this host's KVM (the nested agent test, the demo).
+//! - [`kvm`]: the one KVM check of the KVM tests and benchmarks (they fail,
+//!   never skip, and say what is missing).
+//! - [`test_guest`]: the tiny test guest's kernel command line, built from its
+//!   options and the VMM's virtio-mmio layout.
+//!
+//! # Crate rules
+//!
+//! - **Owns** what tests and benchmarks share: artifacts, the nested tier,
+//!   the KVM check, the test guest's command line, and the workspace's
+//!   dependency rules (`tests/dependency_rules.rs`).
+//! - **May depend on** the contracts and libraries below the agent
+//!   (`vmm-api`, `guest-proto`, `guest-image`) and small synchronous crates.
+//!   The host agent is driven as a separate binary (`agent-driver`, the
+//!   `reddog-agent` daemon), never linked.
+//! - **Must not depend on** `agent`, `vmm` or an async runtime (`tokio`): the
+//!   agent's and the VMM's own tests use this crate, so it must stay light and
+//!   below both.
 
 pub mod agent_scenario;
 pub mod artifacts;
 pub mod guest;
+pub mod kvm;
 pub mod nested;
 pub mod os_image;
+pub mod test_guest;
 
 pub use guest_image::{bzimage, cpio, elf};
 
 pub use artifacts::{debian_kernel, ArtifactError, KernelArtifacts};
+pub use kvm::{check_kvm, require_kvm, KvmError};
 pub use nested::{InnerRun, InnerVm, NestedError, NestedReport, OuterMachine};

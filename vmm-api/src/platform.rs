@@ -1,5 +1,9 @@
 //! Guest-visible constants of the reddog machine. Guests (the tiny test guest,
 //! `reddog-guest`) and the VMM both use these, so they live in one place.
+//!
+//! - [`mmio`]: the virtio-mmio windows and their interrupt lines.
+
+pub mod mmio;
 
 /// COM1, the 8250 serial console.
 pub const SERIAL_PORT_BASE: u16 = 0x3f8;

@@ -251,9 +251,9 @@ mod tests {
     #[test]
     fn tables_have_valid_checksums_and_lengths() {
         let dev = MmioDeviceInfo {
-            base: 0xd000_0000,
-            len: 0x1000,
-            irq: 5,
+            base: vmm_api::platform::mmio::BASE as u32,
+            len: vmm_api::platform::mmio::WINDOW_SIZE as u32,
+            irq: vmm_api::platform::mmio::FIRST_GSI,
         };
         for t in [dsdt(&[dev]), fadt(0x1234), madt(4)] {
             assert!(checksum_ok(&t), "bad checksum in {:?}", &t[..4]);

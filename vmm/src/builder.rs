@@ -16,7 +16,7 @@ use crate::acpi::{self, AcpiError};
 use crate::arch::{boot, layout, regs::EntryMode};
 use crate::control::metrics::CountingWriter;
 use crate::control::server::ControlContext;
-use crate::control::{ControlError, ControlServer, RunControl};
+use crate::control::{ControlServer, RunControl, ServerError};
 use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
@@ -26,9 +26,9 @@ use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{StopEvent, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
 
-/// Errors building or booting a VM. Each says what to fix.
+/// Errors building or booting a VM (`build_and_boot`). Each says what to fix.
 #[derive(Debug, thiserror::Error)]
-pub enum VmmError {
+pub enum BuildError {
     /// The config is invalid.
     #[error(transparent)]
     Config(#[from] vmm_api::ConfigError),
@@ -89,7 +89,7 @@ pub enum VmmError {
     Devices(#[from] DeviceManagerError),
     /// The control socket (`api_sock`).
     #[error(transparent)]
-    Control(#[from] ControlError),
+    Control(#[from] ServerError),
     /// Host resources (eventfd, irqfd, threads).
     #[error("host resource error ({what}): {source}")]
     Host {
@@ -113,7 +113,7 @@ pub struct Vmm {
     _vm: Vm,
 }
 
-fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
+fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
@@ -122,7 +122,7 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|source| VmmError::SerialFile {
+                .map_err(|source| BuildError::SerialFile {
                     path: path.clone(),
                     source,
                 })?;
@@ -133,7 +133,7 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, VmmError> {
 
 /// Builds the VM described by `cfg` and starts its vCPUs. `start` is the moment
 /// the VMM process started (the boot timer counts from it).
-pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
+pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
     cfg.validate()?;
     let mem_bytes = cfg.memory_bytes();
 
@@ -156,7 +156,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     match pit {
         Ok(result) => result?,
         Err(_) => {
-            return Err(VmmError::Host {
+            return Err(BuildError::Host {
                 what: "PIT creation thread",
                 source: std::io::Error::other("panicked"),
             })
@@ -167,12 +167,12 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     let (tx, rx) = mpsc::channel();
     let first_run_us = Arc::new(AtomicU64::new(0));
     let mut threads = Vec::with_capacity(vcpus.len());
-    for vcpu in vcpus.into_iter().rev() {
+    for (index, vcpu) in vcpus.into_iter().enumerate().rev() {
         let (bus, tx, first) = (bus.clone(), tx.clone(), first_run_us.clone());
         let ctl = run_ctl.clone();
         let index_tx = tx.clone();
         let thread = std::thread::Builder::new()
-            .name("vcpu".into())
+            .name(format!("vcpu{index}"))
             .spawn(move || {
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     vcpu.run(bus, tx, start, first, ctl)
@@ -186,7 +186,7 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
                     });
                 }
             })
-            .map_err(|source| VmmError::Host {
+            .map_err(|source| BuildError::Host {
                 what: "vCPU thread",
                 source,
             })?;
@@ -201,13 +201,13 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, VmmError> {
     //    on the gate for the socket's `boot`).
     let control = match &cfg.api_sock {
         Some(path) => {
-            let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
+            let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
                 what: "GED eventfd",
                 source,
             })?;
             vm.fd
                 .register_irqfd(&ged_irq, platform::GED_IRQ)
-                .map_err(|e| VmmError::Host {
+                .map_err(|e| BuildError::Host {
                     what: "GED irqfd",
                     source: std::io::Error::from_raw_os_error(e.errno()),
                 })?;
@@ -244,7 +244,7 @@ fn load_and_attach(
     mem: &GuestMemoryMmap,
     start: Instant,
     run_ctl: &RunControl,
-) -> Result<(Arc<Bus>, Vec<Vcpu>), VmmError> {
+) -> Result<(Arc<Bus>, Vec<Vcpu>), BuildError> {
     let mem_bytes = cfg.memory_bytes();
 
     // 3. Kernel and initrd.
@@ -255,14 +255,14 @@ fn load_and_attach(
     };
     // 4. Virtio devices: one block device per disk, then vsock, each in its own window.
     let mut mmio = MmioDeviceManager::default();
-    for disk in &cfg.disks {
+    for (index, disk) in cfg.disks.iter().enumerate() {
         let image = open_disk(disk)?;
-        let block = BlockDevice::new(image, disk.read_only, &disk.serial).map_err(|source| {
-            VmmError::Block {
+        let block = BlockDevice::new(image, disk.read_only, &disk.serial)
+            .map_err(|source| BuildError::Block {
                 path: disk.path.clone(),
                 source,
-            }
-        })?;
+            })?
+            .with_index(index);
         mmio.attach(&vm.fd, mem, Box::new(block))?;
     }
     if let Some(v) = &cfg.vsock {
@@ -279,11 +279,11 @@ fn load_and_attach(
         }
     }
     if cmdline.len() >= vmm_api::config::MAX_CMDLINE_LEN {
-        return Err(VmmError::Config(vmm_api::ConfigError::Cmdline(
+        return Err(BuildError::Config(vmm_api::ConfigError::Cmdline(
             cmdline.len(),
         )));
     }
-    loader::load_cmdline(mem, &cmdline).map_err(|source| VmmError::BootData {
+    loader::load_cmdline(mem, &cmdline).map_err(|source| BuildError::BootData {
         what: "command line",
         source,
     })?;
@@ -291,13 +291,13 @@ fn load_and_attach(
     write_boot_info(mem, mem_bytes, &kernel, cmdline.len() + 1, rsdp, initrd)?;
 
     // 6. Legacy devices: COM1 with its irqfd, the boot timer, i8042 and ACPI registers.
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::Host {
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
         what: "serial eventfd",
         source,
     })?;
     vm.fd
         .register_irqfd(&serial_irq, platform::SERIAL_IRQ)
-        .map_err(|e| VmmError::Host {
+        .map_err(|e| BuildError::Host {
             what: "serial irqfd",
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
@@ -322,7 +322,7 @@ fn load_and_attach(
 /// Opens a disk in the format the config names (never guessed). An overlay's
 /// backing image is opened read-only from the path the config gives, never from
 /// the name recorded inside the (guest-writable) overlay.
-fn open_disk(disk: &vmm_api::DiskConfig) -> Result<Arc<dyn vhd::DiskImage>, VmmError> {
+fn open_disk(disk: &vmm_api::DiskConfig) -> Result<Arc<dyn vhd::DiskImage>, BuildError> {
     let mut opts = if disk.read_only {
         vhd::OpenOptions::read_only()
     } else {
@@ -330,7 +330,7 @@ fn open_disk(disk: &vmm_api::DiskConfig) -> Result<Arc<dyn vhd::DiskImage>, VmmE
     };
     if let Some(b) = &disk.backing {
         let base = vhd::open(&b.path, format_of(b.format), vhd::OpenOptions::read_only()).map_err(
-            |source| VmmError::Disk {
+            |source| BuildError::Disk {
                 path: b.path.clone(),
                 format: b.format,
                 source,
@@ -338,7 +338,7 @@ fn open_disk(disk: &vmm_api::DiskConfig) -> Result<Arc<dyn vhd::DiskImage>, VmmE
         )?;
         opts = opts.with_backing(base);
     }
-    vhd::open(&disk.path, format_of(disk.format), opts).map_err(|source| VmmError::Disk {
+    vhd::open(&disk.path, format_of(disk.format), opts).map_err(|source| BuildError::Disk {
         path: disk.path.clone(),
         format: disk.format,
         source,
@@ -360,10 +360,10 @@ fn write_boot_info(
     cmdline_len: usize,
     rsdp: GuestAddress,
     initrd: Option<boot::InitrdPlacement>,
-) -> Result<(), VmmError> {
+) -> Result<(), BuildError> {
     let wr = |bytes: &[u8], addr: u64, what: &'static str| {
         mem.write_slice(bytes, GuestAddress(addr))
-            .map_err(|source| VmmError::BootData { what, source })
+            .map_err(|source| BuildError::BootData { what, source })
     };
     match kernel.mode {
         EntryMode::Pvh => {

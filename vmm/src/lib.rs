@@ -2,6 +2,19 @@
 //!
 //! Read [`builder::build_and_boot`] first: it is the boot recipe, top to bottom.
 //! Everything the guest can touch (port I/O, MMIO, memory it wrote) is hostile input.
+//!
+//! # Crate rules
+//!
+//! - **Owns** everything inside one VMM process: KVM and guest memory, kernel
+//!   loading, ACPI, the legacy and virtio devices, the vCPU threads and the
+//!   control socket server.
+//! - **May depend on** `vmm-api` (the contract it implements: config, exit
+//!   reports, the control protocol, the guest-visible platform such as
+//!   `platform::mmio`), `vhd` (disk images), the rust-vmm crates and small
+//!   synchronous crates (`libc`, `nix`, `thiserror`, `tracing`).
+//! - **Must not depend on** an async runtime (`tokio`): the VMM is plain
+//!   threads that block; nor on the host agent or anything above `vmm-api`.
+//!   `testkit/tests/dependency_rules.rs` checks this.
 
 pub mod acpi;
 pub mod arch;
@@ -11,4 +24,4 @@ pub mod devices;
 pub mod loader;
 pub mod vstate;
 
-pub use builder::{build_and_boot, VmmError};
+pub use builder::{build_and_boot, BuildError};

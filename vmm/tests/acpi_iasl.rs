@@ -5,6 +5,7 @@ use std::process::Command;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::acpi::{self, MmioDeviceInfo};
+use vmm_api::platform::mmio;
 
 fn disassemble(dir: &std::path::Path, name: &str, bytes: &[u8]) -> String {
     let dat = dir.join(format!("{name}.dat"));
@@ -92,21 +93,20 @@ fn iasl_accepts_every_table() {
 #[test]
 fn iasl_reads_virtio_mmio_devices_in_the_dsdt() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let devs = [
-        MmioDeviceInfo {
-            base: 0xd000_0000,
-            len: 0x1000,
-            irq: 5,
-        },
-        MmioDeviceInfo {
-            base: 0xd000_1000,
-            len: 0x1000,
-            irq: 6,
-        },
-    ];
+    // The first two windows of the platform layout.
+    let devs: Vec<MmioDeviceInfo> = (0..2)
+        .map(|i| {
+            let w = mmio::window(i).expect("in the layout");
+            MmioDeviceInfo {
+                base: u32::try_from(w.addr).expect("below 4 GiB"),
+                len: u32::try_from(mmio::WINDOW_SIZE).expect("4 KiB"),
+                irq: w.gsi,
+            }
+        })
+        .collect();
     let dsl = disassemble(dir.path(), "dsdt", &acpi::dsdt(&devs));
     assert_eq!(dsl.matches("\"LNRO0005\"").count(), 2, "{dsl}");
-    assert!(dsl.contains("0xD0001000"), "{dsl}");
+    assert!(dsl.contains(&format!("0x{:08X}", devs[1].base)), "{dsl}");
 }
 
 #[test]

@@ -3,12 +3,19 @@
 
 mod common;
 
-use common::{boot, require_kvm, vmm};
+use common::{boot, require_kvm, vmm, Cmdline, Exit};
+use vmm_api::platform::mmio;
 use vmm_api::ExitReason;
 
 const MIB: u64 = 1 << 20;
 
-fn assert_booted_and_powered_off(run: &common::Run, protocol: &str, cmdline: &str) {
+/// `exit=acpi smp=0`: report, then power off, without starting the APs.
+fn acpi_no_smp() -> Cmdline {
+    Cmdline::new().exit_acpi().no_smp()
+}
+
+fn assert_booted_and_powered_off(run: &common::Run, protocol: &str, cmdline: &Cmdline) {
+    let cmdline = cmdline.to_string();
     assert_eq!(run.status, 0, "{}", run.describe());
     assert_eq!(
         run.line("reddog-test-guest"),
@@ -22,7 +29,12 @@ fn assert_booted_and_powered_off(run: &common::Run, protocol: &str, cmdline: &st
         "{}",
         run.describe()
     );
-    assert_eq!(run.line("cmdline"), Some(cmdline), "{}", run.describe());
+    assert_eq!(
+        run.line("cmdline"),
+        Some(cmdline.as_str()),
+        "{}",
+        run.describe()
+    );
     assert_eq!(run.line("exit"), Some("acpi"), "{}", run.describe());
     let report = run.report.as_ref().expect("exit report");
     assert_eq!(report.reason, ExitReason::PowerOff);
@@ -49,9 +61,9 @@ fn memmap(run: &common::Run) -> Vec<(u64, u64, u32)> {
 
 #[test]
 fn pvh_boot_reports_cmdline_memory_and_acpi() {
-    let cmdline = "exit=acpi smp=0 reddog.test=1";
-    let run = boot(test_guest::elf_path(), cmdline, &["--memory-mib", "64"]);
-    assert_booted_and_powered_off(&run, "pvh", cmdline);
+    let cmdline = acpi_no_smp().word("reddog.test=1");
+    let run = boot(test_guest::elf_path(), &cmdline, &["--memory-mib", "64"]);
+    assert_booted_and_powered_off(&run, "pvh", &cmdline);
     assert_eq!(
         memmap(&run),
         vec![(0, 0x9fc00, 1), (0xe0000, 0x20000, 2), (MIB, 63 * MIB, 1)],
@@ -68,28 +80,28 @@ fn pvh_boot_reports_cmdline_memory_and_acpi() {
 
 #[test]
 fn linux64_boot_of_an_elf_without_pvh_note() {
-    let cmdline = "exit=acpi smp=0";
-    let run = boot(test_guest::elf_nopvh_path(), cmdline, &[]);
-    assert_booted_and_powered_off(&run, "linux64", cmdline);
+    let cmdline = acpi_no_smp();
+    let run = boot(test_guest::elf_nopvh_path(), &cmdline, &[]);
+    assert_booted_and_powered_off(&run, "linux64", &cmdline);
     assert_eq!(memmap(&run).last(), Some(&(MIB, 127 * MIB, 1)));
 }
 
 #[test]
 fn linux64_boot_forced_on_a_pvh_elf() {
-    let cmdline = "exit=acpi smp=0";
+    let cmdline = acpi_no_smp();
     let run = boot(
         test_guest::elf_path(),
-        cmdline,
+        &cmdline,
         &["--boot-protocol", "linux64"],
     );
-    assert_booted_and_powered_off(&run, "linux64", cmdline);
+    assert_booted_and_powered_off(&run, "linux64", &cmdline);
 }
 
 #[test]
 fn bzimage_boot() {
-    let cmdline = "exit=acpi smp=0 via=bzimage";
-    let run = boot(test_guest::bzimage_path(), cmdline, &[]);
-    assert_booted_and_powered_off(&run, "linux64", cmdline);
+    let cmdline = acpi_no_smp().word("via=bzimage");
+    let run = boot(test_guest::bzimage_path(), &cmdline, &[]);
+    assert_booted_and_powered_off(&run, "linux64", &cmdline);
     let acpi = run.line("acpi").expect("acpi line");
     assert!(acpi.contains("madt=ok"), "{acpi}");
 }
@@ -116,7 +128,7 @@ fn several_vcpus_come_up() {
     for n in [2u8, 4] {
         let run = boot(
             test_guest::elf_path(),
-            "exit=acpi",
+            &Cmdline::new().exit_acpi(),
             &["--vcpus", &n.to_string()],
         );
         assert_eq!(run.status, 0, "{}", run.describe());
@@ -129,7 +141,7 @@ fn several_vcpus_come_up() {
 fn memory_above_the_mmio_hole_is_in_the_map() {
     let run = boot(
         test_guest::elf_path(),
-        "exit=acpi smp=0",
+        &acpi_no_smp(),
         &["--memory-mib", "4096"],
     );
     assert_eq!(run.status, 0, "{}", run.describe());
@@ -149,23 +161,28 @@ fn memory_above_the_mmio_hole_is_in_the_map() {
 fn smallest_memory_boots() {
     let run = boot(
         test_guest::elf_path(),
-        "exit=acpi smp=0",
+        &acpi_no_smp(),
         &["--memory-mib", "32"],
     );
     assert_eq!(run.status, 0, "{}", run.describe());
-    let run = boot(test_guest::elf_path(), "exit=acpi", &["--memory-mib", "31"]);
+    let run = boot(
+        test_guest::elf_path(),
+        &Cmdline::new().exit_acpi(),
+        &["--memory-mib", "31"],
+    );
     assert_eq!(run.status, 1, "{}", run.describe());
     assert!(run.stderr.contains("memory_mib"), "{}", run.describe());
 }
 
 #[test]
 fn each_stop_path_has_its_own_exit_status() {
-    for (cmdline, reason, with_regs) in [
-        ("exit=i8042 smp=0", ExitReason::Reset, false),
-        ("exit=acpi-reset smp=0", ExitReason::Reset, false),
-        ("exit=triple-fault smp=0", ExitReason::TripleFault, true),
+    for (exit, reason, with_regs) in [
+        (Exit::I8042, ExitReason::Reset, false),
+        (Exit::AcpiReset, ExitReason::Reset, false),
+        (Exit::TripleFault, ExitReason::TripleFault, true),
     ] {
-        let run = boot(test_guest::elf_path(), cmdline, &[]);
+        let cmdline = Cmdline::new().exit(exit).no_smp();
+        let run = boot(test_guest::elf_path(), &cmdline, &[]);
         assert_eq!(
             run.status,
             reason.exit_code(),
@@ -185,8 +202,8 @@ fn each_stop_path_has_its_own_exit_status() {
 fn a_guest_that_never_stops_is_ended_by_the_limit() {
     require_kvm();
     let k = test_guest::elf_path().to_str().expect("utf-8 path");
-    for mode in ["hang", "spin"] {
-        let cmdline = format!("exit={mode} smp=0");
+    for mode in [Exit::Hang, Exit::Spin] {
+        let cmdline = Cmdline::new().exit(mode).no_smp().to_string();
         let started = std::time::Instant::now();
         let run = vmm(&["--kernel", k, "--cmdline", &cmdline, "--timeout-ms", "300"]);
         let took = started.elapsed();
@@ -253,7 +270,8 @@ fn config_file_drives_the_vm_and_serial_can_go_to_a_file() {
     let console = dir.path().join("console.log");
     let report = dir.path().join("report.json");
     let mut cfg = vmm_api::VmConfig::new(test_guest::elf_path());
-    cfg.cmdline = "exit=acpi smp=0 from=config".into();
+    let cmdline = acpi_no_smp().word("from=config").to_string();
+    cfg.cmdline = cmdline.clone();
     cfg.vcpus = 2;
     cfg.serial = vmm_api::SerialOutput::File(console.clone());
     cfg.timeout_ms = Some(20_000);
@@ -272,10 +290,7 @@ fn config_file_drives_the_vm_and_serial_can_go_to_a_file() {
         run.describe()
     );
     let log = std::fs::read_to_string(&console).expect("console file");
-    assert!(
-        log.contains("cmdline: exit=acpi smp=0 from=config"),
-        "{log}"
-    );
+    assert!(log.contains(&format!("cmdline: {cmdline}")), "{log}");
     let report: vmm_api::ExitReport =
         serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("json");
     assert_eq!(report.reason, ExitReason::PowerOff);
@@ -290,11 +305,12 @@ fn disks_attach_and_bad_disks_are_clear_errors() {
     let k = test_guest::elf_path().to_str().expect("utf-8");
     let disk = format!("path={},format=raw,serial=reddog-os", raw.display());
     let ro = format!("path={},format=raw,ro,serial=reddog-role", raw.display());
+    let cmdline = acpi_no_smp().to_string();
     let run = vmm(&[
         "--kernel",
         k,
         "--cmdline",
-        "exit=acpi smp=0",
+        &cmdline,
         "--disk",
         &disk,
         "--disk",
@@ -331,11 +347,12 @@ fn virtio_mmio_devices_can_be_listed_on_the_command_line() {
     let disk = format!("path={},format=raw", raw.display());
     // The second attachment is read-only: a disk is writable through one open only.
     let disk_ro = format!("{disk},ro");
+    let cmdline = acpi_no_smp().to_string();
     let run = vmm(&[
         "--kernel",
         k,
         "--cmdline",
-        "exit=acpi smp=0",
+        &cmdline,
         "--disk",
         &disk,
         "--disk",
@@ -343,26 +360,25 @@ fn virtio_mmio_devices_can_be_listed_on_the_command_line() {
         "--virtio-mmio-cmdline",
     ]);
     assert_eq!(run.status, 0, "{}", run.describe());
+    // The two disks' windows and lines, as the platform layout places them.
+    let listed: Vec<String> = (0..2)
+        .map(|i| {
+            let w = mmio::window(i).expect("in the layout");
+            format!("virtio_mmio.device=4K@{:#x}:{}", w.addr, w.gsi)
+        })
+        .collect();
+    let want = format!("{cmdline} {}", listed.join(" "));
     assert_eq!(
         run.line("cmdline"),
-        Some(
-            "exit=acpi smp=0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
-        ),
+        Some(want.as_str()),
         "{}",
         run.describe()
     );
     // Without the flag the command line is left alone.
-    let run = vmm(&[
-        "--kernel",
-        k,
-        "--cmdline",
-        "exit=acpi smp=0",
-        "--disk",
-        &disk,
-    ]);
+    let run = vmm(&["--kernel", k, "--cmdline", &cmdline, "--disk", &disk]);
     assert_eq!(
         run.line("cmdline"),
-        Some("exit=acpi smp=0"),
+        Some(cmdline.as_str()),
         "{}",
         run.describe()
     );

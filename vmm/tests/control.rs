@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::require_kvm;
+use common::{require_kvm, Cmdline, Exit};
 use vmm_api::control::{
     Client, ClientError, ErrorKind, Event, Op, ServerMessage, ShutdownMode, ShutdownReply,
     StateReply, VmState, MAX_CLIENTS, MAX_LINE_LEN, PROTOCOL_VERSION,
@@ -18,6 +18,11 @@ use vmm_api::control::{
 use vmm_api::{ExitReason, ExitReport};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `exit=hang`: the guest reports, then halts for good.
+fn hang() -> Cmdline {
+    Cmdline::new().exit(Exit::Hang)
+}
 
 /// A running `reddog-vmm` with a control socket.
 struct Vm {
@@ -35,14 +40,15 @@ struct Ended {
 }
 
 impl Vm {
-    fn start(cmdline: &str, extra: &[&str]) -> Self {
+    fn start(cmdline: &Cmdline, extra: &[&str]) -> Self {
         require_kvm();
+        let cmdline = cmdline.to_string();
         let dir = tempfile::tempdir().expect("tempdir");
         let sock = dir.path().join("api.sock");
         let report = dir.path().join("report.json");
         let child = Command::new(env!("CARGO_BIN_EXE_reddog-vmm"))
             .args(["--kernel", test_guest::elf_path().to_str().expect("utf-8")])
-            .args(["--cmdline", cmdline, "--serial", "null"])
+            .args(["--cmdline", &cmdline, "--serial", "null"])
             .arg("--api-sock")
             .arg(&sock)
             .arg("--exit-report")
@@ -171,7 +177,7 @@ fn api_error(r: Result<serde_json::Value, ClientError>) -> vmm_api::ApiError {
 
 #[test]
 fn ping_info_metrics_and_a_forced_shutdown() {
-    let vm = Vm::start("exit=hang", &["--vcpus", "2", "--memory-mib", "64"]);
+    let vm = Vm::start(&hang(), &["--vcpus", "2", "--memory-mib", "64"]);
     let mut c = vm.client();
     assert_eq!(c.ping().expect("ping").version, PROTOCOL_VERSION);
 
@@ -189,7 +195,7 @@ fn ping_info_metrics_and_a_forced_shutdown() {
     assert_eq!(info.pid, vm.pid());
     assert_eq!(info.state, VmState::Running);
     assert_eq!((info.vcpus, info.memory_mib), (2, 64));
-    assert_eq!(info.config.cmdline, "exit=hang");
+    assert_eq!(info.config.cmdline, hang().to_string());
     assert_eq!(info.config.api_sock.as_deref(), Some(vm.sock.as_path()));
     let first_run = info.first_run_us.expect("first KVM_RUN");
     let boot = info.boot_time_us.expect("boot time");
@@ -218,9 +224,33 @@ fn ping_info_metrics_and_a_forced_shutdown() {
     assert!(report.detail.contains("control socket"), "{report:?}");
 }
 
+/// The names of the threads of process `pid` (`/proc/<pid>/task/*/comm`).
+fn thread_names(pid: u32) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim_end().to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn each_vcpu_thread_is_named_with_its_index() {
+    let vm = Vm::start(&hang(), &["--vcpus", "3"]);
+    let names = thread_names(vm.pid());
+    let vcpus: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .filter(|n| n.starts_with("vcpu"))
+        .collect();
+    assert_eq!(vcpus, ["vcpu0", "vcpu1", "vcpu2"], "threads: {names:?}");
+    force_stop(vm);
+}
+
 #[test]
 fn pause_stops_the_vcpu_and_resume_restarts_it() {
-    let vm = Vm::start("exit=spin smp=0", &["--vcpus", "2"]);
+    let vm = Vm::start(&Cmdline::new().exit(Exit::Spin).no_smp(), &["--vcpus", "2"]);
     let mut watcher = vm.client();
     let sub = watcher.subscribe().expect("subscribe");
     assert_eq!(sub.state, VmState::Running);
@@ -295,7 +325,7 @@ fn pause_stops_the_vcpu_and_resume_restarts_it() {
 
 #[test]
 fn the_wall_clock_limit_ends_a_paused_vm() {
-    let vm = Vm::start("exit=hang", &["--timeout-ms", "1500", "--vcpus", "2"]);
+    let vm = Vm::start(&hang(), &["--timeout-ms", "1500", "--vcpus", "2"]);
     let mut watcher = vm.client();
     watcher.subscribe().expect("subscribe");
     let mut c = vm.client();
@@ -344,7 +374,7 @@ fn expect_bad_request(msg: Option<ServerMessage>, id: Option<u64>) {
 
 #[test]
 fn bad_requests_get_errors_and_do_not_hurt_the_vmm() {
-    let vm = Vm::start("exit=hang smp=0", &[]);
+    let vm = Vm::start(&hang().no_smp(), &[]);
 
     // Not JSON: an error, then the connection is closed.
     let (msg, closed) = exchange(&vm.sock, b"this is not json\n");
@@ -410,7 +440,7 @@ fn bad_requests_get_errors_and_do_not_hurt_the_vmm() {
 
 #[test]
 fn several_clients_at_once_and_a_cap() {
-    let vm = Vm::start("exit=hang smp=0", &[]);
+    let vm = Vm::start(&hang().no_smp(), &[]);
     let mut a = vm.client();
     let mut b = vm.client();
     // Subscribed early: the boot time is in the answer or comes as an event.
@@ -488,7 +518,7 @@ fn several_clients_at_once_and_a_cap() {
 fn acpi_shutdown_presses_the_power_button() {
     // The test guest has no ACPI interpreter: it ignores the button, so the VM
     // keeps running (Linux's evged + button driver turn it into KEY_POWER).
-    let vm = Vm::start("exit=hang smp=0", &[]);
+    let vm = Vm::start(&hang().no_smp(), &[]);
     let mut c = vm.client();
     let r: ShutdownReply = c
         .call(Op::Shutdown {
@@ -507,6 +537,8 @@ fn socket_paths_stale_live_and_wrong() {
     require_kvm();
     let dir = tempfile::tempdir().expect("tempdir");
     let k = test_guest::elf_path().to_str().expect("utf-8");
+    let acpi = Cmdline::new().exit_acpi().no_smp().to_string();
+    let hang = hang().no_smp().to_string();
 
     // A stale socket (its listener gone) is replaced.
     let stale = dir.path().join("stale.sock");
@@ -516,7 +548,7 @@ fn socket_paths_stale_live_and_wrong() {
         "--kernel",
         k,
         "--cmdline",
-        "exit=acpi smp=0",
+        &acpi,
         "--serial",
         "null",
         "--api-sock",
@@ -532,7 +564,7 @@ fn socket_paths_stale_live_and_wrong() {
         "--kernel",
         k,
         "--cmdline",
-        "exit=hang smp=0",
+        &hang,
         "--api-sock",
         live.to_str().expect("utf-8"),
         "--timeout-ms",
@@ -549,7 +581,7 @@ fn socket_paths_stale_live_and_wrong() {
         "--kernel",
         k,
         "--cmdline",
-        "exit=hang smp=0",
+        &hang,
         "--api-sock",
         file.to_str().expect("utf-8"),
         "--timeout-ms",
@@ -570,7 +602,7 @@ fn socket_paths_stale_live_and_wrong() {
 /// a subscriber sees every event from the first instruction on.
 #[test]
 fn a_vm_held_for_boot_starts_on_request_only() {
-    let vm = Vm::start("exit=hang", &["--wait-for-boot"]);
+    let vm = Vm::start(&hang(), &["--wait-for-boot"]);
     let mut c = vm.client();
     let info = c.info().expect("info");
     assert_eq!(info.state, VmState::Created);
@@ -611,7 +643,7 @@ fn a_vm_held_for_boot_starts_on_request_only() {
     // A VM built without it is booted already.
     drop((c, events));
     force_stop(vm);
-    let vm = Vm::start("exit=hang", &[]);
+    let vm = Vm::start(&hang(), &[]);
     let e = api_error(vm.client().call(Op::Boot));
     assert_eq!(e.kind, ErrorKind::InvalidState);
     force_stop(vm);

@@ -11,15 +11,23 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{require_kvm, vmm, Run};
+use common::{require_kvm, vmm, Cmdline, HbMode, Run};
 use guest_proto::{
     encode_raw_frame, Capabilities, Decoded, Frame, GuestMsg, Heartbeat, HelloAck, HostMsg, Ping,
     ProtoError, SetHeartbeatInterval, Shutdown, StreamDecoder, MAX_FRAME_LEN,
 };
+use vmm_api::platform::mmio;
 use vmm_api::ExitReason;
 
-/// The guest's virtio-mmio window: the vsock device is the only device.
-const VSOCK_BASE: &str = "0xd0000000";
+/// The start of the agent's first console line for a vsock device at `w`.
+fn agent_hello(w: mmio::Window) -> String {
+    format!("vsock base={:#x} irq={}", w.addr, w.gsi)
+}
+
+/// The vsock window with `disks` disks in front.
+fn vsock_window(disks: u32) -> mmio::Window {
+    mmio::vsock_window(disks).expect("in the layout")
+}
 const PORT: u32 = 1024;
 /// How long the host side waits for anything before the test fails.
 const WAIT: Duration = Duration::from_secs(15);
@@ -27,7 +35,7 @@ const WAIT: Duration = Duration::from_secs(15);
 /// How to boot the VM.
 struct Setup {
     /// Command line after `exit=acpi` (`vsock=` and `smp=` included).
-    cmdline: String,
+    cmdline: Cmdline,
     /// The VMM's wall-clock limit.
     timeout_ms: u64,
     /// A 1 MiB raw disk, attached before the vsock device.
@@ -39,9 +47,12 @@ struct Setup {
 
 impl Setup {
     /// The vsock device alone, one vCPU, `agent_opts` for the agent.
-    fn new(agent_opts: &str, timeout_ms: u64) -> Self {
+    fn new(agent_opts: Cmdline, timeout_ms: u64) -> Self {
         Self {
-            cmdline: format!("smp=0 vsock={VSOCK_BASE} {agent_opts}"),
+            cmdline: Cmdline::new()
+                .no_smp()
+                .vsock_for_disks(0)
+                .extend(&agent_opts),
             timeout_ms,
             disk: false,
             vcpus: 1,
@@ -60,7 +71,7 @@ struct Vm {
 
 impl Vm {
     /// Boots the guest with `agent_opts`; the VMM stops it after `timeout_ms`.
-    fn start(agent_opts: &str, timeout_ms: u64) -> Self {
+    fn start(agent_opts: Cmdline, timeout_ms: u64) -> Self {
         Self::start_with(Setup::new(agent_opts, timeout_ms))
     }
 
@@ -83,7 +94,10 @@ impl Vm {
             "--kernel".to_string(),
             kernel,
             "--cmdline".to_string(),
-            format!("exit=acpi {}", setup.cmdline),
+            Cmdline::new()
+                .exit_acpi()
+                .extend(&setup.cmdline)
+                .to_string(),
             "--vsock".to_string(),
             format!("cid=3,uds={}", vm.uds().display()),
             "--timeout-ms".to_string(),
@@ -321,10 +335,13 @@ fn hex(b: &[u8]) -> String {
 
 #[test]
 fn agent_says_hello_beats_answers_ping_and_shuts_down() {
-    let boot_id = "00112233445566778899aabbccddeeff";
-    let mut vm = Vm::start(&format!("boot_id={boot_id}"), 20_000);
+    let boot_id = [
+        0x00, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee,
+        0xff,
+    ];
+    let mut vm = Vm::start(Cmdline::new().boot_id(boot_id), 20_000);
     let mut conn = vm.accept();
-    assert_eq!(hex(&conn.handshake(100)), boot_id);
+    assert_eq!(hex(&conn.handshake(100)), hex(&boot_id));
 
     // The first heartbeat comes at once, then one every 100 ms; Ready after the first.
     let started = Instant::now();
@@ -406,17 +423,20 @@ fn agent_says_hello_beats_answers_ping_and_shuts_down() {
         );
     }
     assert!(
-        agent[0].starts_with("vsock base=0xd0000000 irq=5 cid=3 port=1024 mode=normal"),
+        agent[0].starts_with(&format!(
+            "{} cid=3 port=1024 mode=normal",
+            agent_hello(vsock_window(0))
+        )),
         "{}",
         run.describe()
     );
-    assert!(agent[0].ends_with(&format!("boot_id={boot_id}")));
+    assert!(agent[0].ends_with(&format!("boot_id={}", hex(&boot_id))));
     assert_eq!(run.line("exit"), Some("acpi"), "{}", run.describe());
 }
 
 #[test]
 fn silent_agent_says_hello_then_nothing() {
-    let mut vm = Vm::start("hb_mode=silent", 1_500);
+    let mut vm = Vm::start(Cmdline::new().hb_mode(HbMode::Silent), 1_500);
     let mut conn = vm.accept();
     conn.handshake(100);
     conn.send(HostMsg::Ping(Ping { nonce: 7 }));
@@ -442,7 +462,7 @@ fn silent_agent_says_hello_then_nothing() {
 
 #[test]
 fn crashing_agent_triple_faults_after_its_heartbeats() {
-    let mut vm = Vm::start("hb_mode=crash crash_after=3", 20_000);
+    let mut vm = Vm::start(Cmdline::new().hb_mode(HbMode::Crash).crash_after(3), 20_000);
     let mut conn = vm.accept();
     conn.handshake(100);
     for seq in 0..3 {
@@ -462,7 +482,7 @@ fn crashing_agent_triple_faults_after_its_heartbeats() {
 
 #[test]
 fn garbage_agent_is_caught_by_the_decoder_and_reconnects() {
-    let mut vm = Vm::start("hb_mode=garbage", 20_000);
+    let mut vm = Vm::start(Cmdline::new().hb_mode(HbMode::Garbage), 20_000);
     let mut boot_ids = Vec::new();
     // Bad magic first, then an oversized length; the host closes after each
     // framing error (as on vsock), the guest comes back with Hello.
@@ -496,7 +516,7 @@ fn garbage_agent_is_caught_by_the_decoder_and_reconnects() {
 
 #[test]
 fn flooding_agent_sends_as_fast_as_it_can() {
-    let mut vm = Vm::start("hb_mode=flood", 20_000);
+    let mut vm = Vm::start(Cmdline::new().hb_mode(HbMode::Flood), 20_000);
     let mut conn = vm.accept();
     conn.handshake(1_000);
     // Far more than one heartbeat per interval, in order, none lost.
@@ -523,20 +543,28 @@ fn bad_agent_options_and_a_wrong_device_fail_cleanly() {
     let k = test_guest::elf_path().to_str().expect("utf-8 path");
     // Nothing at the window, or options that do not parse: the guest says so
     // and leaves as usual.
+    let first = || Cmdline::new().vsock_for_disks(0);
     for (opts, want) in [
-        ("vsock=0xd0000000", "error vsock-magic"),
+        (first(), "error vsock-magic"),
         (
-            "vsock=0xd0000000 hb_mode=nonsense",
+            first().opt("hb_mode", "nonsense"),
             "error bad-option hb_mode",
         ),
-        ("vsock=0x1234", "error bad-option vsock"),
+        (Cmdline::new().vsock_at(0x1234), "error bad-option vsock"),
+        (first().agent_port(0), "error bad-option agent_port"),
+        (first().opt("boot_id", "00"), "error bad-option boot_id"),
+        // Past the last window reddog-vmm can place (its line would be the GED's).
+        (Cmdline::new().vsock_at(mmio::END), "error vsock-address"),
         (
-            "vsock=0xd0000000 agent_port=0",
-            "error bad-option agent_port",
+            Cmdline::new().vsock_at(mmio::BASE - mmio::WINDOW_SIZE),
+            "error vsock-address",
         ),
-        ("vsock=0xd0000000 boot_id=00", "error bad-option boot_id"),
     ] {
-        let cmdline = format!("exit=acpi smp=0 {opts}");
+        let cmdline = Cmdline::new()
+            .exit_acpi()
+            .no_smp()
+            .extend(&opts)
+            .to_string();
         let run = vmm(&[
             "--kernel",
             k,
@@ -553,17 +581,17 @@ fn bad_agent_options_and_a_wrong_device_fail_cleanly() {
 
 #[test]
 fn vsock_behind_a_disk_uses_the_second_window_and_its_interrupt() {
-    // Disks come first: the disk is at 0xd0000000 (GSI 5), vsock at 0xd0001000 (GSI 6).
-    let mut setup = Setup::new("", 20_000);
+    // Disks come first: the disk has the first window (GSI 5), vsock the second (GSI 6).
+    let mut setup = Setup::new(Cmdline::new(), 20_000);
     setup.disk = true;
     let mut vm = Vm::start_with(setup);
     let run = vm.wait();
     assert_eq!(run.status, 0, "{}", run.describe());
     assert_eq!(run.lines("agent"), vec!["error vsock-device-id"]);
 
-    let mut setup = Setup::new("", 20_000);
+    let mut setup = Setup::new(Cmdline::new(), 20_000);
     setup.disk = true;
-    setup.cmdline = "smp=0 vsock=0xd0001000".to_string();
+    setup.cmdline = Cmdline::new().no_smp().vsock_for_disks(1);
     let mut vm = Vm::start_with(setup);
     let mut conn = vm.accept();
     conn.handshake(100);
@@ -582,12 +610,17 @@ fn vsock_behind_a_disk_uses_the_second_window_and_its_interrupt() {
     conn.send(HostMsg::Shutdown(Shutdown { deadline_ms: 0 }));
     let run = vm.wait();
     assert_eq!(run.status, 0, "{}", run.describe());
-    assert!(run.lines("agent")[0].starts_with("vsock base=0xd0001000 irq=6 cid=3"));
+    let hello = format!("{} cid=3", agent_hello(vsock_window(1)));
+    assert!(
+        run.lines("agent")[0].starts_with(&hello),
+        "{}",
+        run.describe()
+    );
 }
 
 #[test]
 fn unknown_host_kinds_are_skipped_and_receive_credit_flows() {
-    let mut vm = Vm::start("", 20_000);
+    let mut vm = Vm::start(Cmdline::new(), 20_000);
     let mut conn = vm.accept();
     conn.handshake(60_000);
     // More than the 64 KiB of credit the guest gives: it must consume and
@@ -622,7 +655,7 @@ fn unknown_host_kinds_are_skipped_and_receive_credit_flows() {
 #[test]
 fn agent_retries_until_the_host_listens() {
     // Nothing listens at first: the VMM answers the agent's REQUEST with RST.
-    let mut setup = Setup::new("", 20_000);
+    let mut setup = Setup::new(Cmdline::new(), 20_000);
     setup.listen_now = false;
     let mut vm = Vm::start_with(setup);
     std::thread::sleep(Duration::from_millis(1_000));
@@ -644,8 +677,8 @@ fn agent_retries_until_the_host_listens() {
 fn fallback_clock_and_several_vcpus() {
     // The TSC calibrated against the APIC timer instead of kvmclock; the APs
     // started (and halted) by the guest's SMP bring-up do not get in the way.
-    let mut setup = Setup::new("", 20_000);
-    setup.cmdline = format!("vsock={VSOCK_BASE} agent_clock=tsc");
+    let mut setup = Setup::new(Cmdline::new(), 20_000);
+    setup.cmdline = Cmdline::new().vsock_for_disks(0).agent_clock_tsc();
     setup.vcpus = 2;
     let mut vm = Vm::start_with(setup);
     let mut conn = vm.accept();

@@ -24,9 +24,7 @@ use std::time::{Duration, Instant};
 
 use agent::{AgentEvent, GoalState, InstanceState};
 use anyhow::{bail, Context, Result};
-use benches::agent_kit::{
-    cores, find_vmm, ms, require_kvm, DirectSetup, DirectVm, KvmAgent, KvmAgentOptions,
-};
+use benches::agent_kit::{cores, find_vmm, ms, DirectSetup, DirectVm, KvmAgent, KvmAgentOptions};
 use benches::{summarize, Summary};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -197,7 +195,7 @@ async fn main() -> Result<()> {
     if !(1..=1000).contains(&runs) {
         bail!("--runs must be 1..=1000");
     }
-    require_kvm()?;
+    testkit::kvm::check_kvm()?;
     let vmm = find_vmm(vmm_arg)?;
     let ka = KvmAgent::start(&KvmAgentOptions {
         vmm: vmm.clone(),

@@ -18,8 +18,7 @@ use std::time::{Duration, Instant};
 use agent::{AgentEvent, GoalState, InstanceState};
 use anyhow::{bail, Context, Result};
 use benches::agent_kit::{
-    cores, cpu_time_self, find_vmm, ms, require_kvm, DirectSetup, DirectVm, KvmAgent,
-    KvmAgentOptions,
+    cores, cpu_time_self, find_vmm, ms, DirectSetup, DirectVm, KvmAgent, KvmAgentOptions,
 };
 use benches::summarize;
 use tokio::sync::broadcast::error::RecvError;
@@ -219,7 +218,7 @@ async fn main() -> Result<()> {
     if counts.is_empty() || counts.iter().any(|&k| !(1..=100).contains(&k)) {
         bail!("--counts: each 1..=100 (64 MiB each)");
     }
-    require_kvm()?;
+    testkit::kvm::check_kvm()?;
     let vmm = find_vmm(vmm_arg)?;
     let max = counts.iter().copied().max().unwrap_or(1);
     let ka = KvmAgent::start(&KvmAgentOptions {

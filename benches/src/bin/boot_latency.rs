@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use benches::{summarize, time_boot, BootSample, Summary};
+use testkit::test_guest::{Cmdline, Exit};
 
 const MARKER: &[u8] = b"reddog-test-guest: hello";
 const MEMORY_MIB: &str = "128";
@@ -28,12 +29,11 @@ fn reddog(vmm: PathBuf, guest: PathBuf) -> Peer {
         name: "reddog-vmm",
         command: Box::new(move || {
             let mut c = Command::new(&vmm);
-            c.arg("--kernel").arg(&guest).args([
-                "--cmdline",
-                "quiet exit=acpi smp=0",
-                "--memory-mib",
-                MEMORY_MIB,
-            ]);
+            c.arg("--kernel")
+                .arg(&guest)
+                .arg("--cmdline")
+                .arg(Cmdline::new().quiet().exit_acpi().no_smp().to_string())
+                .args(["--memory-mib", MEMORY_MIB]);
             c
         }),
         ok_status: &[0],
@@ -64,7 +64,14 @@ fn qemu(guest: PathBuf) -> Peer {
                 "-kernel",
             ])
             .arg(&guest)
-            .args(["-append", "quiet exit=debug-exit smp=0"]);
+            .arg("-append")
+            .arg(
+                Cmdline::new()
+                    .quiet()
+                    .exit(Exit::DebugExit)
+                    .no_smp()
+                    .to_string(),
+            );
             c
         }),
         // isa-debug-exit: status (value << 1) | 1; the guest writes 0.
@@ -74,9 +81,15 @@ fn qemu(guest: PathBuf) -> Peer {
 
 fn firecracker(bin: PathBuf, guest: PathBuf, dir: PathBuf) -> Result<Peer> {
     let config = dir.join("firecracker.json");
+    let args = Cmdline::new()
+        .quiet()
+        .exit(Exit::I8042)
+        .no_smp()
+        .to_string();
     let json = format!(
-        r#"{{"boot-source":{{"kernel_image_path":{:?},"boot_args":"quiet exit=i8042 smp=0"}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":{MEMORY_MIB}}}}}"#,
-        guest.display().to_string()
+        r#"{{"boot-source":{{"kernel_image_path":{:?},"boot_args":{:?}}},"drives":[],"machine-config":{{"vcpu_count":1,"mem_size_mib":{MEMORY_MIB}}}}}"#,
+        guest.display().to_string(),
+        args
     );
     std::fs::write(&config, json).context("writing the Firecracker config")?;
     Ok(Peer {

@@ -4,6 +4,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use testkit::test_guest::Cmdline;
 
 fn main() -> Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
@@ -27,9 +28,9 @@ fn main() -> Result<()> {
     let out = Command::new(&vmm)
         .arg("--kernel")
         .arg(guest)
+        .arg("--cmdline")
+        .arg(Cmdline::new().exit_acpi().to_string())
         .args([
-            "--cmdline",
-            "exit=acpi",
             "--vcpus",
             "2",
             "--memory-mib",

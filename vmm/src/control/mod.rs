@@ -12,7 +12,7 @@ pub mod gate;
 pub mod metrics;
 pub mod server;
 
-pub use server::{ControlError, ControlServer};
+pub use server::{ControlServer, ServerError};
 
 /// What the vCPU run loops share with the control side.
 pub struct RunControl {

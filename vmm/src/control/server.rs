@@ -34,7 +34,7 @@ const PAUSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Errors setting up the control socket.
 #[derive(Debug, thiserror::Error)]
-pub enum ControlError {
+pub enum ServerError {
     /// The path is taken or cannot be bound.
     #[error("control socket {path}: {why}")]
     Socket {
@@ -94,8 +94,8 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Binds `path`: a stale socket file (nobody listening) is replaced; a socket
 /// with a live listener, or a file that is not a socket, is refused.
-pub fn bind(path: &Path) -> Result<UnixListener, ControlError> {
-    let err = |why: String| ControlError::Socket {
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |why: String| ServerError::Socket {
         path: path.to_owned(),
         why,
     };
@@ -148,7 +148,7 @@ fn send(writer: &Writer, response: &Response) -> bool {
 impl ControlServer {
     /// Binds `path` and starts serving. Called once the vCPU threads are
     /// started (held on the gate until `boot` with `boot_on_request`).
-    pub fn start(path: &Path, ctx: ControlContext) -> Result<Self, ControlError> {
+    pub fn start(path: &Path, ctx: ControlContext) -> Result<Self, ServerError> {
         let listener = bind(path)?;
         let ident = std::fs::symlink_metadata(path)
             .ok()
@@ -173,10 +173,10 @@ impl ControlServer {
                 s.broadcast(&Event::BootTimer { us });
             }
         })
-        .map_err(ControlError::Thread)?;
+        .map_err(ServerError::Thread)?;
 
         let s = shared.clone();
-        spawn("api", move || s.accept_loop(listener)).map_err(ControlError::Thread)?;
+        spawn("api", move || s.accept_loop(listener)).map_err(ServerError::Thread)?;
         Ok(Self { shared })
     }
 

@@ -1,6 +1,7 @@
-//! Virtio-mmio devices: allocates each a 4 KiB window and an interrupt, wires
-//! its irqfd and queue ioeventfds into KVM, describes it for the DSDT, and
-//! routes guest MMIO accesses to it.
+//! Virtio-mmio devices: gives each the window and interrupt line of its index
+//! in the `vmm_api::platform::mmio` layout (the contract guests and tests rely
+//! on), wires its irqfd and queue ioeventfds into KVM, describes it for the
+//! DSDT, and routes guest MMIO accesses to it.
 
 use std::sync::{Arc, Mutex};
 
@@ -8,23 +9,27 @@ use kvm_ioctls::IoEventAddress;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use vmm_api::platform::mmio;
+
 use super::virtio::mmio::{MmioError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY};
 use super::virtio::{Interrupt, VirtioDevice};
 use crate::acpi::MmioDeviceInfo;
 use crate::arch::layout;
 
-/// First virtio-mmio window.
-pub const MMIO_BASE: u64 = layout::MMIO_GAP_START + 0x1000_0000;
-/// First interrupt line for virtio devices (COM1 has 4).
-pub const FIRST_IRQ: u32 = 5;
-/// Last interrupt line for virtio devices (the ACPI GED has the one above).
-pub const LAST_IRQ: u32 = vmm_api::platform::GED_IRQ - 1;
+// The windows sit in the MMIO hole, below the IOAPIC, and each holds one
+// transport's register file.
+const _: () = assert!(mmio::BASE >= layout::MMIO_GAP_START);
+const _: () = assert!(mmio::END <= layout::IOAPIC_ADDR as u64);
+const _: () = assert!(mmio::WINDOW_SIZE == MMIO_WINDOW);
 
 /// Errors attaching a device.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceManagerError {
     /// No interrupt lines left.
-    #[error("too many virtio devices: at most {} fit the interrupt lines", LAST_IRQ - FIRST_IRQ + 1)]
+    #[error(
+        "too many virtio devices: at most {} fit the interrupt lines; configure fewer disks",
+        mmio::MAX_DEVICES
+    )]
     TooManyDevices,
     /// The transport could not be built.
     #[error(transparent)]
@@ -56,12 +61,11 @@ impl MmioDeviceManager {
         mem: &GuestMemoryMmap,
         device: Box<dyn VirtioDevice>,
     ) -> Result<MmioDeviceInfo, DeviceManagerError> {
-        let index = self.devices.len() as u32;
-        let irq = FIRST_IRQ + index;
-        if irq > LAST_IRQ {
-            return Err(DeviceManagerError::TooManyDevices);
-        }
-        let base = MMIO_BASE + u64::from(index) * MMIO_WINDOW;
+        let slot = u32::try_from(self.devices.len())
+            .ok()
+            .and_then(mmio::window)
+            .ok_or(DeviceManagerError::TooManyDevices)?;
+        let (base, irq) = (slot.addr, slot.gsi);
         let irqfd = EventFd::new(libc::EFD_NONBLOCK).map_err(DeviceManagerError::EventFd)?;
         vm.register_irqfd(&irqfd, irq)
             .map_err(|source| DeviceManagerError::Kvm {
@@ -91,7 +95,7 @@ impl MmioDeviceManager {
     }
 
     fn find(&self, addr: u64) -> Option<(u64, &Arc<Mutex<MmioTransport>>)> {
-        let index = addr.checked_sub(MMIO_BASE)? / MMIO_WINDOW;
+        let index = mmio::index_of(addr)?;
         let (info, t) = self.devices.get(usize::try_from(index).ok()?)?;
         Some((addr - u64::from(info.base), t))
     }

@@ -1,23 +1,15 @@
 //! Helpers shared by the VMM's integration tests: run `reddog-vmm` on the tiny
 //! test guest and collect what it printed and how it ended.
 
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code, unused_imports, clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::{Command, Output};
 
 use vmm_api::ExitReport;
 
-/// Panics (fails the test) when this host has no usable KVM: KVM tests never skip.
-pub fn require_kvm() {
-    if let Err(e) = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        panic!("this test needs /dev/kvm (read/write), which failed to open: {e}. KVM tests do not skip; run them on a host with KVM");
-    }
-}
+pub use testkit::kvm::require_kvm;
+pub use testkit::test_guest::{Cmdline, Exit, HbMode};
 
 /// What a VMM run left behind.
 pub struct Run {
@@ -75,10 +67,18 @@ pub fn vmm(args: &[&str]) -> Run {
 
 /// Boots `kernel` with `cmdline` and extra flags; a 20 s limit keeps a broken
 /// guest from hanging the suite.
-pub fn boot(kernel: &Path, cmdline: &str, extra: &[&str]) -> Run {
+pub fn boot(kernel: &Path, cmdline: &Cmdline, extra: &[&str]) -> Run {
     require_kvm();
     let k = kernel.to_str().unwrap();
-    let mut args = vec!["--kernel", k, "--cmdline", cmdline, "--timeout-ms", "20000"];
+    let cmdline = cmdline.to_string();
+    let mut args = vec![
+        "--kernel",
+        k,
+        "--cmdline",
+        &cmdline,
+        "--timeout-ms",
+        "20000",
+    ];
     args.extend_from_slice(extra);
     vmm(&args)
 }

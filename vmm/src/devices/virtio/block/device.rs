@@ -51,6 +51,8 @@ pub struct BlockDevice {
     serial: [u8; SERIAL_LEN],
     config: [u8; 60],
     features: u64,
+    /// The I/O thread's name: `virtio-blk<index>`.
+    thread_name: String,
     worker: Option<(JoinHandle<()>, EventFd)>,
 }
 
@@ -94,8 +96,16 @@ impl BlockDevice {
             serial: id,
             config,
             features,
+            thread_name: "virtio-blk".into(),
             worker: None,
         })
+    }
+
+    /// Names the I/O thread after the disk's index in the VM's config
+    /// (`virtio-blk0`, `virtio-blk1`, ...), so a thread list tells the disks apart.
+    pub fn with_index(mut self, index: usize) -> Self {
+        self.thread_name = format!("virtio-blk{index}");
+        self
     }
 }
 
@@ -138,7 +148,7 @@ impl VirtioDevice for BlockDevice {
             errors_logged: 0,
         };
         let handle = std::thread::Builder::new()
-            .name("virtio-blk".into())
+            .name(self.thread_name.clone())
             .spawn(move || worker.run(&event, &stop_worker))
             .map_err(ActivateError::Worker)?;
         self.worker = Some((handle, stop));
@@ -315,5 +325,34 @@ mod tests {
         });
         rx.recv_timeout(Duration::from_secs(10))
             .expect("process_queue returned instead of spinning");
+    }
+
+    #[test]
+    fn the_io_thread_is_named_after_the_disk_index() {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let mock = MockSplitQueue::new(&mem, 16);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.raw");
+        std::fs::write(&path, vec![0u8; 4096]).expect("disk");
+        let disk =
+            vhd::open(&path, vhd::Format::Raw, vhd::OpenOptions::read_write()).expect("open");
+        let mut dev = BlockDevice::new(disk, false, "d2")
+            .expect("device")
+            .with_index(2);
+        let active = ActiveQueues {
+            mem: mem.clone(),
+            queues: vec![mock.create_queue().expect("queue")],
+            queue_events: vec![Arc::new(EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"))],
+            interrupt: Arc::new(Interrupt::new(
+                EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            )),
+        };
+        dev.activate(VIRTIO_F_VERSION_1, active).expect("activate");
+        let name = dev
+            .worker
+            .as_ref()
+            .and_then(|(h, _)| h.thread().name().map(str::to_owned));
+        assert_eq!(name.as_deref(), Some("virtio-blk2"));
+        assert!(dev.reset(), "the I/O thread stops");
     }
 }
