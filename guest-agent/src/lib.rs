@@ -1,5 +1,21 @@
 //! `reddog-guest`: PID 1 in the VM and the untrusted guest agent.
 //!
+//! **Owns**: everything that runs inside the guest before and around the
+//! role: mounting and switching into the OS disk, loading modules, the role
+//! manifest and the role's supervision, the guest side of the host link.
+//!
+//! **May depend on**: `std`, `libc`, `guest-proto` (frames, and the instance
+//! file with its `instance-file` feature), `serde`/`serde_json` (the role
+//! manifest), `thiserror`. It ships as one static binary (`+crt-static`)
+//! inside the initramfs and the OS image, so every dependency must build
+//! statically and stay small.
+//!
+//! **Must not**: depend on an async runtime (no tokio: the supervisor is one
+//! thread with short-lived helpers), on the host agent or VMM crates, or on
+//! anything that needs a dynamic loader, a config file or a network other
+//! than vsock. Everything from the host or the role disk is input to check,
+//! never to panic on.
+//!
 //! Two modes, chosen on the kernel command line (`cmdline`):
 //! - **probe** (any of the `reddog.*` probe options): the platform checks the
 //!   nested platform tests parse — mounts, modules, boot timer, disks, vsock —
@@ -9,23 +25,26 @@
 //!   the role from the role disk's manifest; keep the host agent informed over
 //!   vsock (`guest-proto` frames); shut down cleanly when the host says so.
 //!
-//! The agent's logic ([`agent`], [`link`], [`role`], [`manifest`]) knows
-//! nothing of VMs: behind the [`transport`] seam it runs as an ordinary host
-//! process over a unix socket with a directory for the role disk, which is how
-//! `tests/` exercise it. See `docs/guest-agent.md`.
+//! The agent's logic ([`supervisor`], [`link`], [`role`], [`manifest`],
+//! [`instance`]) knows nothing of VMs: behind the [`transport`] seam it runs
+//! as an ordinary host process over a unix socket with a directory for the
+//! role disk, which is how `tests/` exercise it. See `docs/guest-agent.md`;
+//! `docs/architecture.md` maps every module ("reddog-guest, module by module").
 //!
 //! - `sys`: the thin unsafe layer (mount, finit_module, vsock, signals, reboot).
 //! - `pid1`: disks by serial, mounts, switch_root, unmount and power-off.
 //! - `probe`: the platform checks, each printing one `reddog-guest: ...` line.
 
-pub mod agent;
 pub mod backoff;
 pub mod cmdline;
+pub mod instance;
 pub mod link;
 pub mod manifest;
+pub mod passwd;
 pub mod pid1;
 pub mod power_button;
 pub mod probe;
 pub mod role;
+pub mod supervisor;
 pub mod sys;
 pub mod transport;

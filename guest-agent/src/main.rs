@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use guest_agent::agent::{self, AgentConfig, Status};
 use guest_agent::cmdline::{self, Mode};
 use guest_agent::link::{LinkConfig, OutboxLimits};
+use guest_agent::supervisor::{self, AgentConfig, Status};
 use guest_agent::transport::{self, Transport};
-use guest_agent::{backoff, manifest, pid1, probe, probe::say, sys};
+use guest_agent::{backoff, instance, manifest, pid1, probe, probe::say, sys};
 use guest_proto::LogLevel;
 
 /// Where the initramfs lists its modules, in load order.
@@ -84,7 +84,7 @@ fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
             port: opts.agent_port,
         })),
         manifest: role_dir.join(manifest::MANIFEST_FILE),
-        instance: role_dir.join(manifest::INSTANCE_FILE),
+        instance: role_dir.join(instance::INSTANCE_FILE),
         passwd: PathBuf::from("/etc/passwd"),
         pid1: true,
         tick: Duration::from_millis(50),
@@ -92,7 +92,7 @@ fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
         boot_notes,
     };
     say(&format!("agent: host at vsock port {}", opts.agent_port));
-    let report = agent::run(cfg, Arc::new(Mutex::new(Status::default())));
+    let report = supervisor::run(cfg, Arc::new(Mutex::new(Status::default())));
     say(&format!(
         "shutdown: role {:?}, killed={}, {} ms of {} ms",
         report.role_exit,
@@ -165,13 +165,13 @@ fn host_main() {
     let cfg = AgentConfig {
         link: link_config(Arc::new(transport::Unix { path })),
         manifest: role_dir.join(manifest::MANIFEST_FILE),
-        instance: role_dir.join(manifest::INSTANCE_FILE),
+        instance: role_dir.join(instance::INSTANCE_FILE),
         passwd,
         pid1: false,
         tick: Duration::from_millis(50),
         outbox: OutboxLimits::default(),
         boot_notes: Vec::new(),
     };
-    let report = agent::run(cfg, Arc::new(Mutex::new(Status::default())));
+    let report = supervisor::run(cfg, Arc::new(Mutex::new(Status::default())));
     say(&format!("shutdown: {report:?}"));
 }

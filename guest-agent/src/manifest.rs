@@ -3,16 +3,21 @@
 //! strictly: unknown fields, oversized values and anything that could not be
 //! passed to `execve` are errors with a message that says which field.
 //!
-//! Next to it the host agent writes the instance file
-//! (`/role/reddog-instance.json`): the instance's id, role name and
-//! environment from the goal state. It is read as strictly; its environment
-//! wins over the manifest's ([`Manifest::apply_instance`]).
+//! The role's user is resolved in the guest's `/etc/passwd`
+//! ([`crate::passwd`]); the host agent's instance file
+//! ([`crate::instance`]) is applied over the manifest
+//! ([`Manifest::apply_instance`]): its environment wins.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use guest_proto::instance_file::MAX_ENV;
+use guest_proto::instance_file::{check_env, InstanceFile};
 use serde::Deserialize;
+
+use crate::instance::{ENV_INSTANCE_ID, ENV_ROLE};
+use crate::passwd::lookup_user;
 
 /// Where the role manifest is, relative to the role disk's mount point.
 pub const MANIFEST_FILE: &str = "role.json";
@@ -20,22 +25,8 @@ pub const MANIFEST_FILE: &str = "role.json";
 pub const MAX_MANIFEST_BYTES: u64 = 64 * 1024;
 /// Most arguments.
 pub const MAX_ARGS: usize = 256;
-/// Most environment variables.
-pub const MAX_ENV: usize = 256;
 /// Longest single string (path, argument, variable value).
 pub const MAX_STRING: usize = 4096;
-/// Where the host agent's instance file is, relative to the role disk's mount point.
-pub const INSTANCE_FILE: &str = "reddog-instance.json";
-/// Largest instance file accepted.
-pub const MAX_INSTANCE_FILE_BYTES: u64 = 64 * 1024;
-/// Longest instance id in the instance file.
-pub const MAX_INSTANCE_ID: usize = 64;
-/// Longest role name in the instance file.
-pub const MAX_ROLE_NAME: usize = 64;
-/// The role's variable holding the instance id (set when there is an instance file).
-pub const ENV_INSTANCE_ID: &str = "REDDOG_INSTANCE_ID";
-/// The role's variable holding the role name (set when there is an instance file).
-pub const ENV_ROLE: &str = "REDDOG_ROLE";
 
 /// Errors reading or validating a manifest.
 #[derive(Debug, thiserror::Error)]
@@ -252,32 +243,6 @@ pub struct Manifest {
     pub stop_timeout: Duration,
 }
 
-/// An `/etc/passwd` entry.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PasswdEntry {
-    /// uid.
-    pub uid: u32,
-    /// Primary gid.
-    pub gid: u32,
-    /// Home directory.
-    pub home: String,
-}
-
-/// Finds `user` in passwd-format `text`.
-pub fn lookup_user(text: &str, user: &str) -> Option<PasswdEntry> {
-    text.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if f.len() < 7 || f[0] != user {
-            return None;
-        }
-        Some(PasswdEntry {
-            uid: f[2].parse().ok()?,
-            gid: f[3].parse().ok()?,
-            home: f[5].to_owned(),
-        })
-    })
-}
-
 /// What is wrong with a string for `execve`, if anything.
 fn string_problem(s: &str) -> Option<String> {
     if s.len() > MAX_STRING {
@@ -294,34 +259,6 @@ fn check_string(field: &str, s: &str) -> Result<(), ManifestError> {
         Some(why) => Err(invalid(field, why)),
         None => Ok(()),
     }
-}
-
-/// Checks an environment (the manifest's or the instance file's): at most
-/// [`MAX_ENV`] variables, names `[A-Za-z_][A-Za-z0-9_]*` of at most 256 bytes,
-/// values as [`string_problem`]. The error is `(field, why)`.
-fn check_env(env: &BTreeMap<String, String>) -> Result<(), (String, String)> {
-    if env.len() > MAX_ENV {
-        return Err((
-            "env".into(),
-            format!("{} variables, at most {MAX_ENV}", env.len()),
-        ));
-    }
-    for (k, v) in env {
-        let good_name = !k.is_empty()
-            && k.len() <= 256
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            && !k.as_bytes()[0].is_ascii_digit();
-        if !good_name {
-            return Err((
-                format!("env.{k}"),
-                "a variable name is [A-Za-z_][A-Za-z0-9_]*, at most 256 bytes".into(),
-            ));
-        }
-        if let Some(why) = string_problem(v) {
-            return Err((format!("env.{k}"), why));
-        }
-    }
-    Ok(())
 }
 
 fn check_abs_path(field: &str, s: &str) -> Result<PathBuf, ManifestError> {
@@ -420,7 +357,7 @@ pub fn parse(text: &str, passwd: &str, path: &Path) -> Result<Manifest, Manifest
     for (i, a) in raw.args.iter().enumerate() {
         check_string(&format!("args[{i}]"), a)?;
     }
-    check_env(&raw.env).map_err(|(field, why)| invalid(field, why))?;
+    check_env(&raw.env).map_err(|p| invalid(p.field, p.why))?;
     let user_ok = !raw.user.is_empty()
         && raw.user.len() <= 32
         && raw
@@ -555,169 +492,10 @@ pub fn load(path: &Path, passwd: &Path) -> Result<Manifest, ManifestError> {
     parse(&text, &pw, path)
 }
 
-/// Errors reading or validating the instance file. The host agent writes it
-/// from the goal state, so each message says to fix the instance's spec there.
-#[derive(Debug, thiserror::Error)]
-pub enum InstanceFileError {
-    /// The file could not be read.
-    #[error("reading {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// Not a regular file (a symlink, a directory, a device).
-    #[error("{path} is not a regular file; the host agent writes a plain file there (a role package must not hold one of that name)")]
-    NotAFile {
-        /// The file.
-        path: PathBuf,
-    },
-    /// Larger than [`MAX_INSTANCE_FILE_BYTES`].
-    #[error("{path} is {len} bytes; an instance file may be at most {MAX_INSTANCE_FILE_BYTES}: shorten the instance's environment in the goal state")]
-    TooLarge {
-        /// The file.
-        path: PathBuf,
-        /// Its size.
-        len: u64,
-    },
-    /// Not valid JSON for an instance file (syntax, types, unknown fields).
-    #[error("{path}: {source} (expected {{\"version\":1,\"instance_id\":...,\"role\":...,\"env\":{{...}}}} as the host agent writes it)")]
-    Json {
-        /// The file.
-        path: PathBuf,
-        /// serde's message (with line and column).
-        source: serde_json::Error,
-    },
-    /// A field is out of its bounds.
-    #[error("instance file field `{field}`: {why}; fix the instance's spec in the goal state")]
-    Invalid {
-        /// The field.
-        field: String,
-        /// What is wrong.
-        why: String,
-    },
-}
-
-fn invalid_instance(field: impl Into<String>, why: impl Into<String>) -> InstanceFileError {
-    InstanceFileError::Invalid {
-        field: field.into(),
-        why: why.into(),
-    }
-}
-
-/// The instance file as written (JSON).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawInstance {
-    version: u32,
-    instance_id: String,
-    role: String,
-    #[serde(default)]
-    env: BTreeMap<String, String>,
-}
-
-/// A validated instance file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstanceInfo {
-    /// The instance's id (`[a-z0-9-]`, at most [`MAX_INSTANCE_ID`] bytes).
-    pub instance_id: String,
-    /// The role's name (printable ASCII, at most [`MAX_ROLE_NAME`] bytes).
-    pub role: String,
-    /// The instance's environment (checked like the manifest's).
-    pub env: BTreeMap<String, String>,
-}
-
-/// Parses and validates instance file `text`.
-pub fn parse_instance(text: &str, path: &Path) -> Result<InstanceInfo, InstanceFileError> {
-    let raw: RawInstance =
-        serde_json::from_str(text).map_err(|source| InstanceFileError::Json {
-            path: path.to_owned(),
-            source,
-        })?;
-    if raw.version != 1 {
-        return Err(invalid_instance(
-            "version",
-            format!(
-                "{} is not a known instance file version (1); the host agent is newer than this guest agent",
-                raw.version
-            ),
-        ));
-    }
-    let id_ok = !raw.instance_id.is_empty()
-        && raw.instance_id.len() <= MAX_INSTANCE_ID
-        && raw
-            .instance_id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !id_ok {
-        return Err(invalid_instance(
-            "instance_id",
-            format!("1 to {MAX_INSTANCE_ID} bytes of a-z, 0-9 and '-'"),
-        ));
-    }
-    let role_ok = !raw.role.is_empty()
-        && raw.role.len() <= MAX_ROLE_NAME
-        && raw.role.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
-    if !role_ok {
-        return Err(invalid_instance(
-            "role",
-            format!("1 to {MAX_ROLE_NAME} printable ASCII bytes"),
-        ));
-    }
-    check_env(&raw.env).map_err(|(field, why)| invalid_instance(field, why))?;
-    Ok(InstanceInfo {
-        instance_id: raw.instance_id,
-        role: raw.role,
-        env: raw.env,
-    })
-}
-
-/// Reads (bounded) and validates the instance file at `path`; `Ok(None)` if
-/// there is none (a role disk made without the host agent).
-pub fn load_instance(path: &Path) -> Result<Option<InstanceInfo>, InstanceFileError> {
-    use std::io::Read;
-    let read_err = |source| InstanceFileError::Read {
-        path: path.to_owned(),
-        source,
-    };
-    let meta = match std::fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(read_err(e)),
-    };
-    if !meta.is_file() {
-        return Err(InstanceFileError::NotAFile {
-            path: path.to_owned(),
-        });
-    }
-    if meta.len() > MAX_INSTANCE_FILE_BYTES {
-        return Err(InstanceFileError::TooLarge {
-            path: path.to_owned(),
-            len: meta.len(),
-        });
-    }
-    let f = std::fs::File::open(path).map_err(read_err)?;
-    let mut bytes = Vec::new();
-    f.take(MAX_INSTANCE_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(read_err)?;
-    let len = bytes.len() as u64;
-    if len > MAX_INSTANCE_FILE_BYTES {
-        return Err(InstanceFileError::TooLarge {
-            path: path.to_owned(),
-            len,
-        });
-    }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| invalid_instance("(file)", "not UTF-8 text; the host agent writes JSON"))?;
-    parse_instance(&text, path).map(Some)
-}
-
 impl Manifest {
     /// Applies the instance file: its environment over the manifest's (the
     /// instance's value wins), then [`ENV_INSTANCE_ID`] and [`ENV_ROLE`].
-    pub fn apply_instance(&mut self, inst: &InstanceInfo) {
+    pub fn apply_instance(&mut self, inst: &InstanceFile) {
         self.env
             .extend(inst.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.env
@@ -943,17 +721,13 @@ mod tests {
         ));
     }
 
-    fn inst(text: &str) -> Result<InstanceInfo, InstanceFileError> {
-        parse_instance(text, Path::new("/role/reddog-instance.json"))
-    }
-
     #[test]
     fn instance_env_wins_over_the_manifest_and_names_the_instance() {
         let mut m = p(r#"{"version":1,"program":"/x","user":"reddog",
             "env":{"MODE":"web","KEEP":"1","REDDOG_ROLE":"spoofed"}}"#)
         .expect("valid");
-        let i = inst(
-            r#"{"version":1,"instance_id":"web-1","role":"web tier","env":{"MODE":"prod","NEW":"a b\nc"}}"#,
+        let i = InstanceFile::decode(
+            br#"{"version":1,"instance_id":"web-1","role":"web tier","env":{"MODE":"prod","NEW":"a b\nc"}}"#,
         )
         .expect("valid");
         assert_eq!(i.instance_id, "web-1");
@@ -970,98 +744,8 @@ mod tests {
         .collect();
         assert_eq!(m.env, want);
         // No env at all is fine.
-        let i = inst(r#"{"version":1,"instance_id":"a","role":"r"}"#).expect("valid");
+        let i =
+            InstanceFile::decode(br#"{"version":1,"instance_id":"a","role":"r"}"#).expect("valid");
         assert!(i.env.is_empty());
-    }
-
-    #[test]
-    fn instance_file_errors_name_the_field() {
-        let many: Vec<String> = (0..=MAX_ENV).map(|i| format!("\"V{i}\":\"x\"")).collect();
-        let many = format!(
-            r#"{{"version":1,"instance_id":"a","role":"r","env":{{{}}}}}"#,
-            many.join(",")
-        );
-        let long = format!(
-            r#"{{"version":1,"instance_id":"a","role":"r","env":{{"K":"{}"}}}}"#,
-            "v".repeat(MAX_STRING + 1)
-        );
-        let cases = [
-            (r#"{"version":2,"instance_id":"a","role":"r"}"#, "version"),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r","extra":1}"#,
-                "unknown field",
-            ),
-            (r#"{"version":1,"role":"r"}"#, "missing field `instance_id`"),
-            (
-                r#"{"version":1,"instance_id":"A/..","role":"r"}"#,
-                "instance_id",
-            ),
-            (
-                r#"{"version":1,"instance_id":"","role":"r"}"#,
-                "instance_id",
-            ),
-            (r#"{"version":1,"instance_id":"a","role":""}"#, "`role`"),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r\u0001"}"#,
-                "`role`",
-            ),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r","env":{"1A":"x"}}"#,
-                "env.1A",
-            ),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r","env":{"A-B":"x"}}"#,
-                "env.A-B",
-            ),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r","env":{"K":"a\u0000b"}}"#,
-                "NUL",
-            ),
-            (
-                r#"{"version":1,"instance_id":"a","role":"r","env":{"K":1}}"#,
-                "invalid type",
-            ),
-            (many.as_str(), "variables, at most"),
-            (long.as_str(), "env.K"),
-            ("[]", "expected"),
-        ];
-        for (text, want) in cases {
-            let e = inst(text).expect_err(text).to_string();
-            assert!(e.contains(want), "{text}: {e}");
-        }
-    }
-
-    #[test]
-    fn instance_file_loading_is_bounded_and_strict() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let f = dir.path().join(INSTANCE_FILE);
-        assert!(matches!(load_instance(&f), Ok(None)), "absent: no instance");
-        std::fs::write(
-            &f,
-            r#"{"version":1,"instance_id":"a","role":"r","env":{"K":"v"}}"#,
-        )
-        .expect("write");
-        let i = load_instance(&f).expect("valid").expect("present");
-        assert_eq!(i.env["K"], "v");
-        std::fs::write(&f, vec![b' '; MAX_INSTANCE_FILE_BYTES as usize + 1]).expect("write");
-        assert!(matches!(
-            load_instance(&f),
-            Err(InstanceFileError::TooLarge { .. })
-        ));
-        std::fs::write(&f, b"{\"version\":1,\xff}").expect("write");
-        let e = load_instance(&f).expect_err("not utf-8").to_string();
-        assert!(e.contains("UTF-8"), "{e}");
-        std::fs::remove_file(&f).expect("rm");
-        std::os::unix::fs::symlink("/dev/zero", &f).expect("symlink");
-        assert!(matches!(
-            load_instance(&f),
-            Err(InstanceFileError::NotAFile { .. })
-        ));
-        std::fs::remove_file(&f).expect("rm");
-        std::fs::create_dir(&f).expect("mkdir");
-        assert!(matches!(
-            load_instance(&f),
-            Err(InstanceFileError::NotAFile { .. })
-        ));
     }
 }

@@ -8,7 +8,8 @@
 //! byte layout, the versioning rules and what the host does on bad input are
 //! written down in `docs/guest-protocol.md`.
 //!
-//! The crate is `#![no_std]`, never allocates and never panics on any input:
+//! With default features the crate is `#![no_std]`, never allocates and never
+//! panics on any input:
 //!
 //! * decoding borrows from the input ([`Hello::agent_version`] and
 //!   [`Log::line`] point into the caller's buffer);
@@ -20,6 +21,11 @@
 //!   serial port piecemeal;
 //! * [`encode_frame`] (or [`GuestMsg::encode`] / [`HostMsg::encode`]) writes
 //!   a frame into a caller-provided buffer.
+//!
+//! The `instance-file` feature (std, serde, serde_json) adds
+//! [`instance_file`]: the file the host agent writes onto each role disk for
+//! `reddog-guest` (instance id, role name, environment), its encoder and the
+//! guest's strict decoder. Default features stay `no_std` and serde-free.
 //!
 //! Messages come in two directions: [`GuestMsg`] (guest to host) and
 //! [`HostMsg`] (host to guest). The decoders are generic over the direction
@@ -60,10 +66,14 @@
 
 #[cfg(feature = "alloc")]
 extern crate alloc;
+#[cfg(feature = "std")]
+extern crate std;
 
 mod codec;
 mod error;
 mod header;
+#[cfg(feature = "instance-file")]
+pub mod instance_file;
 mod msg;
 mod stream;
 mod wire;

@@ -18,8 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use common::{FakeHost, Got};
-use guest_agent::agent::{self, AgentConfig, ShutdownReport, Status};
 use guest_agent::link::{LinkConfig, OutboxLimits, CAPABILITIES};
+use guest_agent::supervisor::{self, AgentConfig, ShutdownReport, Status};
 use guest_agent::transport;
 use guest_proto::{ExitStatus, HostMsg, Ping, RoleState, SetHeartbeatInterval, Shutdown};
 
@@ -126,7 +126,7 @@ fn setup_prepared(
         boot_notes: Vec::new(),
     };
     let st = status.clone();
-    let agent = Some(std::thread::spawn(move || agent::run(cfg, st)));
+    let agent = Some(std::thread::spawn(move || supervisor::run(cfg, st)));
     Setup {
         dir,
         host,

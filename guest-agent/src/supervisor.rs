@@ -1,6 +1,7 @@
-//! The agent proper: supervises the role, keeps the host informed, obeys the
-//! host. Runs the same as PID 1 in the VM and as an ordinary process on the
-//! host (tests), where only the transport and the paths differ.
+//! The supervisor, the guest agent's main loop: supervises the role, keeps
+//! the host informed, obeys the host. Runs the same as PID 1 in the VM and
+//! as an ordinary process on the host (tests), where only the transport and
+//! the paths differ.
 //!
 //! One thread (the caller's) owns all role state and runs a loop that wakes
 //! on every host message and at least every `tick`: it reaps children, starts
@@ -19,6 +20,7 @@ use guest_proto::{
 };
 
 use crate::backoff::Backoff;
+use crate::instance;
 use crate::link::{Link, LinkConfig, LinkEvent, Outbox, OutboxLimits, Report};
 use crate::manifest::{self, Manifest, RestartPolicy};
 use crate::probe::say;
@@ -260,7 +262,7 @@ impl Agent {
         }
         let loaded = manifest::load(&self.cfg.manifest, &self.cfg.passwd)
             .map_err(|e| format!("role manifest rejected: {e}"))
-            .and_then(|mut m| match manifest::load_instance(&self.cfg.instance) {
+            .and_then(|mut m| match instance::load_instance(&self.cfg.instance) {
                 Ok(Some(inst)) => {
                     say(&format!(
                         "instance file ok: instance {}, role {}, {} environment variables",
