@@ -18,11 +18,9 @@ use vmm_api::{DiskConfig, DiskFormat};
 
 use crate::spec::InstanceSpec;
 
-/// The agent's file at the root of every role disk (a role package may not
-/// hold a file of this name).
-pub const INSTANCE_FILE: &str = "reddog-instance.json";
-/// Largest [`INSTANCE_FILE`] (`reddog-guest` refuses larger ones).
-pub const MAX_INSTANCE_FILE_BYTES: usize = 64 * 1024;
+/// The instance file (its name, its size limit and its type) is the host <->
+/// guest contract in `guest-proto`, shared with `reddog-guest`.
+pub use guest_proto::instance_file::{InstanceFile, INSTANCE_FILE, MAX_INSTANCE_FILE_BYTES};
 
 /// What to make.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,41 +43,16 @@ pub struct DiskRequest {
     pub resource_disk_bytes: u64,
 }
 
-/// [`INSTANCE_FILE`] as written: `{"version":1,"instance_id":...,"role":...,"env":{...}}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct InstanceFile {
-    /// Format version (1).
-    pub version: u32,
-    /// The instance id.
-    pub instance_id: String,
-    /// The role's name.
-    pub role: String,
-    /// The instance's environment (wins over the role manifest's).
-    pub env: BTreeMap<String, String>,
-}
-
-impl InstanceFile {
-    /// The file for `req`.
-    pub fn for_request(req: &DiskRequest) -> Self {
-        Self {
-            version: 1,
-            instance_id: req.instance_id.clone(),
-            role: req.role.clone(),
-            env: req.env.clone(),
-        }
-    }
-
-    /// The JSON bytes, at most [`MAX_INSTANCE_FILE_BYTES`].
-    pub fn to_bytes(&self) -> Result<Vec<u8>, DiskPrepError> {
-        let mut b = serde_json::to_vec(self)
-            .map_err(|e| DiskPrepError::Other(format!("cannot encode {INSTANCE_FILE}: {e}")))?;
-        b.push(b'\n');
-        if b.len() > MAX_INSTANCE_FILE_BYTES {
-            return Err(DiskPrepError::InstanceFileTooLarge { len: b.len() });
-        }
-        Ok(b)
-    }
+/// The instance file's bytes for `req` (bounded by the contract's limit).
+pub fn instance_file_bytes(req: &DiskRequest) -> Result<Vec<u8>, DiskPrepError> {
+    InstanceFile::new(req.instance_id.clone(), req.role.clone(), req.env.clone())
+        .encode()
+        .map_err(|e| match e {
+            guest_proto::instance_file::InstanceFileError::TooLarge { len } => {
+                DiskPrepError::InstanceFileTooLarge { len }
+            }
+            e => DiskPrepError::Other(format!("cannot encode {INSTANCE_FILE}: {e}")),
+        })
 }
 
 /// The three disks, in guest order, as the VMM takes them.

@@ -402,7 +402,7 @@ struct DiskState {
 
 /// A fake [`DiskPreparer`]: writes three small files, or fails on request.
 /// The OS disk's file names its base, the role disk's holds the instance file
-/// ([`super::disks::InstanceFile`]) the real role disk carries.
+/// ([`super::disks::InstanceFile`], bytes from [`super::disks::instance_file_bytes`]) the real role disk carries.
 #[derive(Debug, Clone, Default)]
 pub struct FakeDisks {
     st: Arc<Mutex<DiskState>>,
@@ -478,7 +478,7 @@ impl FakeDisks {
         };
         let mut out = current.cloned().unwrap_or_else(|| fresh.clone());
         let os = format!("fake os over {}", req.base.display()).into_bytes();
-        let role = super::disks::InstanceFile::for_request(req).to_bytes()?;
+        let role = super::disks::instance_file_bytes(req)?;
         let mut first = true;
         for (on, cfg, slot, bytes) in [
             (which.os, &fresh.os, &mut out.os, os),

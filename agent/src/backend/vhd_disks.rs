@@ -28,7 +28,7 @@ fn check_role_inputs(req: &DiskRequest) -> Result<Vec<u8>, DiskPrepError> {
     if reserved.symlink_metadata().is_ok() {
         return Err(DiskPrepError::ReservedName(req.role_package.clone()));
     }
-    InstanceFile::for_request(req).to_bytes()
+    instance_file_bytes(req)
 }
 
 fn make_os(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
@@ -251,7 +251,10 @@ mod tests {
         assert_eq!(cat(&d.role.path, "run.sh"), b"#!/bin/sh\necho hi\n");
         let f: InstanceFile =
             serde_json::from_slice(&cat(&d.role.path, INSTANCE_FILE)).expect("instance file");
-        assert_eq!(f, InstanceFile::for_request(&req));
+        assert_eq!(
+            f,
+            InstanceFile::new(req.instance_id.clone(), req.role.clone(), req.env.clone())
+        );
         assert_eq!(f.env["MODE"], "prod \"quoted\"\n");
         let text = String::from_utf8(cat(&d.role.path, INSTANCE_FILE)).expect("utf8");
         assert!(
