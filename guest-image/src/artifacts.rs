@@ -1,6 +1,15 @@
-//! Debian's stock cloud kernel (fetched with apt, checked against apt's
-//! sha256 and cached outside git), the apt helpers behind it, the cache root and
-//! the static busybox.
+//! Debian kernels (fetched with apt, checked against apt's sha256 and cached
+//! outside git), the apt helpers behind them, the cache root and the static
+//! busybox.
+//!
+//! A kernel comes from a [`KernelSource`]: Debian's cloud kernel (the
+//! default), any Debian kernel package by name (a metapackage such as
+//! `linux-image-amd64` is followed to the kernel it depends on), a local
+//! `.deb`, or a `vmlinuz` plus its modules directory. The `vmlinux` (PVH
+//! entry) is extracted from the bzImage when its compression is one
+//! [`crate::bzimage`] reads (LZ4, as Debian's cloud kernel); otherwise the
+//! kernel boots as the bzImage only, through the 64-bit boot protocol
+//! ([`KernelArtifacts::entries`] says which).
 //!
 //! Cache layout: `${REDDOG_CACHE:-$HOME/.cache/reddog}/kernels/<sha256 of the .deb>/`
 //! holding `root/` (the extracted package), `vmlinux` and `kernel.json`. A cache
@@ -80,6 +89,14 @@ pub enum ArtifactError {
     NoModule { name: String, dir: PathBuf },
     #[error("the cache entry {path} is unreadable ({what}): delete the directory and run again")]
     BadCacheEntry { path: PathBuf, what: String },
+    #[error("kernel flags: {0}")]
+    KernelFlags(String),
+    #[error("{kernel} has no vmlinux for the PVH entry ({why}): boot its bzImage {vmlinuz} (64-bit boot protocol) instead")]
+    NoVmlinux {
+        kernel: String,
+        vmlinuz: PathBuf,
+        why: String,
+    },
 }
 
 /// Maps an I/O error on `path` to [`ArtifactError::Io`].
@@ -130,7 +147,68 @@ pub fn cache_root() -> Result<PathBuf, ArtifactError> {
     Ok(PathBuf::from(home).join(".cache/reddog"))
 }
 
-/// Debian's stock cloud kernel, extracted.
+/// Where a kernel comes from (`reddog image kernel`'s flags).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum KernelSource {
+    /// Debian 12's current stock cloud kernel (behind `linux-image-cloud-amd64`).
+    #[default]
+    Cloud,
+    /// A Debian kernel package by name, fetched with apt: a kernel
+    /// (`linux-image-6.1.0-56-amd64`) or a metapackage naming one
+    /// (`linux-image-amd64`, the generic kernel).
+    Package(String),
+    /// A local kernel `.deb`.
+    Deb(PathBuf),
+    /// A bzImage and its `/lib/modules/<release>` directory.
+    Files {
+        /// The bzImage.
+        vmlinuz: PathBuf,
+        /// The modules directory (its name is the release).
+        modules_dir: PathBuf,
+    },
+}
+
+impl KernelSource {
+    /// The source the flags name: at most one of `package`, `deb` and
+    /// `vmlinuz` (which needs `modules`); none is the cloud kernel.
+    pub fn from_flags(
+        package: Option<&str>,
+        deb: Option<&Path>,
+        vmlinuz: Option<&Path>,
+        modules: Option<&Path>,
+    ) -> Result<Self, ArtifactError> {
+        let bad = |why: &str| ArtifactError::KernelFlags(why.to_owned());
+        match (package, deb, vmlinuz, modules) {
+            (None, None, None, None) => Ok(Self::Cloud),
+            (Some(p), None, None, None) => {
+                let ok = p.starts_with("linux-image-")
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-+.".contains(&b));
+                if ok {
+                    Ok(Self::Package(p.to_owned()))
+                } else {
+                    Err(bad(
+                        "a kernel package is named linux-image-... (e.g. linux-image-amd64)",
+                    ))
+                }
+            }
+            (None, Some(d), None, None) => Ok(Self::Deb(d.to_owned())),
+            (None, None, Some(v), Some(m)) => Ok(Self::Files {
+                vmlinuz: v.to_owned(),
+                modules_dir: m.to_owned(),
+            }),
+            (None, None, Some(_), None) => Err(bad(
+                "--vmlinuz needs --modules DIR (its /lib/modules/<release> directory)",
+            )),
+            (None, None, None, Some(_)) => Err(bad("--modules goes with --vmlinuz FILE")),
+            _ => Err(bad(
+                "give one of --package NAME, --deb FILE or --vmlinuz FILE --modules DIR",
+            )),
+        }
+    }
+}
+
+/// A Debian kernel, extracted.
 #[derive(Debug, Clone)]
 pub struct KernelArtifacts {
     /// The Debian package, e.g. `linux-image-6.1.0-56-cloud-amd64-unsigned`.
@@ -145,8 +223,12 @@ pub struct KernelArtifacts {
     pub dir: PathBuf,
     /// The bzImage (`/boot/vmlinuz-<release>`).
     pub vmlinuz: PathBuf,
-    /// The uncompressed ELF kernel with its PVH note, extracted from the bzImage.
-    pub vmlinux: PathBuf,
+    /// The uncompressed ELF kernel with its PVH note, extracted from the
+    /// bzImage; `None` when it could not be (see `vmlinux_error`): boot the
+    /// bzImage instead.
+    pub vmlinux: Option<PathBuf>,
+    /// Why there is no `vmlinux`.
+    pub vmlinux_error: Option<String>,
     /// `/lib/modules/<release>`.
     pub modules_dir: PathBuf,
 }
@@ -201,18 +283,46 @@ fn read_module(path: &Path) -> Result<Vec<u8>, ArtifactError> {
 }
 
 impl KernelArtifacts {
+    /// The `vmlinux` for the PVH entry, or [`ArtifactError::NoVmlinux`]
+    /// saying to boot the bzImage.
+    pub fn pvh_vmlinux(&self) -> Result<&Path, ArtifactError> {
+        self.vmlinux
+            .as_deref()
+            .ok_or_else(|| ArtifactError::NoVmlinux {
+                kernel: format!("{} {}", self.package, self.release),
+                vmlinuz: self.vmlinuz.clone(),
+                why: self
+                    .vmlinux_error
+                    .clone()
+                    .unwrap_or_else(|| "not extracted".into()),
+            })
+    }
+
+    /// The entry protocols this kernel supports, for people:
+    /// `"pvh (vmlinux), linux-64 (bzImage)"` or `"linux-64 (bzImage)"`.
+    pub fn entries(&self) -> &'static str {
+        if self.vmlinux.is_some() {
+            "pvh (vmlinux), linux-64 (bzImage)"
+        } else {
+            "linux-64 (bzImage)"
+        }
+    }
+
     /// Checks the entry is usable: the bzImage has a boot-protocol setup header
-    /// with its payload inside the file, and `vmlinux` is an x86_64 ELF carrying
-    /// the PVH entry note. Reads both files (some tens of MiB).
+    /// with its payload inside the file, and `vmlinux` (when there is one) is an
+    /// x86_64 ELF carrying the PVH entry note. Reads both files (some tens of MiB).
     pub fn verify(&self) -> Result<(), ArtifactError> {
         let bz = fs::read(&self.vmlinuz).map_err(io_err(&self.vmlinuz))?;
         bzimage::payload(&bz).map_err(|source| ArtifactError::BzImage {
             path: self.vmlinuz.clone(),
             source,
         })?;
-        let bytes = fs::read(&self.vmlinux).map_err(io_err(&self.vmlinux))?;
+        let Some(vmlinux) = &self.vmlinux else {
+            return Ok(());
+        };
+        let bytes = fs::read(vmlinux).map_err(io_err(vmlinux))?;
         let elf_err = |source| ArtifactError::Elf {
-            path: self.vmlinux.clone(),
+            path: vmlinux.clone(),
             source,
         };
         let pvh = Elf::parse(&bytes)
@@ -221,7 +331,7 @@ impl KernelArtifacts {
         if !pvh {
             return Err(ArtifactError::BadCacheEntry {
                 path: self.dir.clone(),
-                what: format!("{} has no PVH entry note", self.vmlinux.display()),
+                what: format!("{} has no PVH entry note", vmlinux.display()),
             });
         }
         Ok(())
@@ -287,20 +397,47 @@ pub fn apt_update() -> Result<(), ArtifactError> {
     run(Command::new("apt-get").args(["update", "-q"])).map(|_| ())
 }
 
-/// The current cloud kernel's unsigned package name, from the metapackage's dependency.
-fn cloud_kernel_package() -> Result<Option<String>, ArtifactError> {
-    let out = match run(Command::new("apt-cache").args(["depends", CLOUD_METAPACKAGE])) {
-        Ok(out) => out,
-        Err(ArtifactError::Command { .. }) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let text = String::from_utf8_lossy(&out.stdout);
-    Ok(text.lines().find_map(|l| {
+/// The `linux-image-*` package an `apt-cache depends` listing depends on
+/// (what a kernel metapackage points at), if any.
+fn kernel_dependency(depends: &str) -> Option<String> {
+    depends.lines().find_map(|l| {
         let dep = l.trim().strip_prefix("Depends:")?.trim();
         let dep = dep.trim_start_matches('<').trim_end_matches('>');
-        (dep.starts_with("linux-image-") && dep.ends_with("-cloud-amd64"))
-            .then(|| format!("{dep}-unsigned"))
-    }))
+        dep.starts_with("linux-image-").then(|| dep.to_owned())
+    })
+}
+
+/// `apt-cache depends package`, or `None` if apt does not know it.
+fn apt_depends(package: &str) -> Result<Option<String>, ArtifactError> {
+    match run(Command::new("apt-cache").args(["depends", package])) {
+        Ok(out) => Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned())),
+        Err(ArtifactError::Command { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The current cloud kernel's unsigned package name, from the metapackage's dependency.
+fn cloud_kernel_package() -> Result<Option<String>, ArtifactError> {
+    Ok(apt_depends(CLOUD_METAPACKAGE)?
+        .and_then(|t| kernel_dependency(&t))
+        .filter(|d| d.ends_with("-cloud-amd64"))
+        .map(|d| format!("{d}-unsigned")))
+}
+
+/// The kernel package behind `name`: `name` itself if it is a kernel, else
+/// the kernel its metapackage depends on (followed at most 3 times).
+fn named_kernel_package(name: &str) -> Result<Option<String>, ArtifactError> {
+    let mut at = name.to_owned();
+    for _ in 0..3 {
+        let Some(deps) = apt_depends(&at)? else {
+            return Ok(None);
+        };
+        match kernel_dependency(&deps) {
+            Some(next) => at = next,
+            None => return Ok(Some(at)),
+        }
+    }
+    Ok(Some(at))
 }
 
 /// The candidate version of `package` as `apt-cache show` knows it, or `None`
@@ -326,9 +463,14 @@ pub fn apt_show(package: &str) -> Result<Option<AptPackage>, ArtifactError> {
     }
 }
 
-fn resolve_kernel_package() -> Result<AptPackage, ArtifactError> {
+/// `package`: `None` for the cloud kernel, else a package name.
+fn resolve_kernel_package(package: Option<&str>) -> Result<AptPackage, ArtifactError> {
     let lookup = || -> Result<Option<AptPackage>, ArtifactError> {
-        match cloud_kernel_package()? {
+        let name = match package {
+            None => cloud_kernel_package()?,
+            Some(p) => named_kernel_package(p)?,
+        };
+        match name {
             Some(p) => apt_show(&p),
             None => Ok(None),
         }
@@ -338,7 +480,10 @@ fn resolve_kernel_package() -> Result<AptPackage, ArtifactError> {
     }
     apt_update()?;
     lookup()?.ok_or_else(|| ArtifactError::NoPackage {
-        what: format!("unsigned package behind {CLOUD_METAPACKAGE}"),
+        what: match package {
+            None => format!("unsigned package behind {CLOUD_METAPACKAGE}"),
+            Some(p) => format!("kernel package {p}"),
+        },
     })
 }
 
@@ -375,6 +520,9 @@ struct CacheMeta {
     version: String,
     release: String,
     deb_sha256: String,
+    /// Why there is no `vmlinux` (absent in entries from before it could fail).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    vmlinux_error: Option<String>,
 }
 
 fn load_entry(dir: &Path) -> Result<KernelArtifacts, ArtifactError> {
@@ -387,14 +535,18 @@ fn load_entry(dir: &Path) -> Result<KernelArtifacts, ArtifactError> {
     let k = KernelArtifacts {
         dir: dir.to_owned(),
         vmlinuz: dir.join("root/boot").join(format!("vmlinuz-{}", m.release)),
-        vmlinux: dir.join("vmlinux"),
+        vmlinux: m.vmlinux_error.is_none().then(|| dir.join("vmlinux")),
+        vmlinux_error: m.vmlinux_error,
         modules_dir: dir.join("root/lib/modules").join(&m.release),
         package: m.package,
         version: m.version,
         release: m.release,
         deb_sha256: m.deb_sha256,
     };
-    for p in [&k.vmlinuz, &k.vmlinux, &k.modules_dir] {
+    for p in [Some(&k.vmlinuz), k.vmlinux.as_ref(), Some(&k.modules_dir)]
+        .into_iter()
+        .flatten()
+    {
         if !p.exists() {
             return Err(ArtifactError::BadCacheEntry {
                 path: dir.to_owned(),
@@ -425,9 +577,51 @@ fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<(), ArtifactError> {
             expected: pkg.sha256.clone(),
         });
     }
+    unpack_entry(&deb, pkg, tmp)?;
+    fs::remove_file(&deb).map_err(io_err(&deb))
+}
+
+/// What a local `.deb` is (`dpkg-deb -f`), with its sha256.
+fn local_deb(deb: &Path) -> Result<AptPackage, ArtifactError> {
+    let out = run(Command::new("dpkg-deb")
+        .arg("-f")
+        .arg(deb)
+        .args(["Package", "Version"]))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(key).map(|v| v.trim().to_owned()))
+            .ok_or_else(|| ArtifactError::PackageLayout(format!("a {key} field")))
+    };
+    Ok(AptPackage {
+        name: field("Package:")?,
+        version: field("Version:")?,
+        sha256: sha256_file(deb)?,
+    })
+}
+
+/// Tries to get `vmlinux` out of the bzImage `vmlinuz` into `out`; the
+/// reason when it cannot (another compression than LZ4, no PVH note).
+fn try_vmlinux(vmlinuz: &Path, out: &Path) -> Result<Option<String>, ArtifactError> {
+    let bz = fs::read(vmlinuz).map_err(io_err(vmlinuz))?;
+    bzimage::payload(&bz).map_err(|source| ArtifactError::BzImage {
+        path: vmlinuz.to_owned(),
+        source,
+    })?;
+    match bzimage::extract_vmlinux(&bz) {
+        Ok(bytes) => {
+            fs::write(out, bytes).map_err(io_err(out))?;
+            Ok(None)
+        }
+        Err(e) => Ok(Some(e.to_string())),
+    }
+}
+
+/// Unpacks the kernel `.deb` into `tmp/root` and makes the rest of the entry.
+fn unpack_entry(deb: &Path, pkg: &AptPackage, tmp: &Path) -> Result<(), ArtifactError> {
+    let actual = pkg.sha256.clone();
     let root = tmp.join("root");
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root))?;
-    fs::remove_file(&deb).map_err(io_err(&deb))?;
+    run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(&root))?;
 
     let boot = root.join("boot");
     let release = fs::read_dir(&boot)
@@ -447,18 +641,13 @@ fn build_entry(pkg: &AptPackage, tmp: &Path) -> Result<(), ArtifactError> {
             "/lib/modules/{release}"
         )));
     }
-    let bz = fs::read(&vmlinuz).map_err(io_err(&vmlinuz))?;
-    let vmlinux_bytes = bzimage::extract_vmlinux(&bz).map_err(|source| ArtifactError::BzImage {
-        path: vmlinuz.clone(),
-        source,
-    })?;
-    let vmlinux = tmp.join("vmlinux");
-    fs::write(&vmlinux, vmlinux_bytes).map_err(io_err(&vmlinux))?;
+    let vmlinux_error = try_vmlinux(&vmlinuz, &tmp.join("vmlinux"))?;
     let m = CacheMeta {
         package: pkg.name.clone(),
         version: pkg.version.clone(),
         release,
         deb_sha256: actual,
+        vmlinux_error,
     };
     let meta = tmp.join(METADATA);
     let json = serde_json::to_string_pretty(&m).map_err(|e| ArtifactError::BadCacheEntry {
@@ -484,21 +673,95 @@ pub fn debian_kernel() -> Result<KernelArtifacts, ArtifactError> {
 /// [`debian_kernel`] with the cache rooted at `cache` (its `kernels/`
 /// subdirectory holds the entries).
 pub fn debian_kernel_in(cache: &Path) -> Result<KernelArtifacts, ArtifactError> {
-    static KERNELS: std::sync::Mutex<Vec<(PathBuf, KernelArtifacts)>> =
-        std::sync::Mutex::new(Vec::new());
+    kernel_in(&KernelSource::Cloud, cache)
+}
+
+/// The kernel `source` names, with the cache rooted at `cache` (packages and
+/// `.deb`s are cached by their sha256; a `vmlinuz` with its modules is used
+/// where it is, its `vmlinux` cached by the bzImage's sha256).
+pub fn kernel_in(source: &KernelSource, cache: &Path) -> Result<KernelArtifacts, ArtifactError> {
+    type Known = Vec<(PathBuf, KernelSource, KernelArtifacts)>;
+    static KERNELS: std::sync::Mutex<Known> = std::sync::Mutex::new(Vec::new());
     let mut known = KERNELS
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some((_, k)) = known.iter().find(|(c, _)| c == cache) {
+    if let Some((_, _, k)) = known.iter().find(|(c, s, _)| c == cache && s == source) {
         return Ok(k.clone());
     }
-    let k = fetch_debian_kernel(cache)?;
-    known.push((cache.to_owned(), k.clone()));
+    let k = match source {
+        KernelSource::Cloud => fetch_debian_kernel(cache, None)?,
+        KernelSource::Package(p) => fetch_debian_kernel(cache, Some(p))?,
+        KernelSource::Deb(deb) => {
+            let pkg = local_deb(deb)?;
+            cached_entry(cache, &pkg, |tmp| unpack_entry(deb, &pkg, tmp))?
+        }
+        KernelSource::Files {
+            vmlinuz,
+            modules_dir,
+        } => kernel_files(cache, vmlinuz, modules_dir)?,
+    };
+    known.push((cache.to_owned(), source.clone(), k.clone()));
     Ok(k)
 }
 
-fn fetch_debian_kernel(cache: &Path) -> Result<KernelArtifacts, ArtifactError> {
-    let pkg = resolve_kernel_package()?;
+fn kernel_files(
+    cache: &Path,
+    vmlinuz: &Path,
+    modules_dir: &Path,
+) -> Result<KernelArtifacts, ArtifactError> {
+    if !modules_dir.is_dir() {
+        return Err(ArtifactError::KernelFlags(format!(
+            "--modules {} is not a directory",
+            modules_dir.display()
+        )));
+    }
+    let release = modules_dir
+        .file_name()
+        .and_then(OsStr::to_str)
+        .unwrap_or("")
+        .to_owned();
+    let sha = sha256_file(vmlinuz)?;
+    let dir = cache.join("kernels").join(format!("vmlinuz-{sha}"));
+    fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+    let vmlinux = dir.join("vmlinux");
+    let vmlinux_error = if vmlinux.is_file() {
+        None
+    } else {
+        let tmp = dir.join(format!(".tmp-{}", unique_suffix()));
+        let why = try_vmlinux(vmlinuz, &tmp)?;
+        if why.is_none() {
+            fs::rename(&tmp, &vmlinux).map_err(io_err(&vmlinux))?;
+        }
+        why
+    };
+    Ok(KernelArtifacts {
+        package: vmlinuz.display().to_string(),
+        version: String::new(),
+        release,
+        deb_sha256: String::new(),
+        dir,
+        vmlinuz: vmlinuz.to_owned(),
+        vmlinux: vmlinux_error.is_none().then_some(vmlinux),
+        vmlinux_error,
+        modules_dir: modules_dir.to_owned(),
+    })
+}
+
+fn fetch_debian_kernel(
+    cache: &Path,
+    package: Option<&str>,
+) -> Result<KernelArtifacts, ArtifactError> {
+    let pkg = resolve_kernel_package(package)?;
+    cached_entry(cache, &pkg, |tmp| build_entry(&pkg, tmp))
+}
+
+/// The cache entry for `pkg`, made by `build` in a temporary directory and
+/// renamed into place if it is not there yet.
+fn cached_entry(
+    cache: &Path,
+    pkg: &AptPackage,
+    build: impl FnOnce(&Path) -> Result<(), ArtifactError>,
+) -> Result<KernelArtifacts, ArtifactError> {
     let kernels = cache.join("kernels");
     let final_dir = kernels.join(&pkg.sha256);
     if final_dir.is_dir() {
@@ -507,7 +770,7 @@ fn fetch_debian_kernel(cache: &Path) -> Result<KernelArtifacts, ArtifactError> {
     fs::create_dir_all(&kernels).map_err(io_err(&kernels))?;
     let tmp = kernels.join(format!(".tmp-{}", unique_suffix()));
     fs::create_dir(&tmp).map_err(io_err(&tmp))?;
-    if let Err(e) = build_entry(&pkg, &tmp) {
+    if let Err(e) = build(&tmp) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -584,6 +847,106 @@ mod tests {
             Some("irqbypass")
         );
         assert_eq!(module_name(OsStr::new("modules.dep")), None);
+    }
+
+    #[test]
+    fn kernel_flags_name_one_source() {
+        let p = |s: &str| Some(PathBuf::from(s));
+        let f =
+            |pkg: Option<&str>, deb: Option<PathBuf>, vz: Option<PathBuf>, m: Option<PathBuf>| {
+                KernelSource::from_flags(pkg, deb.as_deref(), vz.as_deref(), m.as_deref())
+            };
+        assert_eq!(
+            f(None, None, None, None).expect("none"),
+            KernelSource::Cloud
+        );
+        assert_eq!(
+            f(Some("linux-image-amd64"), None, None, None).expect("package"),
+            KernelSource::Package("linux-image-amd64".into())
+        );
+        assert_eq!(
+            f(None, p("/k/linux.deb"), None, None).expect("deb"),
+            KernelSource::Deb("/k/linux.deb".into())
+        );
+        assert_eq!(
+            f(
+                None,
+                None,
+                p("/boot/vmlinuz"),
+                p("/lib/modules/6.1.0-56-amd64")
+            )
+            .expect("files"),
+            KernelSource::Files {
+                vmlinuz: "/boot/vmlinuz".into(),
+                modules_dir: "/lib/modules/6.1.0-56-amd64".into()
+            }
+        );
+        let refused = [
+            (f(Some("busybox"), None, None, None), "linux-image-"),
+            (
+                f(Some("linux-image-amd64; rm"), None, None, None),
+                "linux-image-",
+            ),
+            (f(None, None, p("/boot/vmlinuz"), None), "needs --modules"),
+            (
+                f(None, None, None, p("/lib/modules/x")),
+                "goes with --vmlinuz",
+            ),
+            (
+                f(Some("linux-image-amd64"), p("/k.deb"), None, None),
+                "one of",
+            ),
+            (f(None, p("/k.deb"), p("/v"), p("/m")), "one of"),
+        ];
+        for (r, want) in refused {
+            let e = r.expect_err(want).to_string();
+            assert!(e.contains(want), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_metapackage_is_followed_to_its_kernel() {
+        let generic = "linux-image-amd64\n  Depends: linux-image-6.1.0-56-amd64\n";
+        assert_eq!(
+            kernel_dependency(generic).as_deref(),
+            Some("linux-image-6.1.0-56-amd64")
+        );
+        let cloud = "linux-image-cloud-amd64\n  Depends: <linux-image-6.1.0-56-cloud-amd64>\n";
+        assert_eq!(
+            kernel_dependency(cloud).as_deref(),
+            Some("linux-image-6.1.0-56-cloud-amd64")
+        );
+        // A kernel package depends on no other kernel: it is the kernel.
+        let kernel = "linux-image-6.1.0-56-amd64\n  Depends: kmod\n  Depends: linux-base\n  Recommends: firmware-linux-free\n";
+        assert_eq!(kernel_dependency(kernel), None);
+    }
+
+    #[test]
+    fn a_kernel_without_vmlinux_says_to_boot_the_bzimage() {
+        let k = KernelArtifacts {
+            package: "linux-image-6.1.0-56-amd64".into(),
+            version: "6.1.192-2".into(),
+            release: "6.1.0-56-amd64".into(),
+            deb_sha256: String::new(),
+            dir: "/c".into(),
+            vmlinuz: "/c/root/boot/vmlinuz-6.1.0-56-amd64".into(),
+            vmlinux: None,
+            vmlinux_error: Some("the payload is not LZ4 legacy-framed".into()),
+            modules_dir: "/c/root/lib/modules/6.1.0-56-amd64".into(),
+        };
+        assert_eq!(k.entries(), "linux-64 (bzImage)");
+        let e = k.pvh_vmlinux().expect_err("no vmlinux").to_string();
+        assert!(
+            e.contains("LZ4") && e.contains("bzImage") && e.contains("64-bit"),
+            "{e}"
+        );
+        let k = KernelArtifacts {
+            vmlinux: Some("/c/vmlinux".into()),
+            vmlinux_error: None,
+            ..k
+        };
+        assert_eq!(k.pvh_vmlinux().expect("vmlinux"), Path::new("/c/vmlinux"));
+        assert!(k.entries().starts_with("pvh"));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod elf;
 pub mod initramfs;
 pub mod os_image;
 
-pub use artifacts::{debian_kernel, debian_kernel_in, ArtifactError, KernelArtifacts};
+pub use artifacts::{
+    debian_kernel, debian_kernel_in, kernel_in, ArtifactError, KernelArtifacts, KernelSource,
+};
 pub use initramfs::{initramfs, InitramfsError, GUEST_MODULES};
 pub use os_image::OsImageError;

@@ -10,7 +10,8 @@ fn main() -> ExitCode {
             println!("release  {}", k.release);
             println!("sha256   {}", k.deb_sha256);
             println!("vmlinuz  {}", k.vmlinuz.display());
-            println!("vmlinux  {}", k.vmlinux.display());
+            println!("vmlinux  {:?}", k.vmlinux);
+            println!("entries  {}", k.entries());
             println!("modules  {}", k.modules_dir.display());
             ExitCode::SUCCESS
         }

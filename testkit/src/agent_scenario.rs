@@ -408,7 +408,7 @@ pub fn run_nested(
         .host_file("bin/agent-driver", 0o755, &a.driver)
         .host_program("bin/mkfs.ext4", Path::new("/sbin/mkfs.ext4"))
         .host_program("bin/debugfs", Path::new("/sbin/debugfs"))
-        .host_file("guest/vmlinux", 0o644, &a.kernel.vmlinux)
+        .host_file("guest/vmlinux", 0o644, a.kernel.pvh_vmlinux()?)
         .host_file("guest/initrd", 0o644, &a.initrd)
         .host_file("guest/base.img", 0o644, &a.base)
         .file(
@@ -489,7 +489,7 @@ pub fn run_direct(
         .arg("--vmm")
         .arg(&a.vmm)
         .arg("--kernel")
-        .arg(&a.kernel.vmlinux)
+        .arg(a.kernel.pvh_vmlinux()?)
         .arg("--initrd")
         .arg(&a.initrd)
         .arg("--base")

@@ -49,7 +49,10 @@ fn web_role_vm(started: Instant) -> (testkit::KernelArtifacts, InnerVm, tempfile
     let cmdline = format!(
         "console=ttyS0 reboot=acpi panic=-1 quiet reddog.agent_port={AGENT_PORT} reddog.wait=30"
     );
-    let mut vm = InnerVm::new(&k.vmlinux, &cmdline);
+    let mut vm = InnerVm::new(
+        k.pvh_vmlinux().expect("the cloud kernel has a vmlinux"),
+        &cmdline,
+    );
     vm.vcpus = 2;
     vm.memory_mib = 256;
     vm.timeout_ms = 120_000;

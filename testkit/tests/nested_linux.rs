@@ -151,7 +151,11 @@ fn debian_pvh_guest_sees_its_disks_and_talks_vsock() {
     let cmdline = format!(
         "{BASE_CMDLINE} reddog.write_test=reddog-role,reddog-resource reddog.vsock_connect=1024 reddog.vsock_listen=5000"
     );
-    let mut vm = linux_guest(&k, &k.vmlinux, &cmdline);
+    let mut vm = linux_guest(
+        &k,
+        k.pvh_vmlinux().expect("the cloud kernel has a vmlinux"),
+        &cmdline,
+    );
     vm.extra_args.push("--vsock cid=3,uds=/tmp/vm.sock".into());
     let probe = testkit::artifacts::static_bin("testkit", "vsock-probe").expect("vsock-probe");
     vm.bins = vec![("vsock-probe".into(), probe)];

@@ -70,13 +70,26 @@ enum Command {
 enum ImageCmd {
     #[command(flatten)]
     Disk(vhd::cli::ImageCommand),
-    /// Fetch Debian 12's stock cloud kernel with apt (checked against apt's
-    /// sha256), extract and cache it; print the paths of the bzImage, vmlinux and
-    /// modules directory as JSON.
+    /// Fetch a Debian kernel (default: Debian 12's stock cloud kernel) with apt
+    /// (checked against apt's sha256), extract and cache it; print the paths of
+    /// the bzImage, vmlinux (if the bzImage's compression allows) and modules
+    /// directory, and the entry protocols it supports, as JSON.
     Kernel {
         /// The cache root (default `$REDDOG_CACHE`, else `$HOME/.cache/reddog`).
         #[arg(long, value_name = "DIR")]
         cache: Option<PathBuf>,
+        /// A Debian kernel package instead, e.g. linux-image-amd64 (generic).
+        #[arg(long, value_name = "NAME")]
+        package: Option<String>,
+        /// A local kernel .deb instead.
+        #[arg(long, value_name = "FILE")]
+        deb: Option<PathBuf>,
+        /// A bzImage instead (with --modules).
+        #[arg(long, value_name = "FILE")]
+        vmlinuz: Option<PathBuf>,
+        /// Its /lib/modules/<release> directory.
+        #[arg(long, value_name = "DIR")]
+        modules: Option<PathBuf>,
     },
     /// Build the guest initramfs: a static reddog-guest as /init plus the cached
     /// kernel's virtio and vsock modules (fetching the kernel if needed).
@@ -103,12 +116,15 @@ enum ImageCmd {
     },
 }
 
-fn kernel_in(cache: Option<&Path>) -> anyhow::Result<guest_image::KernelArtifacts> {
+fn kernel_in(
+    cache: Option<&Path>,
+    source: &guest_image::KernelSource,
+) -> anyhow::Result<guest_image::KernelArtifacts> {
     let cache = match cache {
         Some(c) => c.to_owned(),
         None => guest_image::artifacts::cache_root()?,
     };
-    let k = guest_image::debian_kernel_in(&cache)?;
+    let k = guest_image::kernel_in(source, &cache)?;
     k.verify()?;
     Ok(k)
 }
@@ -122,8 +138,20 @@ fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
 fn image(cmd: &ImageCmd) -> anyhow::Result<i32> {
     match cmd {
         ImageCmd::Disk(cmd) => return Ok(vhd::cli::run(cmd)?),
-        ImageCmd::Kernel { cache } => {
-            let k = kernel_in(cache.as_deref())?;
+        ImageCmd::Kernel {
+            cache,
+            package,
+            deb,
+            vmlinuz,
+            modules,
+        } => {
+            let source = guest_image::KernelSource::from_flags(
+                package.as_deref(),
+                deb.as_deref(),
+                vmlinuz.as_deref(),
+                modules.as_deref(),
+            )?;
+            let k = kernel_in(cache.as_deref(), &source)?;
             print_json(&serde_json::json!({
                 "package": k.package,
                 "version": k.version,
@@ -132,6 +160,8 @@ fn image(cmd: &ImageCmd) -> anyhow::Result<i32> {
                 "dir": k.dir,
                 "bzimage": k.vmlinuz,
                 "vmlinux": k.vmlinux,
+                "vmlinux_error": k.vmlinux_error,
+                "entries": k.entries(),
                 "modules_dir": k.modules_dir,
             }))?;
         }
@@ -145,7 +175,7 @@ fn image(cmd: &ImageCmd) -> anyhow::Result<i32> {
                 guest_agent,
                 "build reddog-guest with RUSTFLAGS=\"-C target-feature=+crt-static\"",
             )?;
-            let k = kernel_in(kernel_cache.as_deref())?;
+            let k = kernel_in(kernel_cache.as_deref(), &guest_image::KernelSource::Cloud)?;
             let (bytes, modules) = guest_image::initramfs(&k, guest_agent)?;
             std::fs::write(output, &bytes)
                 .with_context(|| format!("cannot write {}", output.display()))?;
