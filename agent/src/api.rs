@@ -222,7 +222,18 @@ async fn import_image(State(a): State<Agent>, body: Bytes) -> Response {
         (None, Some(_), None) => {
             return error(StatusCode::BAD_REQUEST, "a URL import needs sha256")
         }
-        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of path and url"),
+        (Some(_), Some(_), _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of path and url, not both",
+            )
+        }
+        (None, None, _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of path (a file on the node) and url (http://, with sha256)",
+            )
+        }
     };
     match res {
         Ok(i) => (StatusCode::CREATED, Json(i)).into_response(),
