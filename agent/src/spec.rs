@@ -117,6 +117,9 @@ impl NodeConfig {
 /// Why a goal state (or one instance) was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum GoalError {
+    /// An incarnation above the API's int64 range.
+    #[error("goal incarnation {0} is above the largest allowed, {max}; incarnations are int64 (docs/openapi.yaml)", max = i64::MAX)]
+    IncarnationTooLarge(u64),
     /// An older incarnation than the one applied.
     #[error("goal incarnation {got} is older than the applied incarnation {current}; send a newer incarnation")]
     Stale {
@@ -334,6 +337,9 @@ impl GoalState {
     /// Checks the goal against the node: every instance's bounds, unique ids,
     /// the instance count and the sums against capacity.
     pub fn validate(&self, node: &NodeConfig) -> Result<(), GoalError> {
+        if i64::try_from(self.incarnation).is_err() {
+            return Err(GoalError::IncarnationTooLarge(self.incarnation));
+        }
         if self.instances.len() > node.max_instances {
             return Err(GoalError::TooMany {
                 count: self.instances.len(),
@@ -443,6 +449,19 @@ pub(crate) mod tests {
             assert!(err.contains(want), "{want}: {err}");
         }
         spec("a").validate().expect("valid");
+    }
+
+    /// docs/openapi.yaml says int64: one above is refused, the largest taken.
+    #[test]
+    fn incarnation_stays_in_int64() {
+        let mut g = GoalState {
+            incarnation: 1 << 63,
+            instances: vec![],
+        };
+        let e = g.validate(&node()).expect_err("above int64");
+        assert!(matches!(e, GoalError::IncarnationTooLarge(_)), "{e}");
+        g.incarnation = (1 << 63) - 1;
+        g.validate(&node()).expect("the largest int64");
     }
 
     #[test]

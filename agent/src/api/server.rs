@@ -222,7 +222,18 @@ async fn import_image(State(a): State<Agent>, body: Bytes) -> Response {
         (None, Some(_), None) => {
             return error(StatusCode::BAD_REQUEST, "a URL import needs sha256")
         }
-        _ => return error(StatusCode::BAD_REQUEST, "give exactly one of path and url"),
+        (Some(_), Some(_), _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of path and url, not both",
+            )
+        }
+        (None, None, _) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of path (a file on the node) and url (http://, with sha256)",
+            )
+        }
     };
     match res {
         Ok(i) => (StatusCode::CREATED, Json(i)).into_response(),
@@ -247,9 +258,153 @@ pub enum ApiError {
     },
 }
 
-/// Serves the API on a unix socket (a stale socket file is replaced; the
-/// socket is made owner-only, the API being unauthenticated).
+/// How the API's listeners treat connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Most connections served at once, per listener; one beyond it is
+    /// accepted and closed at once. Never more than a quarter of the
+    /// process's open-file limit (see [`effective_max_connections`]).
+    pub max_connections: usize,
+    /// A connection whose request head (request line and headers) has not
+    /// arrived this long after the server started waiting for it (a new or
+    /// an idle keep-alive connection) is closed.
+    pub header_read_timeout: std::time::Duration,
+}
+
+/// The default cap on connections per listener.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 256;
+/// The default header read timeout.
+pub const DEFAULT_HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+        }
+    }
+}
+
+/// `max`, lowered to a quarter of the soft `RLIMIT_NOFILE` (at least 1), so
+/// the API's connections on both listeners together never take more than
+/// half of the fds the agent's instances need too.
+pub fn effective_max_connections(max: usize) -> usize {
+    let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .and_then(|c| usize::try_from(c).ok())
+        .unwrap_or(usize::MAX);
+    max.min(soft / 4).max(1)
+}
+
+/// How long the accept loop pauses after an accept error (a full fd table
+/// keeps failing until a connection closes).
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// A listener the accept loop can take connections from.
+trait Accept: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept_io(&self) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+}
+
+impl Accept for tokio::net::TcpListener {
+    type Io = tokio::net::TcpStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        let (s, _) = self.accept().await?;
+        let _ = s.set_nodelay(true);
+        Ok(s)
+    }
+}
+
+impl Accept for tokio::net::UnixListener {
+    type Io = tokio::net::UnixStream;
+    async fn accept_io(&self) -> std::io::Result<Self::Io> {
+        Ok(self.accept().await?.0)
+    }
+}
+
+/// Serves `app` on `l` until the task is dropped: at most
+/// `cfg.max_connections` at once (more are closed at once), each with the
+/// header read timeout. An accept error (`EMFILE`, `ENFILE`, ...) is logged
+/// once per run of errors and waited out; it never ends the loop.
+async fn accept_loop<L: Accept>(kind: &'static str, l: L, app: Router, cfg: ServeConfig) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let max = effective_max_connections(cfg.max_connections);
+    if max < cfg.max_connections {
+        tracing::warn!(
+            "API ({kind}): at most {max} connections (a quarter of the open-file limit), \
+             not {}",
+            cfg.max_connections
+        );
+    }
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max));
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut failing = false;
+    let mut refused_logged = false;
+    loop {
+        let io = match l.accept_io().await {
+            Ok(io) => io,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(
+                        "API ({kind}): cannot accept connections: {e}; refusing new ones \
+                         until it clears (instances are not affected)"
+                    );
+                    failing = true;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        if failing {
+            tracing::info!("API ({kind}): accepting connections again");
+            failing = false;
+        }
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !refused_logged {
+                tracing::warn!(
+                    "API ({kind}): {max} connections open, the most allowed; closing new ones \
+                     at once until some end"
+                );
+                refused_logged = true;
+            }
+            drop(io);
+            continue;
+        };
+        refused_logged = false;
+        let service = service.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(cfg.header_read_timeout)
+                .serve_connection(TokioIo::new(io), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("API ({kind}) connection: {e}");
+            }
+        });
+    }
+}
+
+/// Serves the API on a unix socket with the default [`ServeConfig`].
 pub fn serve_unix(agent: Agent, path: &Path) -> Result<tokio::task::JoinHandle<()>, ApiError> {
+    serve_unix_with(agent, path, ServeConfig::default())
+}
+
+/// Serves the API on TCP with the default [`ServeConfig`].
+pub async fn serve_tcp(
+    agent: Agent,
+    addr: &str,
+) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), ApiError> {
+    serve_tcp_with(agent, addr, ServeConfig::default()).await
+}
+
+/// Serves the API on a unix socket (a stale socket file is replaced; the
+/// socket is made owner-only, the API being unauthenticated), with `cfg`.
+pub fn serve_unix_with(
+    agent: Agent,
+    path: &Path,
+    cfg: ServeConfig,
+) -> Result<tokio::task::JoinHandle<()>, ApiError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     if let Ok(m) = std::fs::symlink_metadata(path) {
         if m.file_type().is_socket() {
@@ -263,17 +418,14 @@ pub fn serve_unix(agent: Agent, path: &Path) -> Result<tokio::task::JoinHandle<(
     let l = tokio::net::UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     let app = router(agent);
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(l, app).await {
-            tracing::error!("API server (unix) failed: {e}");
-        }
-    }))
+    Ok(tokio::spawn(accept_loop("unix", l, app, cfg)))
 }
 
 /// Serves the API on TCP (unauthenticated: bind to a trusted address).
-pub async fn serve_tcp(
+pub async fn serve_tcp_with(
     agent: Agent,
     addr: &str,
+    cfg: ServeConfig,
 ) -> Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>), ApiError> {
     let err = |source| ApiError::Listen {
         addr: addr.into(),
@@ -282,12 +434,5 @@ pub async fn serve_tcp(
     let l = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
     let local = l.local_addr().map_err(err)?;
     let app = router(agent);
-    Ok((
-        local,
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(l, app).await {
-                tracing::error!("API server (tcp) failed: {e}");
-            }
-        }),
-    ))
+    Ok((local, tokio::spawn(accept_loop("tcp", l, app, cfg))))
 }

@@ -94,18 +94,94 @@ impl ProcessLauncher {
     }
 }
 
-/// Reads a live process's start time (`/proc/<pid>/stat` field 22); `None`
-/// for no such process or a zombie.
-pub fn process_start_time(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) is in parentheses and may hold spaces or ')'.
-    let rest = stat.get(stat.rfind(')')? + 1..)?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?;
-    if state == "Z" || state == "X" {
-        return None;
+/// What `/proc` says about a pid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProcessState {
+    /// Running (or stopped, sleeping, ...), started at this time
+    /// (`/proc/<pid>/stat` field 22, clock ticks after boot).
+    Alive {
+        /// Its start time: tells it apart from a later process with its pid.
+        start_time: u64,
+    },
+    /// No such process (`ENOENT`, `ESRCH`), or a zombie: it has exited.
+    Gone,
+    /// `/proc` could not be read for another reason (`EMFILE`, `ENFILE`,
+    /// `ENOMEM`, an unparsable line, ...): it may well still run. Never a
+    /// reason to think it exited; check again later.
+    Unknown(String),
+}
+
+impl ProcessState {
+    /// Whether this is the process that started at `start_time`: `Some(true)`
+    /// alive with that start time, `Some(false)` gone or another process
+    /// with its pid, `None` unknown.
+    pub fn is(&self, start_time: u64) -> Option<bool> {
+        match self {
+            Self::Alive { start_time: t } => Some(*t == start_time),
+            Self::Gone => Some(false),
+            Self::Unknown(_) => None,
+        }
     }
-    fields.nth(18)?.parse().ok()
+}
+
+/// Reads a process's state and start time from `/proc/<pid>/stat`. Only
+/// `ENOENT`/`ESRCH` (and a zombie) mean it is gone; any other error (a full
+/// fd table first of all) is [`ProcessState::Unknown`].
+pub fn process_start_time(pid: i32) -> ProcessState {
+    process_state_from(std::fs::read_to_string(format!("/proc/{pid}/stat")))
+}
+
+/// [`process_start_time`] given the result of reading `/proc/<pid>/stat`.
+fn process_state_from(read: std::io::Result<String>) -> ProcessState {
+    let stat = match read {
+        Ok(s) => s,
+        Err(e) if is_gone(&e) => return ProcessState::Gone,
+        Err(e) => return ProcessState::Unknown(format!("cannot read /proc: {e}")),
+    };
+    let unknown = || ProcessState::Unknown(format!("unexpected /proc stat line {stat:?}"));
+    // The command name (field 2) is in parentheses and may hold spaces or ')'.
+    let Some(rest) = stat.rfind(')').and_then(|i| stat.get(i + 1..)) else {
+        return unknown();
+    };
+    let mut fields = rest.split_whitespace();
+    let Some(state) = fields.next() else {
+        return unknown();
+    };
+    if state == "Z" || state == "X" {
+        return ProcessState::Gone;
+    }
+    match fields.nth(18).and_then(|t| t.parse().ok()) {
+        Some(start_time) => ProcessState::Alive { start_time },
+        None => unknown(),
+    }
+}
+
+/// `ENOENT` or `ESRCH`: the process (or its `/proc` entry) is gone.
+fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(c) if c == rustix::io::Errno::NOENT.raw_os_error()
+            || c == rustix::io::Errno::SRCH.raw_os_error()
+    )
+}
+
+/// How often a check whose answer was [`ProcessState::Unknown`] is repeated.
+const UNKNOWN_RETRY: Duration = Duration::from_millis(100);
+/// How long [`ProcessHandle::stop`] and [`ProcessLauncher::launch`] retry
+/// an unknown answer before giving up on their step (never on the VMM).
+const UNKNOWN_PATIENCE: Duration = Duration::from_secs(3);
+
+/// [`process_start_time`] until it answers, for at most `patience`; the
+/// last answer (maybe still unknown).
+async fn probe_patiently(pid: i32, patience: Duration) -> ProcessState {
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let st = process_start_time(pid);
+        if !matches!(st, ProcessState::Unknown(_)) || tokio::time::Instant::now() >= deadline {
+            return st;
+        }
+        tokio::time::sleep(UNKNOWN_RETRY).await;
+    }
 }
 
 /// How long a new VMM has to make its control socket.
@@ -178,7 +254,7 @@ impl VmmLauncher for ProcessLauncher {
             .stderr(Stdio::from(log2))
             .process_group(0)
             .kill_on_drop(false);
-        let child = cmd.spawn().map_err(|e| VmmError::Spawn {
+        let mut child = cmd.spawn().map_err(|e| VmmError::Spawn {
             instance: spec.instance_id.clone(),
             why: format!("{}: {e}; check --vmm-binary", self.cfg.vmm_binary.display()),
         })?;
@@ -189,7 +265,24 @@ impl VmmLauncher for ProcessLauncher {
                 instance: spec.instance_id.clone(),
                 why: "the VMM exited before its pid could be read".into(),
             })?;
-        let start_time = process_start_time(pid).unwrap_or(0);
+        let start_time = match probe_patiently(pid, UNKNOWN_PATIENCE).await {
+            ProcessState::Alive { start_time } => start_time,
+            // Exited already: `wait` reports how.
+            ProcessState::Gone => 0,
+            ProcessState::Unknown(why) => {
+                // Without its start time a restarted agent could not tell it
+                // from another process with its pid: not a VMM to keep.
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(VmmError::Spawn {
+                    instance: spec.instance_id.clone(),
+                    why: format!(
+                        "cannot read the new VMM's start time ({why}), so it was stopped; \
+                         check the agent's open-file limit (RLIMIT_NOFILE)"
+                    ),
+                });
+            }
+        };
         tracing::info!(instance = %spec.instance_id, pid, "spawned reddog-vmm");
         let control = control_socket
             .clone()
@@ -208,18 +301,40 @@ impl VmmLauncher for ProcessLauncher {
     }
 
     async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
-        let bin = self.cfg.vmm_binary.clone();
-        let config = spec.dir.join("vm.json");
-        let pid = tokio::task::spawn_blocking(move || find_vmm_process(&bin, &config))
-            .await
-            .ok()??;
-        let start_time = process_start_time(pid)?;
-        Some(VmmRecord {
-            pid,
-            start_time,
-            control_socket: self.cfg.control_socket.then(|| spec.dir.join("api.sock")),
-            exit_report: spec.dir.join("exit-report.json"),
-        })
+        // An unknown answer is asked again until it is known: "none found"
+        // here starts a VMM over the disks the unrecorded one may be using.
+        let mut wait = UNKNOWN_RETRY;
+        let mut warned = false;
+        loop {
+            let bin = self.cfg.vmm_binary.clone();
+            let config = spec.dir.join("vm.json");
+            let found = tokio::task::spawn_blocking(move || find_vmm_process(&bin, &config))
+                .await
+                .unwrap_or_else(|e| Lookup::Unknown(format!("the /proc scan failed: {e}")));
+            match found {
+                Lookup::Found { pid, start_time } => {
+                    return Some(VmmRecord {
+                        pid,
+                        start_time,
+                        control_socket: self.cfg.control_socket.then(|| spec.dir.join("api.sock")),
+                        exit_report: spec.dir.join("exit-report.json"),
+                    })
+                }
+                Lookup::NotFound => return None,
+                Lookup::Unknown(why) => {
+                    if !warned {
+                        tracing::warn!(
+                            instance = %spec.instance_id,
+                            "cannot tell whether an unrecorded VMM runs ({why}); \
+                             no VMM is started until that is known; retrying"
+                        );
+                        warned = true;
+                    }
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 
     async fn adopt(
@@ -237,10 +352,19 @@ impl VmmLauncher for ProcessLauncher {
         }
         // The pid alone could be reused by another process: the start time
         // tells them apart.
-        match process_start_time(pid) {
-            Some(t) if t == record.start_time => {}
-            Some(_) => return Err(gone("the pid now belongs to another process")),
-            None => return Err(gone("no such process")),
+        match probe_patiently(pid, CONTROL_CONNECT_ADOPTED).await {
+            ProcessState::Alive { start_time } if start_time == record.start_time => {}
+            ProcessState::Alive { .. } => {
+                return Err(gone("the pid now belongs to another process"))
+            }
+            ProcessState::Gone => return Err(gone("no such process")),
+            // Not known to be gone: still ours. `wait` keeps checking and
+            // `stop` signals only once the pid is confirmed to be this VMM.
+            ProcessState::Unknown(why) => tracing::warn!(
+                pid,
+                "cannot check that the recorded VMM still runs ({why}); \
+                 adopting it as running and checking again"
+            ),
         }
         let control = record
             .control_socket
@@ -262,27 +386,73 @@ impl VmmLauncher for ProcessLauncher {
     }
 }
 
+/// What a search of `/proc` for an unrecorded VMM found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lookup {
+    /// This process.
+    Found {
+        /// Its pid.
+        pid: i32,
+        /// Its start time.
+        start_time: u64,
+    },
+    /// No such process runs.
+    NotFound,
+    /// `/proc` could not be read through (e.g. `EMFILE`): one may run.
+    Unknown(String),
+}
+
 /// The live process whose command line runs `binary` with `--config
 /// <config>` (how [`ProcessLauncher::launch`] starts every VMM), owned by
-/// this process's user and, when `binary` resolves, running that executable;
-/// if any.
-fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
+/// this process's user and, when `binary` resolves, running that executable.
+/// [`Lookup::NotFound`] only when every process could be checked.
+fn find_vmm_process(binary: &Path, config: &Path) -> Lookup {
     use std::os::unix::fs::MetadataExt;
     let want_bin = binary.as_os_str().as_encoded_bytes();
     let want_cfg = config.as_os_str().as_encoded_bytes();
     let want_exe = std::fs::canonicalize(binary).ok();
-    let me = std::fs::metadata("/proc/self").ok()?.uid();
-    let entries = std::fs::read_dir("/proc").ok()?;
-    for e in entries.flatten() {
+    let unknown = |what: &str, e: std::io::Error| Lookup::Unknown(format!("{what}: {e}"));
+    let me = match std::fs::metadata("/proc/self") {
+        Ok(m) => m.uid(),
+        Err(e) => return unknown("cannot stat /proc/self", e),
+    };
+    let entries = match std::fs::read_dir("/proc") {
+        Ok(d) => d,
+        Err(e) => return unknown("cannot list /proc", e),
+    };
+    // Gone, or someone else's process we may not look into: not ours (our
+    // own processes are always readable to us).
+    let skip = |e: &std::io::Error| {
+        is_gone(e)
+            || matches!(
+                e.kind(),
+                std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::NotFound
+            )
+    };
+    let mut unsure = None;
+    for e in entries {
+        let e = match e {
+            Ok(e) => e,
+            Err(e) => return unknown("cannot list /proc", e),
+        };
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
         // Bounded: a VMM's command line is short; anything longer is not ours.
-        let Ok(f) = std::fs::File::open(e.path().join("cmdline")) else {
-            continue;
+        let f = match std::fs::File::open(e.path().join("cmdline")) {
+            Ok(f) => f,
+            Err(e) if skip(&e) => continue,
+            Err(e) => {
+                unsure = Some(format!("cannot read /proc/{pid}/cmdline: {e}"));
+                continue;
+            }
         };
         let mut buf = Vec::new();
-        if std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut buf).is_err() {
+        if let Err(e) = std::io::Read::read_to_end(&mut std::io::Read::take(f, 64 * 1024), &mut buf)
+        {
+            if !skip(&e) {
+                unsure = Some(format!("cannot read /proc/{pid}/cmdline: {e}"));
+            }
             continue;
         }
         let args: Vec<&[u8]> = buf.split(|b| *b == 0).collect();
@@ -290,21 +460,44 @@ fn find_vmm_process(binary: &Path, config: &Path) -> Option<i32> {
             && args
                 .windows(2)
                 .any(|w| w[0] == b"--config" && w[1] == want_cfg);
-        if !ours || process_start_time(pid).is_none() {
+        if !ours {
             continue;
         }
+        let start_time = match process_start_time(pid) {
+            ProcessState::Alive { start_time } => start_time,
+            ProcessState::Gone => continue,
+            ProcessState::Unknown(why) => {
+                unsure = Some(why);
+                continue;
+            }
+        };
         // Not someone else's process dressed up as our VMM.
-        if std::fs::metadata(e.path()).map(|m| m.uid()).ok() != Some(me) {
-            continue;
-        }
-        if let Some(exe) = &want_exe {
-            if std::fs::read_link(e.path().join("exe")).ok().as_ref() != Some(exe) {
+        match std::fs::metadata(e.path()) {
+            Ok(m) if m.uid() == me => {}
+            Ok(_) => continue,
+            Err(e) if skip(&e) => continue,
+            Err(e) => {
+                unsure = Some(format!("cannot stat /proc/{pid}: {e}"));
                 continue;
             }
         }
-        return Some(pid);
+        if let Some(exe) = &want_exe {
+            match std::fs::read_link(e.path().join("exe")) {
+                Ok(p) if &p == exe => {}
+                Ok(_) => continue,
+                Err(e) if skip(&e) => continue,
+                Err(e) => {
+                    unsure = Some(format!("cannot read /proc/{pid}/exe: {e}"));
+                    continue;
+                }
+            }
+        }
+        return Lookup::Found { pid, start_time };
     }
-    None
+    match unsure {
+        Some(why) => Lookup::Unknown(why),
+        None => Lookup::NotFound,
+    }
 }
 
 /// A `reddog-vmm` process: our child, or adopted by pid + start time.
@@ -342,9 +535,21 @@ impl VmmHandle for ProcessHandle {
         if self.exited.is_some() {
             return Ok(());
         }
-        if self.child.is_none() && process_start_time(self.pid) != Some(self.start_time) {
-            // An adopted VMM that is gone; never signal whoever has its pid now.
-            return Ok(());
+        if self.child.is_none() {
+            // An adopted VMM: never signal whoever has its pid now.
+            match probe_patiently(self.pid, UNKNOWN_PATIENCE).await {
+                ProcessState::Alive { start_time } if start_time == self.start_time => {}
+                ProcessState::Alive { .. } | ProcessState::Gone => return Ok(()),
+                ProcessState::Unknown(why) => {
+                    return Err(VmmError::Signal {
+                        pid: self.pid,
+                        why: format!(
+                            "cannot check that the pid is still this VMM ({why}), so it was \
+                             not signalled; check the agent's open-file limit (RLIMIT_NOFILE)"
+                        ),
+                    })
+                }
+            }
         }
         if mode == StopMode::Graceful {
             // The ACPI power button through the VMM's control socket, when it
@@ -398,7 +603,24 @@ impl VmmHandle for ProcessHandle {
                 }
             }
         } else {
-            while process_start_time(self.pid) == Some(self.start_time) {
+            // Only a definite answer ends the wait: an unknown one (EMFILE)
+            // is asked again.
+            let mut warned = false;
+            loop {
+                match process_start_time(self.pid) {
+                    ProcessState::Alive { start_time } if start_time == self.start_time => {}
+                    ProcessState::Alive { .. } | ProcessState::Gone => break,
+                    ProcessState::Unknown(why) => {
+                        if !warned {
+                            tracing::warn!(
+                                pid = self.pid,
+                                "cannot check that the adopted VMM still runs ({why}); \
+                                 taking it as running and checking again"
+                            );
+                            warned = true;
+                        }
+                    }
+                }
                 tokio::time::sleep(ADOPTED_POLL).await;
             }
             (None, None)
@@ -520,10 +742,42 @@ mod tests {
     #[test]
     fn own_start_time_is_readable() {
         let me = i32::try_from(std::process::id()).expect("pid");
-        let t = process_start_time(me).expect("start time");
+        let ProcessState::Alive { start_time: t } = process_start_time(me) else {
+            panic!("own start time: {:?}", process_start_time(me));
+        };
         assert!(t > 0);
-        assert_eq!(process_start_time(me), Some(t));
-        assert_eq!(process_start_time(i32::MAX), None);
+        assert_eq!(process_start_time(me).is(t), Some(true));
+        assert_eq!(process_start_time(i32::MAX), ProcessState::Gone);
+    }
+
+    /// Only ENOENT, ESRCH and a zombie mean gone; anything else is unknown.
+    #[test]
+    fn read_errors_other_than_gone_are_unknown() {
+        use rustix::io::Errno;
+        let err = |e: Errno| Err(std::io::Error::from_raw_os_error(e.raw_os_error()));
+        assert_eq!(process_state_from(err(Errno::NOENT)), ProcessState::Gone);
+        assert_eq!(process_state_from(err(Errno::SRCH)), ProcessState::Gone);
+        for e in [
+            Errno::MFILE,
+            Errno::NFILE,
+            Errno::NOMEM,
+            Errno::INTR,
+            Errno::ACCESS,
+        ] {
+            let st = process_state_from(err(e));
+            assert!(matches!(st, ProcessState::Unknown(_)), "{e:?}: {st:?}");
+            assert_eq!(st.is(1), None);
+        }
+        let line = |state: &str| Ok(format!("42 (a) b) {state} {}", "7 ".repeat(19)));
+        assert_eq!(
+            process_state_from(line("S")),
+            ProcessState::Alive { start_time: 7 }
+        );
+        assert_eq!(process_state_from(line("Z")), ProcessState::Gone);
+        assert!(matches!(
+            process_state_from(Ok("garbage".into())),
+            ProcessState::Unknown(_)
+        ));
     }
 
     fn spec(dir: &Path) -> LaunchSpec {
@@ -635,26 +889,39 @@ exit 10"#,
             .spawn()
             .expect("spawn");
         let pid = i32::try_from(child.id()).expect("pid");
-        let mut found = None;
+        let mut found = Lookup::NotFound;
         for _ in 0..100 {
             found = find_vmm_process(&bin, &cfg);
-            if found.is_some() {
+            if matches!(found, Lookup::Found { .. }) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        assert_eq!(found, Some(pid));
-        assert_eq!(find_vmm_process(&bin, &dir.path().join("other.json")), None);
-        assert_eq!(find_vmm_process(Path::new("/other/reddog-vmm"), &cfg), None);
+        assert!(
+            matches!(found, Lookup::Found { pid: p, .. } if p == pid),
+            "{found:?}"
+        );
+        assert_eq!(
+            find_vmm_process(&bin, &dir.path().join("other.json")),
+            Lookup::NotFound
+        );
+        assert_eq!(
+            find_vmm_process(Path::new("/other/reddog-vmm"), &cfg),
+            Lookup::NotFound
+        );
         // When the binary exists, the process must run it (this one runs the
         // shell, not the file now at `bin`).
         std::fs::write(&bin, "not the shell").expect("write");
-        assert_eq!(find_vmm_process(&bin, &cfg), None, "another executable");
+        assert_eq!(
+            find_vmm_process(&bin, &cfg),
+            Lookup::NotFound,
+            "another executable"
+        );
         child.kill().expect("kill");
         child.wait().expect("wait");
         assert_eq!(
             find_vmm_process(&bin, &cfg),
-            None,
+            Lookup::NotFound,
             "a dead VMM is not found"
         );
     }

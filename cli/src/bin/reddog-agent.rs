@@ -86,6 +86,14 @@ struct Args {
     /// Missed heartbeat intervals before a restart.
     #[arg(long, default_value_t = 3)]
     missed_heartbeats: u32,
+    /// Most API connections served at once, per listener (unix, TCP); more
+    /// are closed at once. Capped at a quarter of the open-file limit.
+    #[arg(long, default_value_t = agent::api::DEFAULT_MAX_CONNECTIONS)]
+    api_max_connections: usize,
+    /// Seconds an API connection may take to send a request's head (also
+    /// the idle time of a kept-alive connection) before it is closed.
+    #[arg(long, default_value_t = agent::api::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    api_header_timeout_secs: u64,
     /// Run with fake VMMs, disks and guests (tests and demos without KVM).
     #[arg(long, hide = true)]
     fake: bool,
@@ -116,10 +124,44 @@ fn init_logging(f: LogFormat) {
     }
 }
 
+/// Raises the soft `RLIMIT_NOFILE` to the hard one: every instance holds
+/// fds (disks, sockets, `/proc` reads) and the usual soft limit of 1024 is
+/// soon reached.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let old = getrlimit(Resource::Nofile);
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |n| n.to_string());
+    if old.current == old.maximum {
+        tracing::info!(
+            soft = %show(old.current),
+            hard = %show(old.maximum),
+            "open-file limit (RLIMIT_NOFILE) already at the hard limit"
+        );
+        return;
+    }
+    let new = Rlimit {
+        current: old.maximum,
+        maximum: old.maximum,
+    };
+    match setrlimit(Resource::Nofile, new) {
+        Ok(()) => tracing::info!(
+            soft = %show(old.current),
+            hard = %show(old.maximum),
+            "raised the open-file limit (RLIMIT_NOFILE) from the soft to the hard limit"
+        ),
+        Err(e) => tracing::warn!(
+            soft = %show(old.current),
+            hard = %show(old.maximum),
+            "cannot raise the open-file limit (RLIMIT_NOFILE) to the hard limit: {e}"
+        ),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_logging(args.log_format);
+    raise_fd_limit();
     let node_id = args.node_id.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -174,10 +216,14 @@ async fn main() -> anyhow::Result<()> {
         .api_socket
         .clone()
         .unwrap_or_else(|| args.state_dir.join("agent.sock"));
-    let _unix = agent::api::serve_unix(agent.clone(), &sock)?;
+    let serve = agent::api::ServeConfig {
+        max_connections: args.api_max_connections.max(1),
+        header_read_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+    };
+    let _unix = agent::api::serve_unix_with(agent.clone(), &sock, serve)?;
     tracing::info!(socket = %sock.display(), "API listening");
     if let Some(addr) = &args.listen {
-        let (local, _) = agent::api::serve_tcp(agent.clone(), addr).await?;
+        let (local, _) = agent::api::serve_tcp_with(agent.clone(), addr, serve).await?;
         tracing::info!(%local, "API listening on TCP");
     }
     if let Some(url) = &args.upstream_url {
