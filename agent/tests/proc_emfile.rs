@@ -6,8 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::process::{process_start_time, ProcessLauncher, ProcessLauncherConfig, ProcessState};
-use agent::vmm::{LaunchSpec, StopMode, VmmError, VmmLauncher};
+use agent::backend::process::{process_start_time, ProcessLauncher, ProcessLauncherConfig, ProcessState};
+use agent::backend::vmm::{LaunchSpec, StopMode, VmmError, VmmLauncher};
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 
 /// Holds the fd table full (soft limit lowered, every free fd taken) until
