@@ -52,7 +52,8 @@ fn assert_powered_off(run: &InnerRun) {
 #[test]
 fn test_guest_on_real_kvm_with_two_vcpus() {
     let k = kernel();
-    let mut vm = InnerVm::new(test_guest::elf_path(), "exit=acpi");
+    let cmdline = testkit::test_guest::Cmdline::new().exit_acpi().to_string();
+    let mut vm = InnerVm::new(test_guest::elf_path(), &cmdline);
     vm.vcpus = 2;
     vm.memory_mib = 64;
     vm.timeout_ms = 60_000;

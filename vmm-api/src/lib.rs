@@ -5,8 +5,19 @@
 //!   as one JSON line the VMM writes when it stops.
 //! - [`control`]: the control socket protocol (requests, responses, events, a
 //!   blocking client) the agent uses to drive a running VMM.
-//! - [`platform`]: the fixed guest-visible addresses (ports, magic values) that guests
-//!   and the VMM agree on.
+//! - [`platform`]: the fixed guest-visible addresses (ports, magic values, the
+//!   virtio-mmio window layout in [`platform::mmio`]) that guests and the VMM agree on.
+//!
+//! # Crate rules
+//!
+//! - **Owns** the contract only: plain data types, their validation and JSON
+//!   form, the control protocol with a small blocking client, and the
+//!   guest-visible platform constants.
+//! - **May depend on** `serde`, `serde_json`, `thiserror` and std.
+//! - **Must not depend on** an async runtime (`tokio`: the agent wraps the
+//!   client itself), nor on the VMM or its internals (`vmm`, `kvm-ioctls`,
+//!   `kvm-bindings`, `vm-memory`): both sides build on this crate, never the
+//!   other way. `testkit/tests/dependency_rules.rs` checks this.
 #![forbid(unsafe_code)]
 
 pub mod config;
