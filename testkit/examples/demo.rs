@@ -140,10 +140,24 @@ fn main() -> ExitCode {
         "logs (agent, driver, each VMM's log and serial console): {}",
         logs.display()
     );
-    if s.ok {
+    let restarts = run.explain_restarts(matches!(kind, KvmKind::NeedsNested(_)));
+    if let Ok(notes) = &restarts {
+        for n in notes {
+            println!("NOTE: {n}");
+        }
+    }
+    if let (true, Err(e)) = (s.ok, &restarts) {
+        println!("FAILED: {e}");
+        ExitCode::FAILURE
+    } else if s.ok {
         println!(
-            "OK: {} instance(s) became ready, heartbeats arrived, and every VMM powered off cleanly",
-            s.instances.len()
+            "OK: {} instance(s) became ready, heartbeats arrived, and every VMM powered off cleanly{}",
+            s.instances.len(),
+            if s.instances.iter().any(|i| i.restarts > 0) {
+                " (after the restarts noted above)"
+            } else {
+                ""
+            }
         );
         ExitCode::SUCCESS
     } else {

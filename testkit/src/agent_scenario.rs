@@ -357,6 +357,77 @@ impl AgentRun {
     }
 }
 
+/// One VMM exit the agent logged ("VMM exited: ..." in its JSON log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedExit {
+    /// How it ended, as the agent put it (e.g. `TripleFault (status 11): ...`).
+    pub how: String,
+    /// The VMM's exit status.
+    pub status: Option<i64>,
+}
+
+impl LoggedExit {
+    /// A triple fault (`KVM_EXIT_SHUTDOWN`, status 11).
+    pub fn is_triple_fault(&self) -> bool {
+        self.status == Some(i64::from(vmm_api::ExitReason::TripleFault.exit_code()))
+            && self.how.contains("TripleFault")
+    }
+}
+
+impl AgentRun {
+    /// Every VMM exit the agent logged for `instance`, in order.
+    pub fn vmm_exits(&self, instance: &str) -> Vec<LoggedExit> {
+        self.log("agent.log")
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["instance"].as_str() == Some(instance))
+            .filter_map(|v| {
+                let f = &v["fields"];
+                let how = f["message"].as_str()?.strip_prefix("VMM exited: ")?;
+                Some(LoggedExit {
+                    how: how.to_owned(),
+                    status: f["status"].as_i64(),
+                })
+            })
+            .collect()
+    }
+
+    /// Says why instances were restarted. `Ok` with one line per restarted
+    /// instance when every restart followed a triple fault and the run was
+    /// inside the nested emulator (a known fault of the emulator, see
+    /// `docs/testing.md`); `Err` with what happened otherwise: any other
+    /// cause of a restart, or a triple fault on real hardware, is a failure.
+    pub fn explain_restarts(&self, nested: bool) -> Result<Vec<String>, String> {
+        let mut notes = Vec::new();
+        for i in &self.summary.instances {
+            if i.restarts == 0 {
+                continue;
+            }
+            let exits = self.vmm_exits(&i.id);
+            let before: Vec<&LoggedExit> = exits.iter().take(i.restarts as usize).collect();
+            let faults = before.iter().filter(|e| e.is_triple_fault()).count() as u64;
+            let times = match i.restarts {
+                1 => "once".to_owned(),
+                n => format!("{n} times"),
+            };
+            if nested && faults == i.restarts {
+                notes.push(format!(
+                    "{} restarted {times} after a triple fault (a known fault of the nested emulator, see docs/testing.md)",
+                    i.id
+                ));
+            } else {
+                let hows: Vec<&str> = before.iter().map(|e| e.how.as_str()).collect();
+                return Err(format!(
+                    "{} restarted {times}{}; the VMM exits before: {hows:?}",
+                    i.id,
+                    if nested { "" } else { " on real KVM" }
+                ));
+            }
+        }
+        Ok(notes)
+    }
+}
+
 const NESTED_SCENARIO: &str = r#"set -u
 mkdir -p /var/lib/reddog /out
 echo "agent-driver $(cat /guest/driver-args)"

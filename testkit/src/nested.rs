@@ -267,6 +267,7 @@ pub struct OuterMachine {
     scenario: String,
     timeout: Duration,
     live: std::sync::Mutex<Option<LineSink>>,
+    modules: Vec<String>,
 }
 
 impl OuterMachine {
@@ -278,6 +279,7 @@ impl OuterMachine {
             scenario: String::new(),
             timeout: DEFAULT_TIMEOUT,
             live: std::sync::Mutex::new(None),
+            modules: Vec::new(),
         }
     }
 
@@ -325,6 +327,13 @@ impl OuterMachine {
         self
     }
 
+    /// Loads these kernel modules (with their dependencies) after the KVM
+    /// ones, e.g. `vhost_vsock` for QEMU as the inner VMM.
+    pub fn modules(mut self, names: &[&str]) -> Self {
+        self.modules.extend(names.iter().map(|n| (*n).to_owned()));
+        self
+    }
+
     /// The hard wall-clock limit after which QEMU is killed.
     pub fn timeout(mut self, limit: Duration) -> Self {
         self.timeout = limit;
@@ -337,7 +346,9 @@ impl OuterMachine {
             std::fs::read(&busybox_path).map_err(io(busybox_path.display().to_string()))?;
         let vmm_path = artifacts::static_vmm()?;
         let vmm = std::fs::read(&vmm_path).map_err(io(vmm_path.display().to_string()))?;
-        let modules = self.kernel.modules_with_deps(KVM_MODULES)?;
+        let mut wanted: Vec<&str> = KVM_MODULES.to_vec();
+        wanted.extend(self.modules.iter().map(String::as_str));
+        let modules = self.kernel.modules_with_deps(&wanted)?;
 
         let f = std::fs::File::create(path).map_err(io(path.display().to_string()))?;
         let mut w = CpioWriter::new(std::io::BufWriter::new(f));

@@ -53,14 +53,25 @@ fn agent_runs_a_web_instance_to_ready_and_stops_it_cleanly() {
     assert_eq!(s.instances.len(), 1, "{all}");
     let i = &s.instances[0];
     assert_eq!(i.id, "web-1");
-    // The whole way up, in order, without restarts.
+    // The whole way up, in order, without restarts, except after a triple
+    // fault of the nested emulator (docs/testing.md), which is said plainly;
+    // a restart for any other reason fails.
     let states: Vec<&str> = i.states.iter().map(|x| x.state.as_str()).collect();
-    assert_eq!(
-        states,
-        ["preparing_disks", "starting", "booted", "ready"],
-        "{all}"
-    );
-    assert_eq!(i.restarts, 0, "{all}");
+    match run.explain_restarts(true) {
+        Ok(notes) if notes.is_empty() => assert_eq!(
+            states,
+            ["preparing_disks", "starting", "booted", "ready"],
+            "{all}"
+        ),
+        Ok(notes) => {
+            for n in &notes {
+                eprintln!("NOTE: {n}");
+            }
+            assert_eq!(states.first(), Some(&"preparing_disks"), "{all}");
+            assert_eq!(states.last(), Some(&"ready"), "{all}");
+        }
+        Err(e) => panic!("{e}\n{all}"),
+    }
     assert!(
         i.guest_agent
             .as_deref()

@@ -33,4 +33,6 @@ pub use control::{
     ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, Op, Request, Response,
     ShutdownMode, VmState,
 };
-pub use exit::{ExitReason, ExitReport, VcpuRegs};
+pub use exit::{
+    ExitReason, ExitReport, RecentExit, RecentExitKind, VcpuEvents, VcpuRegs, RECENT_EXITS,
+};

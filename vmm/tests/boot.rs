@@ -198,6 +198,40 @@ fn each_stop_path_has_its_own_exit_status() {
     }
 }
 
+/// A triple fault's report carries what KVM still gives after it: the vCPU's
+/// events (`KVM_GET_VCPU_EVENTS`) and its last exits (the test guest's
+/// console writes to COM1 come right before its empty-IDT `ud2`).
+#[test]
+fn a_triple_fault_report_has_the_vcpu_events_and_last_exits() {
+    let run = boot(test_guest::elf_path(), "exit=triple-fault smp=0", &[]);
+    assert_eq!(
+        run.status,
+        ExitReason::TripleFault.exit_code(),
+        "{}",
+        run.describe()
+    );
+    let report = run.report.as_ref().expect("exit report");
+    let regs = report.regs.as_ref().expect("registers");
+    assert!(regs.events.is_some(), "no vCPU events: {report:?}");
+    let exits = &regs.last_exits;
+    assert!(
+        !exits.is_empty() && exits.len() <= vmm_api::RECENT_EXITS,
+        "{report:?}"
+    );
+    assert!(regs.exits_total >= exits.len() as u64, "{report:?}");
+    assert!(
+        exits
+            .iter()
+            .any(|e| e.kind == vmm_api::RecentExitKind::IoOut && e.addr == 0x3f8 && e.len == 1),
+        "no COM1 write among the last exits: {report:?}"
+    );
+    assert!(
+        exits.windows(2).all(|w| w[0].seq + 1 == w[1].seq)
+            && exits.last().map(|e| e.seq + 1) == Some(regs.exits_total),
+        "{report:?}"
+    );
+}
+
 #[test]
 fn a_guest_that_never_stops_is_ended_by_the_limit() {
     require_kvm();

@@ -1,17 +1,24 @@
 //! `guest-listener`: a minimal host agent for nested tests. Listens on the
 //! unix socket where reddog-vmm delivers guest connections to a host port
-//! (`<uds>_<port>`), speaks `guest-proto`, prints one line per frame it
+//! (`<uds>_<port>`), or with `vsock:<port>` on an `AF_VSOCK` port of the host
+//! (where QEMU's vhost-vsock delivers them, for the nested comparison with
+//! QEMU as the inner VMM), speaks `guest-proto`, prints one line per frame it
 //! receives, and can ask the guest to shut down.
 //!
-//! `guest-listener <socket> [--interval-ms N] [--shutdown-after N] [--deadline-ms D]`
+//! `guest-listener <socket>|vsock:<port> [--interval-ms N] [--shutdown-after N] [--deadline-ms D]`
 //!
 //! - `--interval-ms`: the heartbeat interval in `HelloAck` (default 1000);
 //! - `--shutdown-after N`: once the guest sent `Ready` and N heartbeats after
 //!   it, send `Shutdown { deadline_ms: D }` (default 5000);
 //! - exits when a connection ends after the shutdown was sent.
 
+// The AF_VSOCK listener needs raw socket calls.
+#![allow(unsafe_code)]
+
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 
 use guest_proto::{
     Decoded, ExitStatus, Frame, GuestMsg, HelloAck, HostMsg, Shutdown, StreamDecoder,
@@ -57,14 +64,14 @@ fn out(line: &str) {
     let _ = s.flush();
 }
 
-fn send(s: &mut UnixStream, msg: HostMsg, version: u8) -> Result<(), String> {
+fn send(s: &mut impl Write, msg: HostMsg, version: u8) -> Result<(), String> {
     let mut buf = [0u8; MAX_FRAME_LEN];
     let n = msg.encode(version, &mut buf).map_err(|e| e.to_string())?;
     s.write_all(&buf[..n]).map_err(|e| format!("write: {e}"))
 }
 
 /// Serves one connection; returns whether a shutdown was sent on it.
-fn serve(mut s: UnixStream, o: &Opts, conn: u32) -> Result<bool, String> {
+fn serve(mut s: impl Read + Write, o: &Opts, conn: u32) -> Result<bool, String> {
     let mut dec = StreamDecoder::new();
     let mut version = PROTOCOL_VERSION;
     let mut ready = false;
@@ -166,6 +173,69 @@ fn serve(mut s: UnixStream, o: &Opts, conn: u32) -> Result<bool, String> {
     }
 }
 
+/// A listening `AF_VSOCK` socket on `port` of any CID.
+fn vsock_listen(port: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket(2); the result is checked before use.
+    let fd = unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_vm is plain data; all-zero is a valid value.
+    let mut addr: libc::sockaddr_vm = unsafe { std::mem::zeroed() };
+    addr.svm_family = libc::AF_VSOCK as libc::sa_family_t;
+    addr.svm_port = port;
+    addr.svm_cid = libc::VMADDR_CID_ANY;
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    // SAFETY: `addr` is a valid sockaddr_vm and the length is its size.
+    let r = unsafe {
+        libc::bind(
+            raw,
+            (&addr as *const libc::sockaddr_vm).cast(),
+            std::mem::size_of::<libc::sockaddr_vm>() as libc::socklen_t,
+        )
+    };
+    // SAFETY: listen(2) on our own descriptor.
+    if r < 0 || unsafe { libc::listen(raw, 4) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Serves connections accepted on `l` until one ends after its shutdown.
+fn serve_vsock(l: &OwnedFd, o: &Opts) {
+    let raw = std::os::fd::AsRawFd::as_raw_fd(l);
+    let mut conn = 0;
+    loop {
+        // SAFETY: accept(2) on our listening descriptor, no address wanted.
+        let fd = unsafe {
+            libc::accept4(
+                raw,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            out(&format!("accept error {e}"));
+            return;
+        }
+        // SAFETY: `fd` is a fresh descriptor that nothing else owns.
+        let s = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        conn += 1;
+        match serve(s, o, conn) {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(e) => out(&format!("conn={conn} error {e}")),
+        }
+    }
+}
+
 fn main() {
     let o = match parse() {
         Ok(o) => o,
@@ -174,6 +244,23 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if let Some(port) = o.socket.strip_prefix("vsock:") {
+        let Ok(port) = port.parse() else {
+            eprintln!("guest-listener: bad vsock port {port}");
+            std::process::exit(2);
+        };
+        match vsock_listen(port) {
+            Ok(l) => {
+                out(&format!("listening on vsock port {port}"));
+                serve_vsock(&l, &o);
+            }
+            Err(e) => {
+                eprintln!("guest-listener: vsock port {port}: {e} (is vhost_vsock loaded?)");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
     let _ = std::fs::remove_file(&o.socket);
     let l = match UnixListener::bind(&o.socket) {
         Ok(l) => l,

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_api::{ExitReason, VcpuRegs};
+use vmm_api::{ExitReason, RecentExit, RecentExitKind, VcpuEvents, VcpuRegs, RECENT_EXITS};
 
 use crate::arch::{cpuid, regs, regs::EntryMode, regs::RegsError};
 use crate::control::metrics::ExitKind;
@@ -140,13 +140,17 @@ impl Vcpu {
     fn run_until_stop(&mut self, bus: &Bus, ctl: &RunControl) -> StopEvent {
         let mut unknown_mmio_logged = 0u32;
         let counters = ctl.counters.vcpu(self.index);
+        let mut ring = ExitRing::default();
         loop {
             ctl.gate.check(self.index);
             let mut kind = ExitKind::Other;
+            // The port or address and size of this exit, for the ring.
+            let mut at = (0u64, 0usize);
             let outcome: Option<(ExitReason, String, bool)> = match self.fd.run() {
                 Ok(exit) => match exit {
                     VcpuExit::IoOut(port, data) => {
                         kind = ExitKind::IoOut;
+                        at = (u64::from(port), data.len());
                         match bus.pio_write(port, data) {
                             BusAction::Continue => None,
                             BusAction::Stop(reason, detail) => Some((reason, detail, false)),
@@ -154,11 +158,13 @@ impl Vcpu {
                     }
                     VcpuExit::IoIn(port, data) => {
                         kind = ExitKind::IoIn;
+                        at = (u64::from(port), data.len());
                         bus.pio_read(port, data);
                         None
                     }
                     VcpuExit::MmioRead(addr, data) => {
                         kind = ExitKind::MmioRead;
+                        at = (addr, data.len());
                         if !bus.mmio_read(addr, data) {
                             data.fill(0xff);
                             log_unknown_mmio(&mut unknown_mmio_logged, addr, "read");
@@ -167,6 +173,7 @@ impl Vcpu {
                     }
                     VcpuExit::MmioWrite(addr, data) => {
                         kind = ExitKind::MmioWrite;
+                        at = (addr, data.len());
                         if !bus.mmio_write(addr, data) {
                             log_unknown_mmio(&mut unknown_mmio_logged, addr, "write");
                         }
@@ -222,10 +229,123 @@ impl Vcpu {
                     reason,
                     detail,
                     vcpu: self.index,
-                    regs: with_regs.then(|| regs::dump(&self.fd)),
+                    regs: with_regs.then(|| self.failure_state(&ring)),
                 };
             }
+            ring.push(kind, at.0, at.1);
         }
+    }
+}
+
+impl Vcpu {
+    /// Registers, KVM's events and the last exits, for a failure report.
+    fn failure_state(&self, ring: &ExitRing) -> VcpuRegs {
+        let mut state = regs::dump(&self.fd);
+        state.events = match self.fd.get_vcpu_events() {
+            Ok(e) => Some(events_from(&e)),
+            Err(e) => {
+                tracing::debug!(error = %e, "KVM_GET_VCPU_EVENTS failed");
+                None
+            }
+        };
+        state.last_exits = ring.recent();
+        state.exits_total = ring.total;
+        // On AMD, KVM has already reset (INIT) the vCPU when it returns
+        // KVM_EXIT_SHUTDOWN: registers and events are the reset state then,
+        // and the last exits are what is left of the fault (docs/testing.md).
+        tracing::warn!(
+            vcpu = self.index,
+            events = ?state.events,
+            last_exits = ?state.last_exits,
+            exits_total = ring.total,
+            "vCPU state at the stop"
+        );
+        state
+    }
+}
+
+/// KVM's vCPU events in the report's terms.
+fn events_from(e: &kvm_bindings::kvm_vcpu_events) -> VcpuEvents {
+    VcpuEvents {
+        exception_injected: e.exception.injected != 0,
+        exception_pending: e.exception.pending != 0,
+        exception_vector: e.exception.nr,
+        exception_error_code: (e.exception.has_error_code != 0).then_some(e.exception.error_code),
+        interrupt_injected: e.interrupt.injected != 0,
+        interrupt_vector: e.interrupt.nr,
+        interrupt_shadow: e.interrupt.shadow,
+        nmi_injected: e.nmi.injected != 0,
+        nmi_pending: e.nmi.pending != 0,
+        nmi_masked: e.nmi.masked != 0,
+        triple_fault_pending: (e.flags & kvm_bindings::KVM_VCPUEVENT_VALID_TRIPLE_FAULT != 0)
+            .then_some(e.triple_fault.pending != 0),
+        flags: e.flags,
+    }
+}
+
+/// One entry of [`ExitRing`]: plain data, written in place on every exit.
+#[derive(Debug, Clone, Copy)]
+struct RingEntry {
+    kind: ExitKind,
+    addr: u64,
+    len: u8,
+}
+
+impl Default for RingEntry {
+    fn default() -> Self {
+        Self {
+            kind: ExitKind::Other,
+            addr: 0,
+            len: 0,
+        }
+    }
+}
+
+/// The last [`RECENT_EXITS`] exits of one vCPU, kept by its own thread for the
+/// failure report: a fixed array written in place (no allocation, no lock, no
+/// atomic) on the hot path; read only when the vCPU stops the VM.
+#[derive(Debug, Default)]
+struct ExitRing {
+    entries: [RingEntry; RECENT_EXITS],
+    /// Exits recorded so far; the next one goes to `total % RECENT_EXITS`.
+    total: u64,
+}
+
+impl ExitRing {
+    #[inline]
+    fn push(&mut self, kind: ExitKind, addr: u64, len: usize) {
+        let slot = (self.total % RECENT_EXITS as u64) as usize;
+        self.entries[slot] = RingEntry {
+            kind,
+            addr,
+            len: len.min(usize::from(u8::MAX)) as u8,
+        };
+        self.total += 1;
+    }
+
+    /// The kept exits, oldest first.
+    fn recent(&self) -> Vec<RecentExit> {
+        let kept = self.total.min(RECENT_EXITS as u64) as usize;
+        let first = self.total as usize - kept;
+        (first..first + kept)
+            .map(|i| {
+                let e = self.entries[i % RECENT_EXITS];
+                RecentExit {
+                    kind: match e.kind {
+                        ExitKind::IoIn => RecentExitKind::IoIn,
+                        ExitKind::IoOut => RecentExitKind::IoOut,
+                        ExitKind::MmioRead => RecentExitKind::MmioRead,
+                        ExitKind::MmioWrite => RecentExitKind::MmioWrite,
+                        ExitKind::Hlt => RecentExitKind::Hlt,
+                        ExitKind::Interrupted => RecentExitKind::Interrupted,
+                        ExitKind::Other => RecentExitKind::Other,
+                    },
+                    addr: e.addr,
+                    len: e.len,
+                    seq: i as u64,
+                }
+            })
+            .collect()
     }
 }
 
@@ -242,5 +362,63 @@ fn log_unknown_mmio(count: &mut u32, addr: u64, what: &str) {
         if *count == LIMIT {
             tracing::debug!("further unmapped MMIO accesses from this vCPU are not logged");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_last_exits_oldest_first() {
+        let mut ring = ExitRing::default();
+        assert!(ring.recent().is_empty());
+        ring.push(ExitKind::IoOut, 0x3f8, 1);
+        ring.push(ExitKind::MmioRead, 0xd000_0000, 4);
+        let r = ring.recent();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].kind, RecentExitKind::IoOut);
+        assert_eq!((r[0].addr, r[0].len), (0x3f8, 1));
+        assert_eq!(r[1].kind, RecentExitKind::MmioRead);
+        assert_eq!((r[1].addr, r[1].len), (0xd000_0000, 4));
+        // Past the ring's size only the last RECENT_EXITS remain, in order.
+        let n = RECENT_EXITS as u64 * 3 + 5;
+        let mut ring = ExitRing::default();
+        for port in 0..n {
+            ring.push(ExitKind::IoIn, port, 2);
+        }
+        let r = ring.recent();
+        assert_eq!(r.len(), RECENT_EXITS);
+        let ports: Vec<u64> = r.iter().map(|e| e.addr).collect();
+        let want: Vec<u64> = (n - RECENT_EXITS as u64..n).collect();
+        assert_eq!(ports, want);
+        let seqs: Vec<u64> = r.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, want);
+        assert_eq!(ring.total, n);
+        // A huge access size saturates instead of wrapping.
+        ring.push(ExitKind::MmioWrite, 1, 4096);
+        assert_eq!(ring.recent().last().map(|e| e.len), Some(u8::MAX));
+    }
+
+    #[test]
+    fn kvm_events_are_translated() {
+        let mut e = kvm_bindings::kvm_vcpu_events::default();
+        e.exception.injected = 1;
+        e.exception.nr = 14;
+        e.exception.has_error_code = 1;
+        e.exception.error_code = 2;
+        e.nmi.masked = 1;
+        let v = events_from(&e);
+        assert!(v.exception_injected && !v.exception_pending);
+        assert_eq!(v.exception_vector, 14);
+        assert_eq!(v.exception_error_code, Some(2));
+        assert!(v.nmi_masked && !v.nmi_pending);
+        assert_eq!(v.triple_fault_pending, None);
+        e.flags = kvm_bindings::KVM_VCPUEVENT_VALID_TRIPLE_FAULT;
+        e.triple_fault.pending = 1;
+        e.exception.has_error_code = 0;
+        let v = events_from(&e);
+        assert_eq!(v.triple_fault_pending, Some(true));
+        assert_eq!(v.exception_error_code, None);
     }
 }
