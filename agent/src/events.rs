@@ -62,8 +62,8 @@ pub enum AgentEvent {
     VmmExited {
         /// The instance.
         instance: String,
-        /// How.
-        exit: VmmExit,
+        /// How (boxed: an exit report with registers is large).
+        exit: Box<VmmExit>,
     },
     /// An instance is gone (stopped, disks deleted).
     InstanceRemoved {

@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent::backend::process::{process_start_time, ProcessLauncher, ProcessLauncherConfig, ProcessState};
+use agent::backend::process::{
+    process_start_time, ProcessLauncher, ProcessLauncherConfig, ProcessState,
+};
 use agent::backend::vmm::{LaunchSpec, StopMode, VmmError, VmmLauncher};
 use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
 

@@ -276,8 +276,12 @@ fn prepare() -> Result<Guest, String> {
     std::fs::write(w.join("initrd"), initrd).map_err(|x| e("initrd")(&x))?;
     let listener = testkit::artifacts::static_bin("testkit", "guest-listener")
         .map_err(|x| e("guest-listener")(&x))?;
+    let vmlinux = kernel
+        .pvh_vmlinux()
+        .map_err(|x| e("vmlinux")(&x))?
+        .to_path_buf();
     let files = vec![
-        ("vmlinux".into(), kernel.vmlinux.clone()),
+        ("vmlinux".into(), vmlinux),
         ("initrd".into(), w.join("initrd")),
         ("base.img".into(), base),
         ("os.qcow2".into(), overlay),

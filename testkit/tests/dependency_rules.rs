@@ -324,3 +324,44 @@ fn workspace_crates_keep_their_dependency_rules() {
         "{vmm:?}"
     );
 }
+
+/// The agent library as cargo builds it alone (`cargo tree -p agent -e normal`:
+/// features as the agent itself asks for them, not as the whole workspace
+/// unifies them, so `vhd`'s `cli` feature, which only `reddog-cli` turns on,
+/// does not count) has no command line, builds no images and knows the VMM
+/// only through `vmm-api`.
+#[test]
+fn the_agent_library_has_no_command_line() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .args([
+            "tree",
+            "-p",
+            "agent",
+            "-e",
+            "normal",
+            "--offline",
+            "--prefix",
+            "none",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let crates: BTreeSet<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(crates.contains("tokio"), "not the agent's tree:\n{tree}");
+    for forbidden in ["clap", "guest-image", "vmm", "testkit", "reddog-cli"] {
+        assert!(
+            !crates.contains(forbidden),
+            "the agent library must not depend on {forbidden} (the command line lives in reddog-cli):\n{tree}"
+        );
+    }
+}

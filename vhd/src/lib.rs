@@ -23,6 +23,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub mod check;
+#[cfg(feature = "cli")]
 pub mod cli;
 pub mod convert;
 mod error;

@@ -203,7 +203,8 @@ fn each_stop_path_has_its_own_exit_status() {
 /// console writes to COM1 come right before its empty-IDT `ud2`).
 #[test]
 fn a_triple_fault_report_has_the_vcpu_events_and_last_exits() {
-    let run = boot(test_guest::elf_path(), "exit=triple-fault smp=0", &[]);
+    let cmdline = Cmdline::new().exit(Exit::TripleFault).no_smp();
+    let run = boot(test_guest::elf_path(), &cmdline, &[]);
     assert_eq!(
         run.status,
         ExitReason::TripleFault.exit_code(),

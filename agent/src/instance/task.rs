@@ -718,7 +718,7 @@ impl Runner {
         );
         let _ = self.env.events.send(AgentEvent::VmmExited {
             instance: self.id.clone(),
-            exit: exit.clone(),
+            exit: Box::new(exit.clone()),
         });
         self.update(|s| s.last_exit = Some(exit));
         self.set_vmm(None);
