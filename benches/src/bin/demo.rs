@@ -1,5 +1,7 @@
-//! The demo behind `scripts/demo`: boots the tiny test guest under reddog-vmm on
-//! this host's KVM and prints its console, its boot time and how it stopped.
+//! The tiny test guest's demo (`cargo run --release -p benches --bin demo`;
+//! `scripts/demo`, the main job, is `testkit/examples/demo.rs`): boots the tiny
+//! guest under reddog-vmm on this host's KVM and prints its console, its boot
+//! time and how it stopped.
 
 use std::process::Command;
 
