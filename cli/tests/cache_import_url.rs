@@ -1,6 +1,8 @@
 //! `reddog cache import --url`: the CLI downloads with a progress bar and the
 //! agent imports the file, checking its sha256.
 
+// One set-up for the agent's and the binaries' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::Daemon;

@@ -1,5 +1,7 @@
 //! `reddog-agent --fake` driven by the `reddog` CLI over the unix socket.
 
+// One set-up for the agent's and the binaries' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::Daemon;

@@ -5,6 +5,8 @@
 //!
 //! KVM tests: they fail, never skip, without /dev/kvm.
 
+// One set-up for the agent's and the binaries' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::Daemon;

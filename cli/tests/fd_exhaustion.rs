@@ -3,6 +3,8 @@
 //! caps its connections and closes unfinished heads, the unix socket keeps
 //! answering while TCP is flooded, and the instance is untouched.
 
+// One set-up for the agent's and the binaries' tests.
+#[path = "../../agent/tests/common/mod.rs"]
 mod common;
 
 use common::Daemon;
