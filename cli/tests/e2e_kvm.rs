@@ -447,19 +447,21 @@ async fn a_silent_guest_is_restarted_a_crash_loop_fails_and_a_hostile_guest_is_c
 }
 
 fn start_daemon(state: &Path, sock: &Path, vmm: &Path, log: &Path) -> Daemon {
+    start_daemon_sized(state, sock, vmm, log, 8)
+}
+
+/// An agent whose node has `vcpus` vCPUs (and 512 MiB of memory and 100 MiB
+/// of disk per vCPU).
+fn start_daemon_sized(state: &Path, sock: &Path, vmm: &Path, log: &Path, vcpus: u32) -> Daemon {
     let cmdline = guest_cmdline().to_string();
     let log = std::fs::File::create(log).expect("log file");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_reddog-agent"))
-        .args([
-            "--node-id",
-            "n-e2e",
-            "--vcpus",
-            "8",
-            "--memory-mib",
-            "4096",
-            "--disk-mib",
-            "1000",
-        ])
+        .args(["--node-id", "n-e2e", "--vcpus"])
+        .arg(vcpus.to_string())
+        .arg("--memory-mib")
+        .arg((vcpus * 512).to_string())
+        .arg("--disk-mib")
+        .arg((vcpus * 125).to_string())
         .arg("--state-dir")
         .arg(state)
         .arg("--api-socket")
@@ -743,4 +745,306 @@ async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
     h.heartbeats_advance("ok-1").await;
     let s = h.agent.instance("ok-1").expect("inst");
     assert_eq!((s.vmm_pid, s.restarts), (Some(pid), 0));
+}
+
+/// The VMMs running over instance directories under `state`: instance id ->
+/// pids (found by `--config <state>/instances/<id>/vm.json` on their command
+/// line).
+fn vmms_by_instance(state: &Path) -> HashMap<String, Vec<i32>> {
+    let prefix = state.join("instances");
+    let mut out: HashMap<String, Vec<i32>> = HashMap::new();
+    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !pid_alive(pid) || !args.first().is_some_and(|a| a.ends_with("reddog-vmm")) {
+            continue;
+        }
+        let config = args
+            .windows(2)
+            .find(|w| w[0] == "--config")
+            .map(|w| PathBuf::from(&w[1]));
+        if let Some(id) = config
+            .as_deref()
+            .and_then(|c| c.strip_prefix(&prefix).ok())
+            .and_then(|rest| rest.iter().next())
+        {
+            out.entry(id.to_string_lossy().into_owned())
+                .or_default()
+                .push(pid);
+        }
+    }
+    out
+}
+
+/// The soak: the agent with many tiny-guest instances on this host's KVM, for
+/// rounds of random goal changes, VMM kills, agent kills and restarts, hostile
+/// guest connections and API floods. After each round: exactly one VMM per
+/// instance, no orphan VMM, socket or directory, every instance ready (or
+/// failed for a stated reason), the agent's fd count and RSS flat.
+/// `REDDOG_SOAK_ROUNDS` (default 3) and `REDDOG_SOAK_INSTANCES` (default 20)
+/// make the long form; `REDDOG_SOAK_SEED` repeats a run.
+#[test]
+fn soak_goal_changes_vmm_and_agent_kills_hostile_guests_and_api_floods() {
+    require_kvm();
+    let env_num = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let rounds = env_num("REDDOG_SOAK_ROUNDS", 3);
+    let n = env_num("REDDOG_SOAK_INSTANCES", 20) as usize;
+    let mut seed = env_num("REDDOG_SOAK_SEED", 0x5eed_2026);
+    eprintln!("soak: {rounds} rounds, {n} instances, REDDOG_SOAK_SEED={seed}");
+    let mut rand = move |m: u64| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (seed >> 33) % m.max(1)
+    };
+    let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
+    let dir = tempfile::Builder::new()
+        .prefix("rdg-soak")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let (state, sock) = (dir.path().join("state"), dir.path().join("agent.sock"));
+    let mut log_n = 0;
+    let cores = u32::try_from(n + 4).unwrap_or(u32::MAX);
+    let mut daemon = Some(start_daemon_sized(
+        &state,
+        &sock,
+        &vmm,
+        &dir.path().join("agent0.log"),
+        cores,
+    ));
+    let img = dir.path().join("base.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).expect("base");
+    let imported: serde_json::Value = serde_json::from_str(&cli(
+        &sock,
+        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
+    ))
+    .expect("json");
+    let sha = imported["sha256"].as_str().expect("sha").to_string();
+    let role = dir.path().join("role");
+    std::fs::create_dir(&role).expect("role");
+    let spec = |id: &str, gen: u64| {
+        serde_json::json!({
+            "id": id, "role": "web", "base_image": format!("sha256:{sha}"),
+            "role_package": role, "vcpus": 1, "memory_mib": 32, "resource_disk_mib": 8,
+            "heartbeat_interval_ms": 200, "env": { "GEN": gen.to_string() }
+        })
+    };
+    let mut next_id = 0;
+    let mut ids: Vec<String> = (0..n)
+        .map(|_| {
+            next_id += 1;
+            format!("s-{next_id}")
+        })
+        .collect();
+    let mut gens: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), 0)).collect();
+    let mut incarnation = 0;
+    let put_goal = |inc: u64, ids: &[String], gens: &HashMap<String, u64>| {
+        let goal = serde_json::json!({
+            "incarnation": inc,
+            "instances": ids.iter().map(|i| spec(i, gens[i])).collect::<Vec<_>>(),
+        });
+        let f = dir.path().join(format!("goal-{inc}.json"));
+        std::fs::write(&f, goal.to_string()).expect("goal");
+        cli(&sock, &["goal", "put", f.to_str().expect("utf8")]);
+    };
+    let all_pids = Arc::new(Mutex::new(Vec::<i32>::new()));
+    struct Reap(Arc<Mutex<Vec<i32>>>, PathBuf);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for pids in vmms_by_instance(&self.1).values() {
+                for p in pids {
+                    kill9(*p);
+                }
+            }
+            for p in self.0.lock().map(|v| v.clone()).unwrap_or_default() {
+                kill9(p);
+            }
+        }
+    }
+    let _reap = Reap(all_pids.clone(), state.clone());
+    let mut baseline: Option<(usize, u64)> = None;
+    for round in 0..=rounds {
+        if round > 0 {
+            // 1. A goal change: two removed, two added, one updated (role disk).
+            for _ in 0..2 {
+                if ids.len() > 2 {
+                    let i = rand(ids.len() as u64) as usize;
+                    ids.remove(i);
+                }
+                next_id += 1;
+                let id = format!("s-{next_id}");
+                gens.insert(id.clone(), 0);
+                ids.push(id);
+            }
+            let u = ids[rand(ids.len() as u64) as usize].clone();
+            *gens.get_mut(&u).expect("gen") += 1;
+            incarnation += 1;
+            put_goal(incarnation, &ids, &gens);
+            // 2. kill -9 of a running VMM.
+            let running = vmms_by_instance(&state);
+            if let Some(pids) = running.values().nth(rand(running.len() as u64) as usize) {
+                kill9(pids[0]);
+            }
+            // 3. Hostile guest connections: garbage on two guest sockets.
+            for _ in 0..2 {
+                let id = &ids[rand(ids.len() as u64) as usize];
+                let path = state.join("run").join(format!("{id}.vsock_1024"));
+                if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) {
+                    let _ = s.write_all(&[0xff; 512]);
+                }
+            }
+            // 4. An API flood: 200 connections that send half a request line.
+            let flood: Vec<_> = (0..200)
+                .filter_map(|_| {
+                    let mut s = std::os::unix::net::UnixStream::connect(&sock).ok()?;
+                    s.write_all(b"GET /v1/ins").ok()?;
+                    Some(s)
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(500));
+            drop(flood);
+            // 5. Every other round, kill -9 of the agent and a new one.
+            if round % 2 == 1 {
+                if let Some(d) = daemon.take() {
+                    kill9(d.0.id() as i32);
+                    drop(d);
+                }
+                let _ = std::fs::remove_file(&sock);
+                log_n += 1;
+                daemon = Some(start_daemon_sized(
+                    &state,
+                    &sock,
+                    &vmm,
+                    &dir.path().join(format!("agent{log_n}.log")),
+                    cores,
+                ));
+                baseline = None;
+            }
+        } else {
+            incarnation += 1;
+            put_goal(incarnation, &ids, &gens);
+        }
+        // Settle: every instance of the goal ready (or failed with a reason).
+        let t = Instant::now();
+        let settled = loop {
+            let node: serde_json::Value =
+                serde_json::from_str(&cli(&sock, &["node"])).expect("node report");
+            let list: Vec<serde_json::Value> =
+                node["instances"].as_array().cloned().unwrap_or_default();
+            let states: HashMap<String, String> = list
+                .iter()
+                .filter_map(|v| {
+                    Some((
+                        v["id"].as_str()?.to_owned(),
+                        v["state"].as_str()?.to_owned(),
+                    ))
+                })
+                .collect();
+            let done = ids
+                .iter()
+                .all(|i| states.get(i).is_some_and(|s| s == "ready" || s == "failed"))
+                && states.len() == ids.len();
+            if done {
+                break list;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "round {round}: not settled after 90 s: {states:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        for v in &settled {
+            if v["state"] == "failed" {
+                assert!(
+                    v["last_error"].as_str().is_some_and(|e| !e.is_empty()),
+                    "round {round}: failed without a reason: {v}"
+                );
+            }
+        }
+        // Exactly one VMM per instance; none for anything else.
+        let vmms = vmms_by_instance(&state);
+        for id in &ids {
+            let ready = settled
+                .iter()
+                .any(|v| v["id"] == id.as_str() && v["state"] == "ready");
+            let n = vmms.get(id).map_or(0, Vec::len);
+            assert_eq!(
+                n,
+                usize::from(ready),
+                "round {round}: {id} has {n} VMMs: {vmms:?}"
+            );
+        }
+        for (id, pids) in &vmms {
+            assert!(
+                ids.contains(id),
+                "round {round}: orphan VMM(s) {pids:?} of {id}"
+            );
+        }
+        all_pids
+            .lock()
+            .expect("pids")
+            .extend(vmms.values().flatten().copied());
+        // No orphan directory or guest socket.
+        let dirs: std::collections::BTreeSet<String> = std::fs::read_dir(state.join("instances"))
+            .expect("instances dir")
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let want: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+        assert_eq!(dirs, want, "round {round}: instance directories");
+        for e in std::fs::read_dir(state.join("run"))
+            .expect("run dir")
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let owner = name.split(".vsock").next().unwrap_or_default().to_owned();
+            assert!(want.contains(&owner), "round {round}: orphan socket {name}");
+        }
+        // The agent's fds and RSS stay flat (against the first round of this
+        // agent process).
+        let pid = daemon.as_ref().expect("agent").0.id();
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+        let rss_kib = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("VmRSS:"))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        eprintln!(
+            "soak round {round}: {} instances ({} ready), {} VMMs, agent pid {pid}: {fds} fds, {rss_kib} KiB RSS",
+            ids.len(),
+            settled.iter().filter(|v| v["state"] == "ready").count(),
+            vmms.values().map(Vec::len).sum::<usize>()
+        );
+        match baseline {
+            None => baseline = Some((fds, rss_kib)),
+            Some((f0, r0)) => {
+                assert!(
+                    fds <= f0 + 16,
+                    "round {round}: agent fds grew {f0} -> {fds}"
+                );
+                assert!(
+                    rss_kib <= r0 * 2 + 8192,
+                    "round {round}: agent RSS grew {r0} -> {rss_kib} KiB"
+                );
+            }
+        }
+    }
+    eprintln!("soak: {rounds} rounds passed");
 }
