@@ -10,8 +10,8 @@ use std::process::Command;
 
 pub use guest_image::artifacts::{
     apt_show, apt_update, busybox_static, cache_root, debian_kernel, debian_kernel_in, io_err,
-    require_static, run, sha256_file, unique_suffix, AptPackage, ArtifactError, KernelArtifacts,
-    Module,
+    kernel_in, require_static, run, sha256_file, unique_suffix, AptPackage, ArtifactError,
+    KernelArtifacts, KernelSource, Module,
 };
 
 const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";

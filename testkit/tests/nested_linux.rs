@@ -213,6 +213,41 @@ fn debian_pvh_guest_sees_its_disks_and_talks_vsock() {
     assert!(report.boot_time_us.is_some(), "{}", run.describe());
 }
 
+/// A kernel other than the cloud one: Debian's generic kernel
+/// (`linux-image-amd64`, followed to its package). Its bzImage is XZ, so it
+/// has no PVH `vmlinux` here and boots through the 64-bit boot protocol, with
+/// the guest initramfs made from its own modules (found through their
+/// dependencies, as for the cloud kernel). The outer machine keeps the cloud
+/// kernel.
+#[test]
+fn a_generic_debian_kernel_boots_through_its_bzimage_and_sees_its_disks() {
+    let outer = kernel();
+    let cache = testkit::artifacts::cache_root().expect("cache root");
+    let started = Instant::now();
+    let k = testkit::artifacts::kernel_in(
+        &testkit::artifacts::KernelSource::Package("linux-image-amd64".into()),
+        &cache,
+    )
+    .unwrap_or_else(|e| panic!("Debian's generic kernel could not be had: {e}"));
+    eprintln!(
+        "generic kernel: {} {} ready in {:.1} s (PVH vmlinux: {})",
+        k.package,
+        k.version,
+        started.elapsed().as_secs_f64(),
+        k.vmlinux.is_some()
+    );
+    assert!(
+        !k.package.contains("cloud"),
+        "not a generic kernel: {}",
+        k.package
+    );
+    let vm = linux_guest(&k, &k.vmlinuz, BASE_CMDLINE);
+    let run = run("Debian generic kernel, bzImage, reddog-guest", &outer, &vm);
+    print_phases("generic bzImage", &run);
+    assert_powered_off(&run);
+    assert_three_disks(&run);
+}
+
 #[test]
 fn debian_bzimage_guest_sees_its_disks() {
     let k = kernel();
