@@ -627,11 +627,8 @@ impl Runner {
                     // Recorded: now the guest may run.
                     if let Err(e) = handle.boot().await {
                         let why = format!("the VMM did not boot the VM: {e}");
-                        let _ = handle.stop(StopMode::Force).await;
-                        match wait_bounded(&mut handle).await {
-                            Some(exit) => self.vmm_exited(exit),
-                            None => self.set_vmm(None),
-                        }
+                        let exit = self.kill_until_gone(&mut handle).await;
+                        self.vmm_exited(exit);
                         drop(link);
                         self.update(|s| s.last_error = Some(why.clone()));
                         self.go(InstanceState::Restarting, why.clone());
@@ -653,14 +650,9 @@ impl Runner {
                             }
                             Sup::Unresponsive(why) => {
                                 self.go(InstanceState::Unhealthy, why.clone());
-                                let _ = handle.stop(StopMode::Force).await;
-                                let exit = wait_bounded(&mut handle).await;
+                                let exit = self.kill_until_gone(&mut handle).await;
                                 drop(link);
-                                if let Some(exit) = exit {
-                                    self.vmm_exited(exit);
-                                } else {
-                                    self.set_vmm(None);
-                                }
+                                self.vmm_exited(exit);
                                 self.go(InstanceState::Restarting, format!("restarting: {why}"));
                                 why
                             }
@@ -781,24 +773,40 @@ impl Runner {
             }
             exit = tokio::time::timeout(half, handle.wait()).await.ok();
         }
-        if exit.is_none() {
-            tracing::warn!(
-                instance = %self.id,
-                "the VMM did not stop within {:?} of being asked; killing it",
-                started.elapsed()
-            );
+        let exit = match exit {
+            Some(e) => e,
+            None => {
+                tracing::warn!(
+                    instance = %self.id,
+                    "the VMM did not stop within {:?} of being asked; killing it",
+                    started.elapsed()
+                );
+                self.kill_until_gone(&mut handle).await
+            }
+        };
+        drop(link);
+        self.vmm_exited(exit);
+    }
+
+    /// SIGKILL until the VMM is known to have ended. A VMM not known to be
+    /// gone (unkillable, or `/proc` unreadable so it cannot even be signalled
+    /// safely) is never forgotten: forgetting it would let a second VMM start
+    /// over the same disks. So this keeps trying, and says so.
+    async fn kill_until_gone(&mut self, handle: &mut Box<dyn VmmHandle>) -> VmmExit {
+        let started = Instant::now();
+        loop {
             if let Err(e) = handle.stop(StopMode::Force).await {
                 tracing::warn!(instance = %self.id, "{e}");
             }
-            exit = wait_bounded(&mut handle).await;
-        }
-        drop(link);
-        match exit {
-            Some(e) => self.vmm_exited(e),
-            None => {
-                tracing::error!(instance = %self.id, "the VMM survived SIGKILL for 10 s");
-                self.set_vmm(None);
+            if let Some(exit) = wait_bounded(handle).await {
+                return exit;
             }
+            tracing::error!(
+                instance = %self.id,
+                pid = ?self.vmm.as_ref().map(|v| v.pid),
+                "the VMM is not known to have ended {:?} after SIGKILL; trying again (it stays recorded)",
+                started.elapsed()
+            );
         }
     }
 }
