@@ -1092,3 +1092,55 @@ async fn a_new_boot_id_from_the_same_vmm_is_counted_as_misbehaviour() {
         .metrics()
         .contains("reddog_instance_guest_misbehaviours_total{instance=\"web-1\",role=\"web\"} 1"));
 }
+
+/// Removing an instance whose VMM a restarted agent re-adopted: the guest
+/// reconnects and is asked to shut down itself, so the removal takes as long
+/// as the guest needs, not the graceful-stop wait (here the VMM ignores the
+/// ACPI button, so without the guest's own shutdown it would wait half the
+/// stop grace and then be killed).
+#[tokio::test(start_paused = true)]
+async fn removing_a_re_adopted_vmm_lets_its_guest_shut_down_at_once() {
+    let (dir, a, l, _spec, d, g) = linked().await;
+    l.ignore_graceful(true);
+    let pid = l.running("a").expect("running");
+    let incarnation = a.goal().expect("goal").incarnation;
+    a.shutdown();
+    tokio::task::yield_now().await;
+    // The goal changed while no agent ran: "a" is no longer wanted.
+    std::fs::write(
+        dir.path().join("state").join("goal.json"),
+        serde_json::json!({ "incarnation": incarnation + 1, "instances": [] }).to_string(),
+    )
+    .expect("goal");
+    let t = tokio::time::Instant::now();
+    let a2 = agent::Agent::open(config(dir.path()), backends(&l, &d, &g))
+        .await
+        .expect("reopen");
+    let mut events = a2.subscribe();
+    let exit = loop {
+        match tokio::time::timeout(Duration::from_secs(30), events.recv()).await {
+            Ok(Ok(AgentEvent::VmmExited { instance, exit })) if instance == "a" => break exit,
+            Ok(Ok(_)) => {}
+            other => panic!("the re-adopted VMM did not stop: {other:?}"),
+        }
+    };
+    let took = t.elapsed();
+    assert_eq!(
+        exit.report.as_ref().map(|r| r.reason),
+        Some(vmm_api::ExitReason::PowerOff),
+        "not the guest's own shutdown: {exit:?}"
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "removal took {took:?} (the stop grace is {:?})",
+        config(dir.path()).health.stop_grace
+    );
+    assert!(g
+        .commands("a")
+        .iter()
+        .any(|c| matches!(c, agent::backend::guest::HostCommand::Shutdown { .. })));
+    assert_eq!(l.running("a"), None, "VMM {pid} still runs");
+    a2.wait_for("a", Duration::from_secs(30), |s| s.is_none())
+        .await;
+    assert!(a2.instance("a").is_none(), "not removed");
+}
