@@ -175,6 +175,14 @@ impl InstanceFile {
             return Err(InstanceFileError::TooLarge { len: bytes.len() });
         }
         let text = core::str::from_utf8(bytes).map_err(|_| InstanceFileError::NotUtf8)?;
+        // A JSON object, as the host agent writes it: serde would also take
+        // the fields as an array (`[1,"id","role"]`), which no agent writes.
+        if !text.trim_start().starts_with('{') {
+            return Err(invalid(
+                "(file)",
+                "not a JSON object; the host agent writes {\"version\":1,...}",
+            ));
+        }
         let file: Self =
             serde_json::from_str(text).map_err(|source| InstanceFileError::Json { source })?;
         file.check()?;
@@ -381,8 +389,8 @@ mod tests {
             ),
             (many.as_str(), "257 variables, at most 256"),
             (long.as_str(), "env.K"),
-            ("[]", "expected"),
-            ("", "EOF"),
+            ("[]", "not a JSON object"),
+            ("", "not a JSON object"),
             (
                 r#"{"version":1,"instance_id":"a","role":"r"} x"#,
                 "trailing",
@@ -443,5 +451,13 @@ mod tests {
         assert_eq!(check_env(&env(&[("A_1", "x"), ("_b", "")])), Ok(()));
         let p = check_env(&env(&[("OK", "x"), ("9", "x")])).expect_err("digit first");
         assert_eq!(p.field, "env.9");
+    }
+
+    #[test]
+    fn the_fields_as_an_array_are_refused() {
+        // Found by the fuzz target: serde reads a struct from a sequence too.
+        let e = InstanceFile::decode(b"\n[1 ,\n\"e\"\n,\n\"^\"]\n \n ").expect_err("array");
+        assert!(e.to_string().contains("not a JSON object"), "{e}");
+        assert!(InstanceFile::decode(br#"{"version":1,"instance_id":"e","role":"r"}"#).is_ok());
     }
 }
