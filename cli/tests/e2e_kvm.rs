@@ -481,6 +481,22 @@ fn start_daemon_sized(state: &Path, sock: &Path, vmm: &Path, log: &Path, vcpus: 
     d
 }
 
+/// Through the daemon's CLI: imports a 4 MiB raw base image and makes an
+/// empty role package in `dir`; returns the image's sha256 and the package.
+fn import_base_and_role(sock: &Path, dir: &Path) -> (String, PathBuf) {
+    let img = dir.join("base.raw");
+    std::fs::write(&img, vec![0u8; 4 << 20]).expect("base");
+    let imported: serde_json::Value = serde_json::from_str(&cli(
+        sock,
+        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
+    ))
+    .expect("json");
+    let sha = imported["sha256"].as_str().expect("sha").to_string();
+    let role = dir.join("role");
+    std::fs::create_dir(&role).expect("role");
+    (sha, role)
+}
+
 fn cli(sock: &Path, args: &[&str]) -> String {
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_reddog"))
         .arg("--socket")
@@ -532,16 +548,7 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
     let (state, sock) = (dir.path().join("state"), dir.path().join("agent.sock"));
     let d = start_daemon(&state, &sock, &vmm, &dir.path().join("agent1.log"));
 
-    let img = dir.path().join("base.raw");
-    std::fs::write(&img, vec![0u8; 4 << 20]).expect("base");
-    let imported: serde_json::Value = serde_json::from_str(&cli(
-        &sock,
-        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
-    ))
-    .expect("json");
-    let sha = imported["sha256"].as_str().expect("sha").to_string();
-    let role = dir.path().join("role");
-    std::fs::create_dir(&role).expect("role");
+    let (sha, role) = import_base_and_role(&sock, dir.path());
     std::fs::write(role.join("index.html"), "hi\n").expect("role file");
     let instances: Vec<serde_json::Value> = ["a-1", "a-2"]
         .iter()
@@ -825,16 +832,7 @@ fn soak_goal_changes_vmm_and_agent_kills_hostile_guests_and_api_floods() {
         &dir.path().join("agent0.log"),
         cores,
     ));
-    let img = dir.path().join("base.raw");
-    std::fs::write(&img, vec![0u8; 4 << 20]).expect("base");
-    let imported: serde_json::Value = serde_json::from_str(&cli(
-        &sock,
-        &["cache", "import", "-f", "raw", img.to_str().expect("utf8")],
-    ))
-    .expect("json");
-    let sha = imported["sha256"].as_str().expect("sha").to_string();
-    let role = dir.path().join("role");
-    std::fs::create_dir(&role).expect("role");
+    let (sha, role) = import_base_and_role(&sock, dir.path());
     let spec = |id: &str, gen: u64| {
         serde_json::json!({
             "id": id, "role": "web", "base_image": format!("sha256:{sha}"),
