@@ -26,7 +26,7 @@ use crate::instance::{
 };
 use crate::report::{InstanceSummary, NodeReport, UpstreamStats};
 use crate::spec::{usage, GoalError, GoalState, InstanceSpec, NodeConfig};
-use crate::util::{lock, now_unix_ms, write_json_atomic};
+use crate::util::{lock, now_unix_ms, write_json_atomic, ReadJsonError};
 
 /// Default host vsock port of the guest agent.
 pub const DEFAULT_GUEST_PORT: u32 = 1024;
@@ -137,19 +137,16 @@ impl std::fmt::Debug for Agent {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, AgentError> {
-    match std::fs::read(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(AgentError::StateDir {
+    crate::util::read_json(path).map_err(|e| match e {
+        ReadJsonError::Io(source) => AgentError::StateDir {
             path: path.to_owned(),
             source,
-        }),
-        Ok(data) => serde_json::from_slice(&data)
-            .map(Some)
-            .map_err(|e| AgentError::Corrupt {
-                path: path.to_owned(),
-                why: e.to_string(),
-            }),
-    }
+        },
+        ReadJsonError::Corrupt(e) => AgentError::Corrupt {
+            path: path.to_owned(),
+            why: e.to_string(),
+        },
+    })
 }
 
 impl Agent {

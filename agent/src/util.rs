@@ -77,6 +77,29 @@ pub async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     }
 }
 
+/// Why a JSON file the agent stores could not be read (see [`read_json`]);
+/// callers turn it into their own error with the path.
+#[derive(Debug)]
+pub(crate) enum ReadJsonError {
+    /// Reading failed (anything but "not found").
+    Io(std::io::Error),
+    /// The bytes are not the JSON expected.
+    Corrupt(serde_json::Error),
+}
+
+/// Reads a JSON file the agent stores; `None` when there is none.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, ReadJsonError> {
+    match std::fs::read(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ReadJsonError::Io(e)),
+        Ok(data) => serde_json::from_slice(&data)
+            .map(Some)
+            .map_err(ReadJsonError::Corrupt),
+    }
+}
+
 /// Locks a std mutex, ignoring poisoning (the data behind the agent's
 /// mutexes are plain values, consistent after every statement).
 pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

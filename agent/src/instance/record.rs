@@ -12,7 +12,7 @@ use crate::backend::disks::{DiskSet, PreparedDisks};
 use crate::backend::guest::GuestEndpoint;
 use crate::backend::vmm::VmmRecord;
 use crate::spec::InstanceSpec;
-use crate::util::write_json_atomic;
+use crate::util::{read_json, write_json_atomic, ReadJsonError};
 
 /// What is stored per instance in `<state>/instances/<id>/record.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,16 +98,13 @@ impl InstanceRecord {
     /// Reads `<instance_dir>/record.json`; `None` when there is none.
     pub fn read(instance_dir: &Path) -> Result<Option<InstanceRecord>, RecordError> {
         let path = record_path(instance_dir);
-        match std::fs::read(&path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(RecordError::Io { path, source }),
-            Ok(data) => serde_json::from_slice(&data)
-                .map(Some)
-                .map_err(|e| RecordError::Corrupt {
-                    path,
-                    why: e.to_string(),
-                }),
-        }
+        read_json(&path).map_err(|e| match e {
+            ReadJsonError::Io(source) => RecordError::Io { path, source },
+            ReadJsonError::Corrupt(e) => RecordError::Corrupt {
+                path,
+                why: e.to_string(),
+            },
+        })
     }
 
     /// Writes it atomically to `<instance_dir>/record.json`.
