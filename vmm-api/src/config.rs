@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RateLimit;
+
 /// Smallest guest memory the VMM accepts (the ACPI tables, boot structures and a
 /// kernel need room).
 pub const MIN_MEMORY_MIB: u32 = 32;
@@ -56,6 +58,14 @@ pub enum ConfigError {
     /// A bad control socket path.
     #[error("api_sock: {0}")]
     ApiSock(String),
+    /// A bad network interface setting.
+    #[error("net {index}: {why}")]
+    Net {
+        /// Which interface.
+        index: usize,
+        /// What is wrong.
+        why: String,
+    },
 }
 
 /// Longest control socket path in bytes (`sun_path` holds 108 with the NUL).
@@ -119,6 +129,10 @@ pub struct DiskConfig {
     /// The serial the guest reads (`/sys/block/vdX/serial`), at most 20 ASCII bytes.
     #[serde(default)]
     pub serial: String,
+    /// Bytes and requests per second the guest may ask of this disk (no limit
+    /// when left out).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Smallest guest CID (0-2 are reserved: hypervisor, local, host).
@@ -134,6 +148,71 @@ pub struct VsockConfig {
     pub guest_cid: u32,
     /// The unix socket the VMM listens on for host-initiated connections.
     pub uds_path: PathBuf,
+}
+
+/// Longest network interface name (`IFNAMSIZ` less the NUL).
+pub const MAX_IFNAME_LEN: usize = 15;
+/// Most network interfaces one VM may have.
+pub const MAX_NETS: usize = 4;
+/// Smallest MTU the VMM accepts (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+/// Largest MTU the VMM accepts.
+pub const MAX_MTU: u16 = 9000;
+/// The MTU when none is set.
+pub const DEFAULT_MTU: u16 = 1500;
+
+/// Where a virtio-net device's frames go: a TAP device on the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TapConfig {
+    /// Open the TAP interface with this name (`/dev/net/tun`, `TUNSETIFF`).
+    Name(String),
+    /// An already-open TAP file descriptor the VMM inherited (a jailed VMM
+    /// is handed its TAP this way).
+    Fd(i32),
+}
+
+/// One virtio-net device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The host side.
+    pub tap: TapConfig,
+    /// The guest's MAC address, `02:xx:xx:xx:xx:xx` form (six hex pairs).
+    pub mac: String,
+    /// The MTU the guest is told (config space); frames over it plus the
+    /// header are dropped. [`DEFAULT_MTU`] when left out.
+    #[serde(default)]
+    pub mtu: Option<u16>,
+    /// Bytes and frames per second, each direction (no limit when left out).
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl NetConfig {
+    /// The MTU in effect.
+    pub fn mtu(&self) -> u16 {
+        self.mtu.unwrap_or(DEFAULT_MTU)
+    }
+
+    /// The MAC address as bytes, if it is six `:`-separated hex pairs.
+    pub fn mac_bytes(&self) -> Option<[u8; 6]> {
+        parse_mac(&self.mac)
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut out {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
 }
 
 /// How the kernel is entered.
@@ -201,6 +280,9 @@ pub struct VmConfig {
     /// before the guest runs its first instruction.
     #[serde(default)]
     pub boot_on_request: bool,
+    /// virtio-net devices, in the order the guest enumerates them.
+    #[serde(default)]
+    pub net: Vec<NetConfig>,
 }
 
 fn default_vcpus() -> u8 {
@@ -228,6 +310,7 @@ impl VmConfig {
             timeout_ms: None,
             api_sock: None,
             boot_on_request: false,
+            net: Vec::new(),
         }
     }
 
@@ -273,6 +356,67 @@ impl VmConfig {
                         d.serial
                     ),
                 });
+            }
+            if let Some(r) = &d.rate_limit {
+                r.validate().map_err(|why| ConfigError::Disk {
+                    index,
+                    why: format!("rate_limit: {why}"),
+                })?;
+            }
+        }
+        if self.net.len() > MAX_NETS {
+            return Err(ConfigError::Net {
+                index: MAX_NETS,
+                why: format!("at most {MAX_NETS} interfaces"),
+            });
+        }
+        for (index, n) in self.net.iter().enumerate() {
+            let bad = |why: String| ConfigError::Net { index, why };
+            match &n.tap {
+                TapConfig::Name(name) => {
+                    if name.is_empty()
+                        || name.len() > MAX_IFNAME_LEN
+                        || !name.bytes().all(|b| {
+                            b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+                        })
+                    {
+                        return Err(bad(format!(
+                            "tap name {name:?} must be 1 to {MAX_IFNAME_LEN} bytes of [A-Za-z0-9._-]"
+                        )));
+                    }
+                }
+                TapConfig::Fd(fd) => {
+                    if *fd < 3 {
+                        return Err(bad(format!(
+                            "tap fd {fd} must be an inherited descriptor (3 or more)"
+                        )));
+                    }
+                }
+            }
+            match n.mac_bytes() {
+                None => {
+                    return Err(bad(format!(
+                        "mac {:?} must be six hex pairs separated by ':'",
+                        n.mac
+                    )))
+                }
+                Some(m) if m[0] & 1 == 1 => {
+                    return Err(bad(format!(
+                        "mac {} is a multicast address; use a unicast one (e.g. 02:..)",
+                        n.mac
+                    )))
+                }
+                Some(_) => {}
+            }
+            if !(MIN_MTU..=MAX_MTU).contains(&n.mtu()) {
+                return Err(bad(format!(
+                    "mtu must be {MIN_MTU} to {MAX_MTU}, got {}",
+                    n.mtu()
+                )));
+            }
+            if let Some(r) = &n.rate_limit {
+                r.validate()
+                    .map_err(|why| bad(format!("rate_limit: {why}")))?;
             }
         }
         if let Some(v) = &self.vsock {
@@ -379,6 +523,59 @@ mod tests {
             cfg.api_sock.as_deref(),
             Some(std::path::Path::new("/run/reddog/vm1.sock"))
         );
+    }
+
+    #[test]
+    fn net_settings_are_checked() {
+        let good = r#"{"kernel":"/k","net":[{"tap":{"name":"rdg0"},"mac":"02:00:00:00:00:01"}]}"#;
+        let cfg = VmConfig::from_json(good).expect("valid");
+        assert_eq!(cfg.net[0].mtu(), DEFAULT_MTU);
+        assert_eq!(cfg.net[0].mac_bytes(), Some([2, 0, 0, 0, 0, 1]));
+        VmConfig::from_json(
+            r#"{"kernel":"/k","net":[{"tap":{"fd":7},"mac":"02:00:00:00:00:01","mtu":9000}]}"#,
+        )
+        .expect("an inherited fd");
+        for (json, want) in [
+            (
+                r#"{"tap":{"name":""},"mac":"02:00:00:00:00:01"}"#,
+                "tap name",
+            ),
+            (
+                r#"{"tap":{"name":"a-name-longer-than-15"},"mac":"02:00:00:00:00:01"}"#,
+                "tap name",
+            ),
+            (
+                r#"{"tap":{"name":"a/b"},"mac":"02:00:00:00:00:01"}"#,
+                "tap name",
+            ),
+            (r#"{"tap":{"fd":1},"mac":"02:00:00:00:00:01"}"#, "tap fd"),
+            (r#"{"tap":{"name":"t"},"mac":"02:00:00:00:00"}"#, "mac"),
+            (
+                r#"{"tap":{"name":"t"},"mac":"02:00:00:00:00:01:02"}"#,
+                "mac",
+            ),
+            (
+                r#"{"tap":{"name":"t"},"mac":"03:00:00:00:00:01"}"#,
+                "multicast",
+            ),
+            (
+                r#"{"tap":{"name":"t"},"mac":"02:00:00:00:00:01","mtu":67}"#,
+                "mtu",
+            ),
+            (
+                r#"{"tap":{"name":"t"},"mac":"02:00:00:00:00:01","rate_limit":{"ops":{"per_second":0}}}"#,
+                "per_second",
+            ),
+        ] {
+            let full = format!(r#"{{"kernel":"/k","net":[{json}]}}"#);
+            let err = VmConfig::from_json(&full).expect_err(json).to_string();
+            assert!(err.contains(want), "{json}: {err}");
+        }
+        let disk = r#"{"kernel":"/k","disks":[{"path":"/d","format":"raw","rate_limit":{"bytes":{"per_second":0}}}]}"#;
+        let err = VmConfig::from_json(disk)
+            .expect_err("zero rate")
+            .to_string();
+        assert!(err.contains("disk 0: rate_limit"), "{err}");
     }
 
     #[test]

@@ -23,11 +23,12 @@
 pub mod config;
 pub mod control;
 pub mod exit;
+pub mod limits;
 pub mod platform;
 
 pub use config::{
-    BackingConfig, BootProtocol, ConfigError, DiskConfig, DiskFormat, SerialOutput, VmConfig,
-    VsockConfig,
+    BackingConfig, BootProtocol, ConfigError, DiskConfig, DiskFormat, NetConfig, SerialOutput,
+    TapConfig, VmConfig, VsockConfig,
 };
 pub use control::{
     ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, Op, Request, Response,
@@ -36,3 +37,4 @@ pub use control::{
 pub use exit::{
     ExitReason, ExitReport, RecentExit, RecentExitKind, VcpuEvents, VcpuRegs, RECENT_EXITS,
 };
+pub use limits::{RateLimit, TokenBucket};

@@ -163,6 +163,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         backing,
         read_only,
         serial,
+        rate_limit: None,
     })
 }
 

@@ -470,6 +470,7 @@ impl FakeDisks {
             backing: None,
             read_only: ro,
             serial: name.replace('.', "-"),
+            rate_limit: None,
         };
         let fresh = PreparedDisks {
             os: d("os.qcow2", false),

@@ -61,6 +61,7 @@ fn make_os(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
         }),
         read_only: false,
         serial: "reddog-os".into(),
+        rate_limit: None,
     })
 }
 
@@ -78,6 +79,7 @@ fn make_resource(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
         backing: None,
         read_only: false,
         serial: "reddog-resource".into(),
+        rate_limit: None,
     })
 }
 
@@ -102,6 +104,7 @@ fn make_role(req: &DiskRequest, instance_file: &[u8]) -> Result<DiskConfig, Disk
         backing: None,
         read_only: true,
         serial: "reddog-role".into(),
+        rate_limit: None,
     })
 }
 
