@@ -311,6 +311,26 @@ async fn a_flooding_guest_is_throttled_then_closed() {
     assert!(start.elapsed() >= Duration::from_millis(400));
 }
 
+/// Waits for the link to be closed by the flood rule; returns how long that
+/// took.
+async fn flood_cut_off(link: &mut agent::backend::guest::GuestLink) -> Duration {
+    let start = std::time::Instant::now();
+    loop {
+        if let GuestEvent::Disconnected {
+            reason,
+            misbehaving,
+        } = next(link).await
+        {
+            assert!(
+                misbehaving && reason.contains("frames per second"),
+                "closed for the wrong reason after {:?}: {reason}",
+                start.elapsed()
+            );
+            return start.elapsed();
+        }
+    }
+}
+
 /// A flood whose reads end mid-frame while it is throttled is cut off by the
 /// flood rule, not as "a frame stayed incomplete": frames keep completing, so
 /// the partial-frame clock starts again with each one.
@@ -345,22 +365,11 @@ async fn a_throttled_flood_is_not_mistaken_for_an_incomplete_frame() {
             }
         }
     });
-    let start = std::time::Instant::now();
-    loop {
-        if let GuestEvent::Disconnected {
-            reason,
-            misbehaving,
-        } = next(&mut t.link).await
-        {
-            assert!(
-                misbehaving && reason.contains("frames per second"),
-                "closed for the wrong reason after {:?}: {reason}",
-                start.elapsed()
-            );
-            break;
-        }
-    }
-    assert!(start.elapsed() >= Duration::from_millis(1400));
+    let took = flood_cut_off(&mut t.link).await;
+    assert!(
+        took >= Duration::from_millis(1400),
+        "cut off after {took:?}"
+    );
     writer.abort();
 }
 
@@ -398,22 +407,7 @@ async fn a_flood_at_a_limit_finer_than_the_timer_is_still_cut_off() {
             }
         }
     });
-    let start = std::time::Instant::now();
-    loop {
-        if let GuestEvent::Disconnected {
-            reason,
-            misbehaving,
-        } = next(&mut t.link).await
-        {
-            assert!(
-                misbehaving && reason.contains("frames per second"),
-                "closed for the wrong reason after {:?}: {reason}",
-                start.elapsed()
-            );
-            break;
-        }
-    }
-    let took = start.elapsed();
+    let took = flood_cut_off(&mut t.link).await;
     assert!(
         took >= Duration::from_millis(1000) && took < Duration::from_secs(8),
         "cut off after {took:?}"

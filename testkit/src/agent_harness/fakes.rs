@@ -96,15 +96,9 @@ impl FakeAgent {
     /// A web-role instance of 1 vCPU and 256 MiB.
     pub fn spec(&self, id: &str) -> InstanceSpec {
         InstanceSpec {
-            id: id.into(),
-            role: "web".into(),
-            base_image: self.image.clone(),
-            role_package: self.role.clone(),
-            vcpus: 1,
-            memory_mib: 256,
             resource_disk_mib: 100,
             env: [("MODE".to_string(), "test".to_string())].into(),
-            heartbeat_interval_ms: 1000,
+            ..super::web_instance(id, &self.image, &self.role, 256, 1000)
         }
     }
 

@@ -321,17 +321,13 @@ impl KvmAgent {
 
     /// An instance: 1 vCPU, `memory_mib`, a 16 MiB resource disk.
     pub fn spec(&self, id: &str, memory_mib: u32, heartbeat_interval_ms: u32) -> InstanceSpec {
-        InstanceSpec {
-            id: id.into(),
-            role: "web".into(),
-            base_image: self.image.clone(),
-            role_package: self.role.clone(),
-            vcpus: 1,
+        super::web_instance(
+            id,
+            &self.image,
+            &self.role,
             memory_mib,
-            resource_disk_mib: 16,
-            env: Default::default(),
             heartbeat_interval_ms,
-        }
+        )
     }
 
     /// `PUT /v1/goal` over the unix socket; returns the agent's answer

@@ -77,3 +77,25 @@ pub fn write_base_and_role(
         .map_err(HarnessError::io("writing the role package"))?;
     Ok(role)
 }
+
+/// A web-role instance of 1 vCPU with a 16 MiB resource disk and no
+/// environment, over `image` with the role package `role`.
+pub fn web_instance(
+    id: &str,
+    image: &str,
+    role: &std::path::Path,
+    memory_mib: u32,
+    heartbeat_interval_ms: u32,
+) -> agent::InstanceSpec {
+    agent::InstanceSpec {
+        id: id.into(),
+        role: "web".into(),
+        base_image: image.into(),
+        role_package: role.to_owned(),
+        vcpus: 1,
+        memory_mib,
+        resource_disk_mib: 16,
+        env: Default::default(),
+        heartbeat_interval_ms,
+    }
+}
