@@ -31,7 +31,7 @@ pub use config::{
     TapConfig, VmConfig, VsockConfig,
 };
 pub use control::{
-    ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, Op, Request, Response,
+    ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, NetMetrics, Op, Request, Response,
     ShutdownMode, VmState,
 };
 pub use exit::{
