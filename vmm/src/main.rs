@@ -29,8 +29,9 @@ Options:
   --vsock <SPEC>           a virtio-vsock device: cid=N,uds=PATH (hybrid: the host connects to PATH
                            and writes `CONNECT <port>`; guest connections to the host go to PATH_<port>)
   --net <SPEC>             a virtio-net interface on a TAP, repeatable:
-                           tap=NAME,mac=XX:XX:XX:XX:XX:XX[,mtu=N] or fd=N,mac=...[,mtu=N]
-                           (fd=: an inherited TAP opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR)
+                           tap=NAME,mac=XX:XX:XX:XX:XX:XX[,mtu=N][,bw=BYTES/S][,pps=FRAMES/S]
+                           or fd=N,mac=... (fd=: an inherited TAP opened with
+                           IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); bw= and pps= limit each direction
   --virtio-mmio-cmdline    also list the virtio-mmio devices on the kernel command line
                            (virtio_mmio.device=), for kernels that do not read them from ACPI
   --timeout-ms <N>         wall-clock limit in milliseconds
@@ -190,6 +191,14 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
     let (mut tap, mut mac, mut mtu) = (None, None, None);
+    let mut limit = vmm_api::RateLimit::default();
+    let bucket = |k: &str, v: &str| -> Result<Option<vmm_api::TokenBucket>, String> {
+        let per_second = v.parse::<u64>().map_err(|e| format!("net {k}={v}: {e}"))?;
+        Ok(Some(vmm_api::TokenBucket {
+            per_second,
+            burst: None,
+        }))
+    };
     for part in s.split(',') {
         let t = match part.split_once('=') {
             Some(("tap", v)) => Some(TapConfig::Name(v.to_owned())),
@@ -202,6 +211,14 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
             }
             Some(("mtu", v)) => {
                 mtu = Some(v.parse::<u16>().map_err(|e| format!("net mtu={v}: {e}"))?);
+                None
+            }
+            Some(("bw", v)) => {
+                limit.bytes = bucket("bw", v)?;
+                None
+            }
+            Some(("pps", v)) => {
+                limit.ops = bucket("pps", v)?;
                 None
             }
             _ => {
@@ -220,7 +237,7 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
         tap: tap.ok_or("a net interface needs tap=NAME or fd=N")?,
         mac: mac.ok_or("a net interface needs mac=XX:XX:XX:XX:XX:XX")?,
         mtu,
-        rate_limit: None,
+        rate_limit: (limit != vmm_api::RateLimit::default()).then_some(limit),
     })
 }
 
@@ -376,7 +393,7 @@ mod tests {
             "--virtio-mmio-cmdline",
             "--net",
             "tap=rdg0,mac=02:00:00:00:00:01,mtu=9000",
-            "--net=fd=7,mac=02:00:00:00:00:02",
+            "--net=fd=7,mac=02:00:00:00:00:02,bw=1000000,pps=100",
         ]) else {
             panic!("should parse");
         };
@@ -396,6 +413,10 @@ mod tests {
         assert_eq!(a.net[0].mtu, Some(9000));
         assert_eq!(a.net[1].tap, TapConfig::Fd(7));
         assert_eq!(a.net[1].mac, "02:00:00:00:00:02");
+        assert!(a.net[0].rate_limit.is_none());
+        let l = a.net[1].rate_limit.expect("limited");
+        assert_eq!(l.bytes.map(|b| b.per_second), Some(1_000_000));
+        assert_eq!(l.ops.map(|b| b.per_second), Some(100));
         assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
         assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
     }

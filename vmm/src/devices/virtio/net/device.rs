@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -15,6 +15,7 @@ use super::frame::{
     check_frame, read_tx_chain, write_rx_chain, Limits, MAX_BUFFER, VNET_HDR_LEN,
 };
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
+use crate::devices::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_NET, VIRTIO_F_VERSION_1,
@@ -91,12 +92,16 @@ pub enum NetError {
     /// The TAP could not be opened or set up.
     #[error(transparent)]
     Tap(#[from] super::tap::TapError),
+    /// The rate limit is invalid or its timer cannot be made.
+    #[error(transparent)]
+    RateLimit(#[from] RateLimiterError),
 }
 
 /// A virtio-net device over a TAP.
 pub struct NetDevice {
     tap: Arc<Tap>,
     mtu: u16,
+    rate_limit: Option<vmm_api::RateLimit>,
     config: [u8; 12],
     counters: Arc<NetCounters>,
     thread_name: String,
@@ -111,7 +116,15 @@ impl NetDevice {
             vmm_api::TapConfig::Name(name) => Tap::open_named(name)?,
             vmm_api::TapConfig::Fd(fd) => Tap::from_fd(*fd)?,
         };
-        Ok(Self::with_tap(tap, mac, cfg.mtu()))
+        // Checked here, so a bad limit fails the boot rather than the activation.
+        RateLimiter::new(cfg.rate_limit.as_ref())?;
+        Ok(Self::with_tap(tap, mac, cfg.mtu()).with_rate_limit(cfg.rate_limit))
+    }
+
+    /// Limits each direction to `limit` (bytes and frames per second).
+    pub fn with_rate_limit(mut self, limit: Option<vmm_api::RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
     }
 
     /// A device over an open `tap`.
@@ -124,6 +137,7 @@ impl NetDevice {
         Self {
             tap: Arc::new(tap),
             mtu,
+            rate_limit: None,
             config,
             counters: Arc::default(),
             thread_name: "virtio-net".into(),
@@ -225,9 +239,16 @@ impl VirtioDevice for NetDevice {
             tso6: offl & TUN_F_TSO6 != 0,
             ufo: offl & TUN_F_UFO != 0,
         };
+        let limiter = || {
+            RateLimiter::new(self.rate_limit.as_ref())
+                .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))
+        };
+        let (rx_limiter, tx_limiter) = (limiter()?, limiter()?);
         let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
         let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let worker = Worker {
+            rx_limiter,
+            tx_limiter,
             mem,
             rx,
             tx,
@@ -274,6 +295,9 @@ pub(super) struct Worker {
     pub(super) rx_len: usize,
     pub(super) tx_buf: Box<[u8]>,
     pub(super) errors_logged: u32,
+    /// Frames toward the guest, and from it (each direction has its own).
+    pub(super) rx_limiter: RateLimiter,
+    pub(super) tx_limiter: RateLimiter,
 }
 
 impl Worker {
@@ -282,6 +306,8 @@ impl Worker {
         const TXQ: u64 = 1;
         const TAP: u64 = 2;
         const STOP: u64 = 3;
+        const RX_TIMER: u64 = 4;
+        const TX_TIMER: u64 = 5;
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
@@ -303,10 +329,22 @@ impl Worker {
                 return;
             }
         }
+        let timers = [
+            (self.rx_limiter.timer_fd(), RX_TIMER),
+            (self.tx_limiter.timer_fd(), TX_TIMER),
+        ];
+        for (fd, data) in timers {
+            let Some(fd) = fd else { continue };
+            let ev = EpollEvent::new(EventSet::IN, data);
+            if let Err(e) = epoll.ctl(ControlOperation::Add, fd, ev) {
+                tracing::error!("virtio-net: epoll_ctl failed: {e}");
+                return;
+            }
+        }
         // The guest may have queued frames and buffers before it notified.
         self.process_tx(tx_event);
         self.process_rx(rx_event);
-        let mut events = vec![EpollEvent::default(); 4];
+        let mut events = vec![EpollEvent::default(); 6];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -326,6 +364,14 @@ impl Worker {
                     }
                     TXQ => {
                         let _ = tx_event.read();
+                        tx = true;
+                    }
+                    RX_TIMER => {
+                        self.rx_limiter.timer_fired();
+                        rx = true;
+                    }
+                    TX_TIMER => {
+                        self.tx_limiter.timer_fired();
                         tx = true;
                     }
                     _ => rx = true,
@@ -353,13 +399,26 @@ impl Worker {
     pub(super) fn process_tx(&mut self, tx_event: &EventFd) {
         let mut used_any = false;
         let mut budget = MAX_FRAMES_PER_PASS;
-        while budget > 0 {
+        while budget > 0 && !self.tx_limiter.is_blocked() {
             let Some(chain) = self.tx.pop_descriptor_chain(&self.mem) else {
                 break;
             };
             budget -= 1;
             let head = chain.head_index();
-            match read_tx_chain(&self.mem, chain, &mut self.tx_buf, &self.tx_limits) {
+            let frame = read_tx_chain(&self.mem, chain, &mut self.tx_buf, &self.tx_limits);
+            if let Ok(len) = frame {
+                if self
+                    .tx_limiter
+                    .consume((len - VNET_HDR_LEN) as u64, 1)
+                    .is_err()
+                {
+                    // Put it back; the limiter's timer brings us back to it.
+                    self.tx.go_to_previous_position();
+                    NetCounters::add(&self.counters.rate_limited, 1);
+                    break;
+                }
+            }
+            match frame {
                 Ok(len) => match self.tap.write(&self.tx_buf[..len]) {
                     Ok(_) => {
                         NetCounters::add(&self.counters.tx_frames, 1);
@@ -381,7 +440,7 @@ impl Worker {
             }
             used_any = true;
         }
-        if budget == 0 {
+        if budget == 0 && !self.tx_limiter.is_blocked() {
             let _ = tx_event.write(1);
         }
         if used_any && self.tx.needs_notification(&self.mem).unwrap_or(true) {
@@ -396,6 +455,9 @@ impl Worker {
         let mut used_any = false;
         let mut budget = MAX_FRAMES_PER_PASS;
         loop {
+            if self.rx_limiter.is_blocked() {
+                break;
+            }
             if budget == 0 {
                 let _ = rx_event.write(1);
                 break;
@@ -422,6 +484,13 @@ impl Worker {
             let Some(chain) = self.rx.pop_descriptor_chain(&self.mem) else {
                 break;
             };
+            let bytes = (self.rx_len - VNET_HDR_LEN) as u64;
+            if self.rx_limiter.consume(bytes, 1).is_err() {
+                // The frame waits in `rx_buf`, the buffer in the queue.
+                self.rx.go_to_previous_position();
+                NetCounters::add(&self.counters.rate_limited, 1);
+                break;
+            }
             budget -= 1;
             let head = chain.head_index();
             // num_buffers: one buffer per frame (no VIRTIO_NET_F_MRG_RXBUF).
@@ -456,8 +525,9 @@ impl Worker {
 }
 
 /// Drives the transmit path without a thread (the fuzz target and tests):
-/// serves the available tx chains once (at most one pass), then returns the
-/// counters. `tap` is usually [`Tap::datagram_pair`]'s.
+/// serves the available tx chains once (at most one pass) under
+/// `rate_limit`, then returns the counters. `tap` is usually
+/// [`Tap::datagram_pair`]'s.
 #[doc(hidden)]
 pub fn drive_tx(
     mem: GuestMemoryMmap,
@@ -465,7 +535,8 @@ pub fn drive_tx(
     tap: Tap,
     mtu: u16,
     features: u64,
-) -> vmm_api::NetMetrics {
+    rate_limit: Option<vmm_api::RateLimit>,
+) -> std::io::Result<vmm_api::NetMetrics> {
     let has = |f: u64| features & f != 0;
     let limits = Limits {
         mtu,
@@ -474,22 +545,16 @@ pub fn drive_tx(
         tso6: has(VIRTIO_NET_F_CSUM) && has(VIRTIO_NET_F_HOST_TSO6),
         ufo: false,
     };
-    let rx = match Queue::new(QUEUE_SIZE) {
-        Ok(q) => q,
-        Err(_) => return vmm_api::NetMetrics::default(),
-    };
-    let Ok(irq) = EventFd::new(libc::EFD_NONBLOCK) else {
-        return vmm_api::NetMetrics::default();
-    };
-    let Ok(evt) = EventFd::new(libc::EFD_NONBLOCK) else {
-        return vmm_api::NetMetrics::default();
-    };
+    let limiter =
+        || RateLimiter::new(rate_limit.as_ref()).map_err(|e| std::io::Error::other(e.to_string()));
+    let rx = Queue::new(QUEUE_SIZE).map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
     let mut w = Worker {
         mem,
         rx,
         tx,
         tap: Arc::new(tap),
-        interrupt: Arc::new(Interrupt::new(irq)),
+        interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK)?)),
         counters: Arc::default(),
         rx_limits: limits,
         tx_limits: limits,
@@ -497,9 +562,11 @@ pub fn drive_tx(
         rx_len: 0,
         tx_buf: vec![0u8; MAX_BUFFER].into_boxed_slice(),
         errors_logged: 0,
+        rx_limiter: limiter()?,
+        tx_limiter: limiter()?,
     };
     w.process_tx(&evt);
-    w.counters.snapshot()
+    Ok(w.counters.snapshot())
 }
 
 #[cfg(test)]
@@ -546,7 +613,7 @@ mod tests {
             ],
         );
         let (tap, peer) = Tap::datagram_pair().expect("pair");
-        let got = drive_tx(m, q, tap, mtu, VIRTIO_F_VERSION_1);
+        let got = drive_tx(m, q, tap, mtu, VIRTIO_F_VERSION_1, None).expect("drive");
         assert_eq!((got.tx_frames, got.tx_dropped), (2, 1), "{got:?}");
         assert_eq!(got.tx_bytes, (ok_len - VNET_HDR_LEN + 60 - VNET_HDR_LEN) as u64);
         let mut buf = vec![0u8; MAX_BUFFER];
@@ -583,6 +650,8 @@ mod tests {
             rx_len: 0,
             tx_buf: vec![0u8; MAX_BUFFER].into_boxed_slice(),
             errors_logged: 0,
+            rx_limiter: RateLimiter::new(None).expect("unlimited"),
+            tx_limiter: RateLimiter::new(None).expect("unlimited"),
         };
         let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
         let mut f1 = vec![0u8; VNET_HDR_LEN + 100];
@@ -603,5 +672,26 @@ mod tests {
         // The second frame waits for a buffer.
         assert_eq!(w.rx_len, f2.len());
         assert_eq!(w.interrupt.status() & INT_USED_RING, INT_USED_RING);
+    }
+
+    #[test]
+    fn the_tx_rate_limit_holds_frames_back_without_dropping_them() {
+        let m = mem();
+        m.write_slice(&[0u8; 100], GuestAddress(0x10000)).expect("w");
+        let q = queue(&m, &[(0x10000, 100, 0); 5]);
+        let (tap, peer) = Tap::datagram_pair().expect("pair");
+        // Two frames of burst, then one a second.
+        let limit = vmm_api::RateLimit {
+            bytes: None,
+            ops: Some(vmm_api::TokenBucket {
+                per_second: 1,
+                burst: Some(2),
+            }),
+        };
+        let got = drive_tx(m, q, tap, 1500, VIRTIO_F_VERSION_1, Some(limit)).expect("drive");
+        assert_eq!((got.tx_frames, got.tx_dropped, got.rate_limited), (2, 0, 1), "{got:?}");
+        let mut buf = [0u8; 256];
+        assert!(peer.recv(&mut buf).is_ok() && peer.recv(&mut buf).is_ok());
+        assert!(peer.recv(&mut buf).is_err(), "the third frame waits");
     }
 }
