@@ -56,7 +56,8 @@ impl TapNetns {
 
     fn create(ethertype: u16, timeout: Duration) -> io::Result<Self> {
         // SAFETY: unshare(2) changes only this thread's network namespace.
-        check(unsafe { libc::unshare(libc::CLONE_NEWNET) }, "unshare(CLONE_NEWNET)")?;
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        check(r, "unshare(CLONE_NEWNET)")?;
         let name = b"rdgtap0";
         // SAFETY: open(2) with a NUL-terminated path.
         let fd = check(
@@ -72,19 +73,29 @@ impl TapNetns {
         };
         req.name[..name.len()].copy_from_slice(name);
         // SAFETY: TUNSETIFF reads and writes a struct ifreq.
-        check(unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF as _, &mut req) }, "TUNSETIFF")?;
+        let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF as _, &mut req) };
+        check(r, "TUNSETIFF")?;
         // No IPv6 chatter (router solicitations) on the TAP; best effort.
         let _ = std::fs::write("/proc/sys/net/ipv6/conf/rdgtap0/disable_ipv6", "1");
         // Up.
         // SAFETY: socket(2).
-        let s = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) }, "socket")?;
+        let s = check(
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) },
+            "socket",
+        )?;
         // SAFETY: owned here.
         let s = unsafe { OwnedFd::from_raw_fd(s) };
         // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write a struct ifreq.
         unsafe {
-            check(libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req), "SIOCGIFFLAGS")?;
+            check(
+                libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS as _, &mut req),
+                "SIOCGIFFLAGS",
+            )?;
             req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            check(libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req), "SIOCSIFFLAGS")?;
+            check(
+                libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS as _, &mut req),
+                "SIOCSIFFLAGS",
+            )?;
         }
         // SAFETY: a NUL-terminated name.
         let ifindex = unsafe { libc::if_nametoindex(c"rdgtap0".as_ptr()) } as i32;
@@ -94,7 +105,13 @@ impl TapNetns {
         let proto = ethertype.to_be();
         // SAFETY: socket(2).
         let p = check(
-            unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, i32::from(proto)) },
+            unsafe {
+                libc::socket(
+                    libc::AF_PACKET,
+                    libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                    i32::from(proto),
+                )
+            },
             "AF_PACKET socket",
         )?;
         // SAFETY: owned here.
@@ -105,33 +122,29 @@ impl TapNetns {
         sll.sll_protocol = proto;
         sll.sll_ifindex = ifindex;
         // SAFETY: bind(2) with a sockaddr_ll of the right size.
-        check(
-            unsafe {
-                libc::bind(
-                    packet.as_raw_fd(),
-                    (&sll as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                )
-            },
-            "bind AF_PACKET",
-        )?;
+        let r = unsafe {
+            libc::bind(
+                packet.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        check(r, "bind AF_PACKET")?;
         let tv = libc::timeval {
             tv_sec: timeout.as_secs() as libc::time_t,
             tv_usec: timeout.subsec_micros() as libc::suseconds_t,
         };
         // SAFETY: SO_RCVTIMEO reads a timeval.
-        check(
-            unsafe {
-                libc::setsockopt(
-                    packet.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&tv as *const libc::timeval).cast(),
-                    std::mem::size_of::<libc::timeval>() as u32,
-                )
-            },
-            "SO_RCVTIMEO",
-        )?;
+        let r = unsafe {
+            libc::setsockopt(
+                packet.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        check(r, "SO_RCVTIMEO")?;
         Ok(Self {
             tap,
             packet,
@@ -197,10 +210,9 @@ impl TapNetns {
             if n < 0 {
                 return None;
             }
-            if from.sll_ifindex == self.ifindex && from.sll_pkttype != libc::PACKET_OUTGOING as u8 {
+            if from.sll_ifindex == self.ifindex && from.sll_pkttype != libc::PACKET_OUTGOING {
                 return Some(n as usize);
             }
         }
     }
 }
-

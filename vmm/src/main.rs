@@ -431,7 +431,10 @@ mod tests {
             (vec!["--disk", "path=/d"], "never guessed"),
             (vec!["--vsock", "uds=/v"], "cid="),
             (vec!["--net", "mac=02:00:00:00:00:01"], "tap=NAME or fd=N"),
-            (vec!["--net", "tap=a,fd=4,mac=02:00:00:00:00:01"], "one of tap= or fd="),
+            (
+                vec!["--net", "tap=a,fd=4,mac=02:00:00:00:00:01"],
+                "one of tap= or fd=",
+            ),
             (vec!["--net", "tap=a"], "needs mac="),
             (vec!["--net", "tap=a,mac=x,speed=9"], "unknown net option"),
             (vec!["--net", "fd=x,mac=x"], "net fd=x"),

@@ -62,7 +62,13 @@ impl Vm {
         cmd.arg("--kernel")
             .arg(test_guest::elf_path())
             .arg("--cmdline")
-            .arg(Cmdline::new().exit_acpi().no_smp().extend(&cmdline).to_string())
+            .arg(
+                Cmdline::new()
+                    .exit_acpi()
+                    .no_smp()
+                    .extend(&cmdline)
+                    .to_string(),
+            )
             .arg("--net")
             .arg(format!("fd={TAP_FD},mac=02:00:00:00:00:01,mtu={MTU}"))
             .arg("--serial")
@@ -91,7 +97,10 @@ impl Vm {
             if let Ok(Some(st)) = self.child.try_wait() {
                 panic!("reddog-vmm exited ({st}) before {needle:?}; serial:\n{s}");
             }
-            assert!(t.elapsed() < WAIT, "no {needle:?} on the console; serial:\n{s}");
+            assert!(
+                t.elapsed() < WAIT,
+                "no {needle:?} on the console; serial:\n{s}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -115,7 +124,10 @@ impl Drop for Vm {
 fn the_guest_echoes_frames_and_oversize_ones_are_dropped_and_counted() {
     let net = TapNetns::new(ETHERTYPE, Duration::from_millis(200))
         .expect("a network namespace with a TAP (run as root)");
-    let mut vm = Vm::start(&net, Cmdline::new().net_echo_for(0, false, 0).net_oversize());
+    let mut vm = Vm::start(
+        &net,
+        Cmdline::new().net_echo_for(0, false, 0).net_oversize(),
+    );
     let ready = vm.wait_for_line("net: echo");
     assert!(ready.contains("mac=02:00:00:00:00:01 mtu=1500"), "{ready}");
 
@@ -135,12 +147,18 @@ fn the_guest_echoes_frames_and_oversize_ones_are_dropped_and_counted() {
             if n > 0 {
                 break buf[..n].to_vec();
             }
-            assert!(t.elapsed() < WAIT, "no echo of frame {seq}; serial:\n{}", vm.serial());
+            assert!(
+                t.elapsed() < WAIT,
+                "no echo of frame {seq}; serial:\n{}",
+                vm.serial()
+            );
         };
         assert_eq!(got, echo_of(&f), "echo of frame {seq}");
     }
     // A burst: every frame comes back, none twice.
-    let burst: Vec<Vec<u8>> = (1000..1200u32).map(|s| frame(s, 200 + (s as usize % 1300))).collect();
+    let burst: Vec<Vec<u8>> = (1000..1200u32)
+        .map(|s| frame(s, 200 + (s as usize % 1300)))
+        .collect();
     for f in &burst {
         net.send(f).expect("send");
         sent += 1;
@@ -190,5 +208,8 @@ fn a_descriptor_that_is_not_a_tap_is_refused() {
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_ne!(out.status.code(), Some(0), "{err}");
-    assert!(err.contains("is not a TAP opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"), "{err}");
+    assert!(
+        err.contains("is not a TAP opened with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR"),
+        "{err}"
+    );
 }

@@ -106,7 +106,8 @@ fn spawn(peer: Peer, vmm: &Path, net: &TapNetns, serial: &Path) -> Result<Child>
     };
     c.stdout(Stdio::null()).stderr(Stdio::null());
     net.pass_tap(&mut c, TAP_FD);
-    c.spawn().with_context(|| format!("starting {}", peer.name()))
+    c.spawn()
+        .with_context(|| format!("starting {}", peer.name()))
 }
 
 fn wait_ready(child: &mut Child, serial: &Path) -> Result<()> {
@@ -134,7 +135,8 @@ fn cpu_seconds(pid: u32) -> Result<f64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after = stat.rsplit_once(')').context("odd /proc stat")?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    let ticks: u64 =
+        f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
     // SAFETY: sysconf has no memory effects.
     #[allow(unsafe_code)]
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
@@ -190,7 +192,14 @@ fn pump(net: &TapNetns, size: usize, window: usize, dur: Duration, pid: u32) -> 
     })
 }
 
-fn run(peer: Peer, vmm: &Path, size: usize, window: usize, secs: u64, dir: &Path) -> Result<Sample> {
+fn run(
+    peer: Peer,
+    vmm: &Path,
+    size: usize,
+    window: usize,
+    secs: u64,
+    dir: &Path,
+) -> Result<Sample> {
     let net = TapNetns::new(ETHERTYPE, Duration::from_millis(50))
         .context("creating a TAP in a network namespace (run as root)")?;
     let serial = dir.join(format!("{}-{size}.log", peer.name()));
@@ -239,7 +248,10 @@ fn main() -> Result<()> {
             .join("reddog-vmm"),
     };
     if !vmm.exists() {
-        bail!("{} not found: cargo build --release -p vmm -p benches", vmm.display());
+        bail!(
+            "{} not found: cargo build --release -p vmm -p benches",
+            vmm.display()
+        );
     }
     let dir = tempfile::tempdir()?;
     println!(
@@ -267,7 +279,11 @@ fn main() -> Result<()> {
         for (peer, s) in &best {
             let fps = s.frames as f64 / s.secs;
             let mib = s.bytes as f64 / s.secs / (1 << 20) as f64;
-            let per = if s.frames > 0 { s.cpu / s.frames as f64 * 1e6 } else { 0.0 };
+            let per = if s.frames > 0 {
+                s.cpu / s.frames as f64 * 1e6
+            } else {
+                0.0
+            };
             println!(
                 "{:<13} {:>6} {:>12.0} {:>10.2} {:>11.2} us {:>8.0}% {:>8}",
                 peer.name(),

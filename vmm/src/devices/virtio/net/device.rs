@@ -11,9 +11,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::frame::{
-    check_frame, read_tx_chain, write_rx_chain, Limits, MAX_BUFFER, VNET_HDR_LEN,
-};
+use super::frame::{check_frame, read_tx_chain, write_rx_chain, Limits, MAX_BUFFER, VNET_HDR_LEN};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
 use crate::devices::rate_limiter::{RateLimiter, RateLimiterError};
 use crate::devices::virtio::{
@@ -111,7 +109,9 @@ pub struct NetDevice {
 impl NetDevice {
     /// A device for `cfg`: opens its TAP (by name, or takes the inherited fd).
     pub fn new(cfg: &vmm_api::NetConfig) -> Result<Self, NetError> {
-        let mac = cfg.mac_bytes().ok_or_else(|| NetError::Mac(cfg.mac.clone()))?;
+        let mac = cfg
+            .mac_bytes()
+            .ok_or_else(|| NetError::Mac(cfg.mac.clone()))?;
         let tap = match &cfg.tap {
             vmm_api::TapConfig::Name(name) => Tap::open_named(name)?,
             vmm_api::TapConfig::Fd(fd) => Tap::from_fd(*fd)?,
@@ -320,7 +320,11 @@ impl Worker {
             (tx_event.as_raw_fd(), TXQ, EventSet::IN),
             // Edge triggered: the TAP is read until it would block (or until
             // the guest has no buffers; its next rx notify resumes).
-            (self.tap.as_raw_fd(), TAP, EventSet::IN | EventSet::EDGE_TRIGGERED),
+            (
+                self.tap.as_raw_fd(),
+                TAP,
+                EventSet::IN | EventSet::EDGE_TRIGGERED,
+            ),
             (stop.as_raw_fd(), STOP, EventSet::IN),
         ];
         for (fd, data, set) in fds {
@@ -435,7 +439,10 @@ impl Worker {
                 }
             }
             if self.tx.add_used(&self.mem, head, 0).is_err() {
-                self.log("the tx used ring is not writable", &"the guest broke its queue");
+                self.log(
+                    "the tx used ring is not writable",
+                    &"the guest broke its queue",
+                );
                 return;
             }
             used_any = true;
@@ -499,10 +506,7 @@ impl Worker {
             let written = match write_rx_chain(&self.mem, chain, frame) {
                 Ok(n) => {
                     NetCounters::add(&self.counters.rx_frames, 1);
-                    NetCounters::add(
-                        &self.counters.rx_bytes,
-                        (self.rx_len - VNET_HDR_LEN) as u64,
-                    );
+                    NetCounters::add(&self.counters.rx_bytes, (self.rx_len - VNET_HDR_LEN) as u64);
                     n
                 }
                 Err(e) => {
@@ -513,7 +517,10 @@ impl Worker {
             };
             self.rx_len = 0;
             if self.rx.add_used(&self.mem, head, written).is_err() {
-                self.log("the rx used ring is not writable", &"the guest broke its queue");
+                self.log(
+                    "the rx used ring is not writable",
+                    &"the guest broke its queue",
+                );
                 return;
             }
             used_any = true;
@@ -603,7 +610,8 @@ mod tests {
         let mut frame = frame;
         frame[..VNET_HDR_LEN].fill(0);
         m.write_slice(&frame, GuestAddress(0x10000)).expect("w");
-        m.write_slice(&[0u8; 4096], GuestAddress(0x20000)).expect("w");
+        m.write_slice(&[0u8; 4096], GuestAddress(0x20000))
+            .expect("w");
         let q = queue(
             &m,
             &[
@@ -615,12 +623,18 @@ mod tests {
         let (tap, peer) = Tap::datagram_pair().expect("pair");
         let got = drive_tx(m, q, tap, mtu, VIRTIO_F_VERSION_1, None).expect("drive");
         assert_eq!((got.tx_frames, got.tx_dropped), (2, 1), "{got:?}");
-        assert_eq!(got.tx_bytes, (ok_len - VNET_HDR_LEN + 60 - VNET_HDR_LEN) as u64);
+        assert_eq!(
+            got.tx_bytes,
+            (ok_len - VNET_HDR_LEN + 60 - VNET_HDR_LEN) as u64
+        );
         let mut buf = vec![0u8; MAX_BUFFER];
         let n = peer.recv(&mut buf).expect("first frame");
         assert_eq!(&buf[..n], &frame[..]);
         assert_eq!(peer.recv(&mut buf).expect("second frame"), 60);
-        assert!(peer.recv(&mut buf).is_err(), "the oversize frame never left");
+        assert!(
+            peer.recv(&mut buf).is_err(),
+            "the oversize frame never left"
+        );
     }
 
     #[test]
@@ -677,7 +691,8 @@ mod tests {
     #[test]
     fn the_tx_rate_limit_holds_frames_back_without_dropping_them() {
         let m = mem();
-        m.write_slice(&[0u8; 100], GuestAddress(0x10000)).expect("w");
+        m.write_slice(&[0u8; 100], GuestAddress(0x10000))
+            .expect("w");
         let q = queue(&m, &[(0x10000, 100, 0); 5]);
         let (tap, peer) = Tap::datagram_pair().expect("pair");
         // Two frames of burst, then one a second.
@@ -689,7 +704,11 @@ mod tests {
             }),
         };
         let got = drive_tx(m, q, tap, 1500, VIRTIO_F_VERSION_1, Some(limit)).expect("drive");
-        assert_eq!((got.tx_frames, got.tx_dropped, got.rate_limited), (2, 0, 1), "{got:?}");
+        assert_eq!(
+            (got.tx_frames, got.tx_dropped, got.rate_limited),
+            (2, 0, 1),
+            "{got:?}"
+        );
         let mut buf = [0u8; 256];
         assert!(peer.recv(&mut buf).is_ok() && peer.recv(&mut buf).is_ok());
         assert!(peer.recv(&mut buf).is_err(), "the third frame waits");

@@ -276,10 +276,15 @@ mod tests {
     #[test]
     fn a_frame_is_gathered_from_its_descriptors() {
         let m = mem();
-        let mut frame = vec![0u8; VNET_HDR_LEN + 60];
-        frame[VNET_HDR_LEN..].iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
-        m.write_slice(&frame[..VNET_HDR_LEN], GuestAddress(0x10000)).expect("w");
-        m.write_slice(&frame[VNET_HDR_LEN..], GuestAddress(0x20000)).expect("w");
+        let mut frame = [0u8; VNET_HDR_LEN + 60];
+        frame[VNET_HDR_LEN..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        m.write_slice(&frame[..VNET_HDR_LEN], GuestAddress(0x10000))
+            .expect("w");
+        m.write_slice(&frame[VNET_HDR_LEN..], GuestAddress(0x20000))
+            .expect("w");
         let mut q = queue(&m, &[(0x10000, 12, 0), (0x20000, 60, 0)]);
         let chain = q.pop_descriptor_chain(&m).expect("chain");
         let mut buf = vec![0u8; MAX_BUFFER];
@@ -319,18 +324,30 @@ mod tests {
         // Device-writable descriptor in a tx chain.
         let mut q = queue(&m, &[(0x10000, 60, F_WRITE)]);
         let c = q.pop_descriptor_chain(&m).expect("chain");
-        assert_eq!(read_tx_chain(&m, c, &mut buf, &limits()), Err(FrameError::Direction));
+        assert_eq!(
+            read_tx_chain(&m, c, &mut buf, &limits()),
+            Err(FrameError::Direction)
+        );
         // Memory outside the guest.
         let mut q = queue(&m, &[(0xffff_0000_0000, 60, 0)]);
         let c = q.pop_descriptor_chain(&m).expect("chain");
-        assert!(matches!(read_tx_chain(&m, c, &mut buf, &limits()), Err(FrameError::Memory(_))));
+        assert!(matches!(
+            read_tx_chain(&m, c, &mut buf, &limits()),
+            Err(FrameError::Memory(_))
+        ));
         // Too many descriptors.
         let descs: Vec<_> = (0..100).map(|i| (0x10000 + i * 8, 1u32, 0u16)).collect();
         let mut q = queue(&m, &descs);
         let c = q.pop_descriptor_chain(&m).expect("chain");
-        assert_eq!(read_tx_chain(&m, c, &mut buf, &limits()), Err(FrameError::ChainTooLong));
+        assert_eq!(
+            read_tx_chain(&m, c, &mut buf, &limits()),
+            Err(FrameError::ChainTooLong)
+        );
         // Short, and unknown offloads.
-        assert_eq!(check_frame(&[0u8; 20], &limits()), Err(FrameError::TooShort(20)));
+        assert_eq!(
+            check_frame(&[0u8; 20], &limits()),
+            Err(FrameError::TooShort(20))
+        );
         let mut f = [0u8; 64];
         f[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
         assert!(check_frame(&f, &limits()).is_err());
@@ -347,14 +364,19 @@ mod tests {
         let c = q.pop_descriptor_chain(&m).expect("chain");
         assert_eq!(write_rx_chain(&m, c, &frame), Ok(100));
         let mut got = vec![0u8; 100];
-        m.read_slice(&mut got[..40], GuestAddress(0x10000)).expect("r");
-        m.read_slice(&mut got[40..], GuestAddress(0x20000)).expect("r");
+        m.read_slice(&mut got[..40], GuestAddress(0x10000))
+            .expect("r");
+        m.read_slice(&mut got[40..], GuestAddress(0x20000))
+            .expect("r");
         assert_eq!(got, frame);
         // Too small: nothing is written.
         m.write_slice(&[0xee; 8], GuestAddress(0x30000)).expect("w");
         let mut q = queue(&m, &[(0x30000, 8, F_WRITE)]);
         let c = q.pop_descriptor_chain(&m).expect("chain");
-        assert_eq!(write_rx_chain(&m, c, &frame), Err(FrameError::NoRoom { room: 8, len: 100 }));
+        assert_eq!(
+            write_rx_chain(&m, c, &frame),
+            Err(FrameError::NoRoom { room: 8, len: 100 })
+        );
         let mut b = [0u8; 8];
         m.read_slice(&mut b, GuestAddress(0x30000)).expect("r");
         assert_eq!(b, [0xee; 8]);

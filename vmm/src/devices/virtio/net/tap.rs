@@ -39,7 +39,9 @@ struct IfReq {
 #[derive(Debug, thiserror::Error)]
 pub enum TapError {
     /// `/dev/net/tun` could not be opened.
-    #[error("cannot open /dev/net/tun: {0}; is the tun module loaded and the VMM allowed to use it?")]
+    #[error(
+        "cannot open /dev/net/tun: {0}; is the tun module loaded and the VMM allowed to use it?"
+    )]
     OpenTun(io::Error),
     /// The interface could not be attached.
     #[error("cannot attach TAP {name:?}: {source}; create it first (ip tuntap add {name} mode tap vnet_hdr) and give the VMM CAP_NET_ADMIN or its ownership")]
@@ -214,13 +216,7 @@ impl Tap {
     /// waits. A frame longer than `buf` is cut (the TAP drops the rest).
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: read(2) into `buf`, at most its length.
-        let n = unsafe {
-            libc::read(
-                self.file.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-            )
-        };
+        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
@@ -231,13 +227,7 @@ impl Tap {
     /// Writes one frame (header included).
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
         // SAFETY: write(2) from `frame`, at most its length.
-        let n = unsafe {
-            libc::write(
-                self.file.as_raw_fd(),
-                frame.as_ptr().cast(),
-                frame.len(),
-            )
-        };
+        let n = unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
         if n < 0 {
             Err(io::Error::last_os_error())
         } else {
