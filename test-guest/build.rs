@@ -1,6 +1,6 @@
 //! Builds the test guest from `guest/` with gcc and GNU binutils:
 //!
-//! 1. compile `entry.S`, `main.c` and `agent.c` once, with reddog-vmm's
+//! 1. compile `entry.S`, `main.c`, `agent.c` and `net.c` once, with reddog-vmm's
 //!    virtio-mmio layout (`vmm_api::platform::mmio`) as `-D` definitions;
 //! 2. link them twice with `guest.ld.S` (run through the preprocessor): with the
 //!    PVH note (`test-guest-pvh.elf`) and without (`test-guest-nopvh.elf`);
@@ -20,7 +20,7 @@ const CMDLINE_MAX: u32 = 4095;
 const SETUP_SECTS: u8 = 1;
 
 /// What is compiled and linked, in link order (`entry.S` first: it holds the entry points).
-const SOURCES: &[&str] = &["entry.S", "main.c", "agent.c"];
+const SOURCES: &[&str] = &["entry.S", "main.c", "agent.c", "net.c"];
 
 const CFLAGS: &[&str] = &[
     "-std=gnu11",

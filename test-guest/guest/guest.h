@@ -27,5 +27,7 @@
  * initialises what it uses, and only when it runs).
  */
 #define AGENT_MEM_SIZE 0x20000
+/* Memory of the optional virtio-net echo (net.c), reserved the same way. */
+#define NET_MEM_SIZE 0x10000
 
 #endif

@@ -41,12 +41,14 @@ SECTIONS
 		*(.bss .bss.* COMMON)
 		__bss_end = .;
 	} :load
-	/* The stack and the agent's memory: not zeroed at boot. */
+	/* The stack and the agent's and echo's memory: not zeroed at boot. */
 	.noinit (NOLOAD) : {
 		*(.noinit)
 		. = ALIGN(4096);
 		agent_mem = .;
 		. += AGENT_MEM_SIZE;
+		net_mem = .;
+		. += NET_MEM_SIZE;
 	} :load
 
 	/DISCARD/ : {

@@ -9,6 +9,7 @@
 #include "guest.h"
 #include "util.h"
 #include "agent.h"
+#include "net.h"
 
 /* --- ports and machine registers ---------------------------------------- */
 
@@ -212,6 +213,7 @@ struct options {
 	int smp;
 	int quiet;
 	struct agent_options agent;
+	struct net_options net;
 };
 
 /* Does the token [tok, tok + len) equal the string s? */
@@ -231,6 +233,9 @@ static void parse_options(const char *cmdline, struct options *o)
 	o->smp = 1;
 	o->quiet = 0;
 	o->agent.seen = 0; /* the rest is set up by the first agent option */
+	o->net.base = 0;
+	o->net.bad = 0;
+	o->net.oversize = 0;
 	const char *p = cmdline;
 	while (*p) {
 		while (*p == ' ' || *p == '\t' || *p == '\n')
@@ -250,6 +255,8 @@ static void parse_options(const char *cmdline, struct options *o)
 			o->quiet = 1;
 		if (agent_option_letter(tok[0]))
 			agent_parse_option(&o->agent, tok, len);
+		if (tok[0] == 'n')
+			net_parse_option(&o->net, tok, len);
 	}
 }
 
@@ -558,6 +565,8 @@ void guest_main(u32 protocol, u64 info)
 	if (opt.quiet) {
 		if (opt.agent.seen && opt.agent.enabled)
 			agent_main(&opt.agent, usable_ram(&boot), 1);
+		if (opt.net.base)
+			net_main(&opt.net);
 		leave(opt.exit, 1);
 	}
 
@@ -616,6 +625,8 @@ void guest_main(u32 protocol, u64 info)
 
 	if (opt.agent.seen && opt.agent.enabled)
 		agent_main(&opt.agent, usable_ram(&boot), 0);
+	if (opt.net.base)
+		net_main(&opt.net);
 	leave(opt.exit, 0);
 }
 

@@ -12,6 +12,8 @@
 //!   nested machine or on this host's KVM (the nested agent test, the demo).
 //! - [`kvm`]: the one KVM check of the KVM tests and benchmarks (they fail,
 //!   never skip, and say what is missing).
+//! - [`tap_netns`]: a TAP in a network namespace of its own, with a packet
+//!   socket on it (virtio-net tests and benchmark).
 //! - [`test_guest`]: the tiny test guest's kernel command line, built from its
 //!   options and the VMM's virtio-mmio layout.
 //! - [`agent_harness`] (feature `agent`): the host agent's harness, on its
@@ -42,6 +44,7 @@ pub mod guest;
 pub mod kvm;
 pub mod nested;
 pub mod os_image;
+pub mod tap_netns;
 pub mod test_guest;
 
 pub use guest_image::{bzimage, cpio, elf};

@@ -143,6 +143,32 @@ impl Cmdline {
         }
     }
 
+    /// `net=<addr>`: echo every frame the virtio-net device at `addr`
+    /// receives, source and destination MAC swapped.
+    pub fn net_echo_at(self, addr: u64) -> Self {
+        self.opt("net", format_args!("{addr:#x}"))
+    }
+
+    /// `net=` the window reddog-vmm gives virtio-net device `index` of a VM
+    /// with `disks` disks and (when `vsock`) a vsock device
+    /// (`vmm_api::platform::mmio::net_window`).
+    ///
+    /// # Panics
+    /// When that many devices do not fit the layout: a bug in the test.
+    #[track_caller]
+    pub fn net_echo_for(self, disks: u32, vsock: bool, index: u32) -> Self {
+        match mmio::net_window(disks, vsock, index) {
+            Some(w) => self.net_echo_at(w.addr),
+            None => panic!("no virtio-mmio window for net {index} after {disks} disks"),
+        }
+    }
+
+    /// `net_oversize`: before echoing, the guest sends one frame one byte
+    /// over the MTU (the VMM must drop and count it).
+    pub fn net_oversize(self) -> Self {
+        self.word("net_oversize")
+    }
+
     /// `agent_port=<port>`: the host port the agent connects to.
     pub fn agent_port(self, port: u32) -> Self {
         self.opt("agent_port", port)
@@ -243,12 +269,14 @@ mod tests {
             .hb_mode(HbMode::Flood)
             .boot_id([0xab; 16])
             .agent_clock_tsc()
+            .net_echo_for(1, true, 0)
+            .net_oversize()
             .opt("hb_mode", "nonsense")
             .word("from=config");
         assert_eq!(
             c.to_string(),
             format!(
-                "exit=triple-fault vsock=0xd0001000 agent_port=2048 hb_ms=100 hb_mode=flood boot_id={} agent_clock=tsc hb_mode=nonsense from=config",
+                "exit=triple-fault vsock=0xd0001000 agent_port=2048 hb_ms=100 hb_mode=flood boot_id={} agent_clock=tsc net=0xd0002000 net_oversize hb_mode=nonsense from=config",
                 "ab".repeat(16)
             )
         );

@@ -376,8 +376,31 @@ impl ExitCounts {
     }
 }
 
+/// One virtio-net device's counters (in [`Metrics::net`]). "rx" is toward
+/// the guest (TAP to guest), "tx" from it (guest to TAP).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetMetrics {
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Their bytes (Ethernet frames, without the virtio-net header).
+    pub rx_bytes: u64,
+    /// Frames from the TAP that were dropped: over the MTU, malformed, or
+    /// larger than the guest's receive buffer.
+    pub rx_dropped: u64,
+    /// Frames the guest sent that reached the TAP.
+    pub tx_frames: u64,
+    /// Their bytes (without the virtio-net header).
+    pub tx_bytes: u64,
+    /// Frames from the guest that were dropped: over the MTU plus the header,
+    /// malformed descriptor chains or headers, or refused by the TAP.
+    pub tx_dropped: u64,
+    /// Times the device waited for its rate limiter.
+    #[serde(default)]
+    pub rate_limited: u64,
+}
+
 /// Result of [`Op::Metrics`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metrics {
     /// Microseconds since the VMM's `main` started.
     pub uptime_us: u64,
@@ -395,6 +418,9 @@ pub struct Metrics {
     pub pauses: u64,
     /// ACPI power-button presses.
     pub power_button_presses: u64,
+    /// Each virtio-net device, in the config's order.
+    #[serde(default)]
+    pub net: Vec<NetMetrics>,
 }
 
 /// What the VMM pushes to subscribed connections: `{"event": "paused"}`.
@@ -857,6 +883,12 @@ mod tests {
             serial_bytes_out: 100,
             pauses: 1,
             power_button_presses: 0,
+            net: vec![NetMetrics {
+                rx_frames: 1,
+                rx_bytes: 60,
+                tx_dropped: 2,
+                ..NetMetrics::default()
+            }],
         });
     }
 

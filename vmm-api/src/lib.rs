@@ -31,8 +31,8 @@ pub use config::{
     TapConfig, VmConfig, VsockConfig,
 };
 pub use control::{
-    ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, Op, Request, Response,
-    ShutdownMode, VmState,
+    ApiError, Client, ClientError, ErrorKind, Event, Info, Metrics, NetMetrics, Op, Request,
+    Response, ShutdownMode, VmState,
 };
 pub use exit::{
     ExitReason, ExitReport, RecentExit, RecentExitKind, VcpuEvents, VcpuRegs, RECENT_EXITS,

@@ -19,6 +19,7 @@ use crate::control::server::ControlContext;
 use crate::control::{ControlServer, RunControl, ServerError};
 use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
+use crate::devices::virtio::net::{NetDevice, NetError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, Bus};
 use crate::loader::{self, LoaderError};
@@ -84,6 +85,14 @@ pub enum BuildError {
     /// The vsock device could not be built.
     #[error("vsock: {0}")]
     Vsock(#[from] VsockError),
+    /// A virtio-net device could not be built.
+    #[error("net {index}: {source}")]
+    Net {
+        /// The interface's index in the config.
+        index: usize,
+        /// Why.
+        source: NetError,
+    },
     /// A virtio device could not be attached.
     #[error(transparent)]
     Devices(#[from] DeviceManagerError),
@@ -253,7 +262,8 @@ fn load_and_attach(
         Some(path) => Some(loader::load_initrd(mem, mem_bytes, path, kernel.end)?),
         None => None,
     };
-    // 4. Virtio devices: one block device per disk, then vsock, each in its own window.
+    // 4. Virtio devices: one block device per disk, then vsock, then one
+    //    virtio-net per interface, each in its own window.
     let mut mmio = MmioDeviceManager::default();
     for (index, disk) in cfg.disks.iter().enumerate() {
         let image = open_disk(disk)?;
@@ -267,6 +277,15 @@ fn load_and_attach(
     }
     if let Some(v) = &cfg.vsock {
         mmio.attach(&vm.fd, mem, Box::new(VsockDevice::new(v)?))?;
+    }
+    for (index, n) in cfg.net.iter().enumerate() {
+        let net = NetDevice::new(n)
+            .map_err(|source| BuildError::Net { index, source })?
+            .with_index(index);
+        if let Ok(mut all) = run_ctl.counters.net.lock() {
+            all.push(net.counters());
+        }
+        mmio.attach(&vm.fd, mem, Box::new(net))?;
     }
 
     // 5. The command line (with `virtio_mmio.device=` entries if asked), the

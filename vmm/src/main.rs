@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use vmm_api::{
-    BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig, VsockConfig,
+    BackingConfig, BootProtocol, DiskConfig, DiskFormat, NetConfig, SerialOutput, TapConfig,
+    VmConfig, VsockConfig,
 };
 
 const USAGE: &str = "\
@@ -27,6 +28,10 @@ Options:
                            path=IMG,format=raw|qcow2|vhd[,backing=BASE,backing_format=F][,ro][,serial=ID]
   --vsock <SPEC>           a virtio-vsock device: cid=N,uds=PATH (hybrid: the host connects to PATH
                            and writes `CONNECT <port>`; guest connections to the host go to PATH_<port>)
+  --net <SPEC>             a virtio-net interface on a TAP, repeatable:
+                           tap=NAME,mac=XX:XX:XX:XX:XX:XX[,mtu=N][,bw=BYTES/S][,pps=FRAMES/S]
+                           or fd=N,mac=... (fd=: an inherited TAP opened with
+                           IFF_TAP|IFF_NO_PI|IFF_VNET_HDR); bw= and pps= limit each direction
   --virtio-mmio-cmdline    also list the virtio-mmio devices on the kernel command line
                            (virtio_mmio.device=), for kernels that do not read them from ACPI
   --timeout-ms <N>         wall-clock limit in milliseconds
@@ -52,6 +57,7 @@ struct Args {
     serial: Option<String>,
     disk: Vec<DiskConfig>,
     vsock: Option<VsockConfig>,
+    net: Vec<NetConfig>,
     virtio_mmio_cmdline: bool,
     timeout_ms: Option<u64>,
     api_sock: Option<PathBuf>,
@@ -103,6 +109,7 @@ impl Args {
                 "--serial" => a.serial = Some(value()?),
                 "--disk" => a.disk.push(parse_disk(&value()?)?),
                 "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
+                "--net" => a.net.push(parse_net(&value()?)?),
                 "--virtio-mmio-cmdline" if inline.is_none() => a.virtio_mmio_cmdline = true,
                 "--wait-for-boot" if inline.is_none() => a.wait_for_boot = true,
                 "--timeout-ms" => a.timeout_ms = Some(number(&flag, &value()?)?),
@@ -182,6 +189,58 @@ fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     })
 }
 
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    let (mut tap, mut mac, mut mtu) = (None, None, None);
+    let mut limit = vmm_api::RateLimit::default();
+    let bucket = |k: &str, v: &str| -> Result<Option<vmm_api::TokenBucket>, String> {
+        let per_second = v.parse::<u64>().map_err(|e| format!("net {k}={v}: {e}"))?;
+        Ok(Some(vmm_api::TokenBucket {
+            per_second,
+            burst: None,
+        }))
+    };
+    for part in s.split(',') {
+        let t = match part.split_once('=') {
+            Some(("tap", v)) => Some(TapConfig::Name(v.to_owned())),
+            Some(("fd", v)) => Some(TapConfig::Fd(
+                v.parse::<i32>().map_err(|e| format!("net fd={v}: {e}"))?,
+            )),
+            Some(("mac", v)) => {
+                mac = Some(v.to_owned());
+                None
+            }
+            Some(("mtu", v)) => {
+                mtu = Some(v.parse::<u16>().map_err(|e| format!("net mtu={v}: {e}"))?);
+                None
+            }
+            Some(("bw", v)) => {
+                limit.bytes = bucket("bw", v)?;
+                None
+            }
+            Some(("pps", v)) => {
+                limit.ops = bucket("pps", v)?;
+                None
+            }
+            _ => {
+                return Err(format!(
+                    "unknown net option {part:?}; use tap=NAME or fd=N, mac=XX:..[,mtu=N]"
+                ))
+            }
+        };
+        if let Some(t) = t {
+            if tap.replace(t).is_some() {
+                return Err("a net interface takes one of tap= or fd=".into());
+            }
+        }
+    }
+    Ok(NetConfig {
+        tap: tap.ok_or("a net interface needs tap=NAME or fd=N")?,
+        mac: mac.ok_or("a net interface needs mac=XX:XX:XX:XX:XX:XX")?,
+        mtu,
+        rate_limit: (limit != vmm_api::RateLimit::default()).then_some(limit),
+    })
+}
+
 fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     let mut cfg = match (&args.config, &args.kernel) {
         (Some(path), _) => VmConfig::from_file(path)?,
@@ -220,6 +279,7 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     if let Some(v) = &args.vsock {
         cfg.vsock = Some(v.clone());
     }
+    cfg.net.extend(args.net.iter().cloned());
     if let Some(t) = args.timeout_ms {
         cfg.timeout_ms = Some(t);
     }
@@ -331,6 +391,9 @@ mod tests {
             "--vsock",
             "cid=3,uds=/v",
             "--virtio-mmio-cmdline",
+            "--net",
+            "tap=rdg0,mac=02:00:00:00:00:01,mtu=9000",
+            "--net=fd=7,mac=02:00:00:00:00:02,bw=1000000,pps=100",
         ]) else {
             panic!("should parse");
         };
@@ -345,6 +408,15 @@ mod tests {
         );
         assert_eq!(a.vsock.as_ref().map(|v| v.guest_cid), Some(3));
         assert!(a.virtio_mmio_cmdline);
+        assert_eq!(a.net.len(), 2);
+        assert_eq!(a.net[0].tap, TapConfig::Name("rdg0".into()));
+        assert_eq!(a.net[0].mtu, Some(9000));
+        assert_eq!(a.net[1].tap, TapConfig::Fd(7));
+        assert_eq!(a.net[1].mac, "02:00:00:00:00:02");
+        assert!(a.net[0].rate_limit.is_none());
+        let l = a.net[1].rate_limit.expect("limited");
+        assert_eq!(l.bytes.map(|b| b.per_second), Some(1_000_000));
+        assert_eq!(l.ops.map(|b| b.per_second), Some(100));
         assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
         assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
     }
@@ -358,6 +430,14 @@ mod tests {
             (vec!["--boot-protocol", "efi"], "unknown boot protocol"),
             (vec!["--disk", "path=/d"], "never guessed"),
             (vec!["--vsock", "uds=/v"], "cid="),
+            (vec!["--net", "mac=02:00:00:00:00:01"], "tap=NAME or fd=N"),
+            (
+                vec!["--net", "tap=a,fd=4,mac=02:00:00:00:00:01"],
+                "one of tap= or fd=",
+            ),
+            (vec!["--net", "tap=a"], "needs mac="),
+            (vec!["--net", "tap=a,mac=x,speed=9"], "unknown net option"),
+            (vec!["--net", "fd=x,mac=x"], "net fd=x"),
             (vec!["--virtio-mmio-cmdline=yes"], "unexpected argument"),
         ] {
             let err = parse(&args).err().unwrap_or_default();

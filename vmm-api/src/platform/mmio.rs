@@ -3,7 +3,8 @@
 //! `virtio_mmio.device=` command line entries) and the VMM must keep to it.
 //!
 //! Device `i` (in attach order: one virtio-blk per configured disk, in the
-//! config's order, then vsock) gets the 4 KiB window at
+//! config's order, then vsock, then one virtio-net per interface in the
+//! config's order) gets the 4 KiB window at
 //! `BASE + i * WINDOW_SIZE` and the interrupt line (GSI, edge triggered)
 //! `FIRST_GSI + i`. The lines stop below the ACPI GED's
 //! ([`super::GED_IRQ`]), so at most [`MAX_DEVICES`] devices fit.
@@ -48,6 +49,17 @@ pub const fn window(index: u32) -> Option<Window> {
 /// `None` when that many devices do not fit.
 pub const fn vsock_window(disks: u32) -> Option<Window> {
     window(disks)
+}
+
+/// The window of virtio-net device `index` in a VM with `disks` disks and
+/// (when `vsock`) a vsock device: they come first. `None` when that many
+/// devices do not fit.
+pub const fn net_window(disks: u32, vsock: bool, index: u32) -> Option<Window> {
+    let before = disks as u64 + vsock as u64 + index as u64;
+    if before >= MAX_DEVICES as u64 {
+        return None;
+    }
+    window(before as u32)
 }
 
 /// The index of the device whose window holds `addr`, if `addr` is in one.
@@ -106,6 +118,15 @@ mod tests {
             })
         );
         assert_eq!(vsock_window(MAX_DEVICES), None);
+    }
+
+    #[test]
+    fn net_follows_the_disks_and_vsock() {
+        assert_eq!(net_window(0, false, 0).map(|w| w.addr), Some(0xd000_0000));
+        assert_eq!(net_window(1, true, 0).map(|w| w.addr), Some(0xd000_2000));
+        assert_eq!(net_window(1, true, 1).map(|w| w.gsi), Some(8));
+        assert_eq!(net_window(MAX_DEVICES - 1, true, 0), None);
+        assert_eq!(net_window(u32::MAX, true, u32::MAX), None);
     }
 
     #[test]

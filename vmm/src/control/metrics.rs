@@ -57,6 +57,9 @@ pub struct Counters {
     pub pauses: AtomicU64,
     /// ACPI power-button presses.
     pub power_button_presses: AtomicU64,
+    /// Each virtio-net device's counters, in the config's order (filled as
+    /// the devices are built).
+    pub net: std::sync::Mutex<Vec<Arc<crate::devices::virtio::net::NetCounters>>>,
 }
 
 impl Counters {
@@ -67,6 +70,7 @@ impl Counters {
             serial_bytes_out: Arc::default(),
             pauses: AtomicU64::new(0),
             power_button_presses: AtomicU64::new(0),
+            net: std::sync::Mutex::default(),
         }
     }
 
@@ -92,6 +96,16 @@ impl Counters {
             hlt,
             interrupted,
             other,
+        }
+    }
+}
+
+impl Counters {
+    /// Every virtio-net device's counters, in the config's order.
+    pub fn net(&self) -> Vec<vmm_api::NetMetrics> {
+        match self.net.lock() {
+            Ok(n) => n.iter().map(|c| c.snapshot()).collect(),
+            Err(_) => Vec::new(),
         }
     }
 }

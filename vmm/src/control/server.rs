@@ -462,6 +462,7 @@ impl Shared {
                             .counters
                             .power_button_presses
                             .load(Ordering::Relaxed),
+                        net: run.counters.net(),
                     },
                 )
             }

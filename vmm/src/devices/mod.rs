@@ -7,6 +7,7 @@ pub mod boot_timer;
 pub mod ged;
 pub mod legacy;
 pub mod mmio_manager;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 

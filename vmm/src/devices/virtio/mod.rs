@@ -10,6 +10,7 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 pub mod vsock;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -22,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 /// `VIRTIO_F_VERSION_1`: a virtio 1.x (non-legacy) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Device types.
+pub const TYPE_NET: u32 = 1;
+/// Block device type.
 pub const TYPE_BLOCK: u32 = 2;
 /// vsock device type.
 pub const TYPE_VSOCK: u32 = 19;
