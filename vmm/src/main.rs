@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use vmm::seccomp::Seccomp;
 use vmm_api::{
     BackingConfig, BootProtocol, DiskConfig, DiskFormat, SerialOutput, VmConfig, VsockConfig,
 };
@@ -33,7 +34,10 @@ Options:
   --api-sock <PATH>        serve the control socket (docs/vmm-api.md) on this unix socket
   --wait-for-boot          build the VM but start the guest only on a `boot` request on the
                            control socket (needs --api-sock)
-  --exit-report <FILE>     write the exit report (JSON) here instead of stderr
+  --exit-report <FILE>     write the exit report (JSON) here instead of stderr (the file
+                           is created at start, empty until the VM stops)
+  --no-seccomp             do not install the per-thread seccomp filters (docs/isolation.md);
+                           for debugging only: the VMM then runs unprotected, and says so
   -h, --help               print this help
   -V, --version            print the version
 ";
@@ -57,6 +61,7 @@ struct Args {
     api_sock: Option<PathBuf>,
     wait_for_boot: bool,
     exit_report: Option<PathBuf>,
+    no_seccomp: bool,
 }
 
 /// What the command line asks for.
@@ -105,6 +110,7 @@ impl Args {
                 "--vsock" => a.vsock = Some(parse_vsock(&value()?)?),
                 "--virtio-mmio-cmdline" if inline.is_none() => a.virtio_mmio_cmdline = true,
                 "--wait-for-boot" if inline.is_none() => a.wait_for_boot = true,
+                "--no-seccomp" if inline.is_none() => a.no_seccomp = true,
                 "--timeout-ms" => a.timeout_ms = Some(number(&flag, &value()?)?),
                 "--api-sock" => a.api_sock = Some(value()?.into()),
                 "--exit-report" => a.exit_report = Some(value()?.into()),
@@ -275,7 +281,23 @@ fn main() {
 
 fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
     let cfg = config_from(args)?;
-    let vmm = vmm::build_and_boot(&cfg, start)?;
+    let seccomp = if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run without seccomp filters; a bug a guest \
+             can reach has every syscall the VMM's user has"
+        );
+        Seccomp::off()
+    } else {
+        Seccomp::on()?
+    };
+    // Opened now: the main thread's filter has no `open` once the VM runs.
+    let report_file = match &args.exit_report {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the exit report {}: {e}", path.display())
+        })?),
+        None => None,
+    };
+    let vmm = vmm::build_and_boot(&cfg, start, &seccomp)?;
     let report = vmm.wait();
     if report.regs.is_some() || report.exit_code != 0 {
         eprintln!(
@@ -289,7 +311,7 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
             );
         }
     }
-    let written = write_report(args, &report);
+    let written = write_report(report_file, &report);
     // Subscribers learn why right before the exit (after the report is written).
     vmm.announce_stop(&report);
     written?;
@@ -297,10 +319,10 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
     Ok(report.exit_code)
 }
 
-fn write_report(args: &Args, report: &vmm_api::ExitReport) -> anyhow::Result<()> {
+fn write_report(file: Option<std::fs::File>, report: &vmm_api::ExitReport) -> anyhow::Result<()> {
     let line = serde_json::to_string(report)?;
-    match &args.exit_report {
-        Some(path) => std::fs::write(path, line + "\n")?,
+    match file {
+        Some(mut f) => f.write_all((line + "\n").as_bytes())?,
         None => {
             let mut err = std::io::stderr().lock();
             writeln!(err, "{line}")?;
@@ -331,6 +353,7 @@ mod tests {
             "--vsock",
             "cid=3,uds=/v",
             "--virtio-mmio-cmdline",
+            "--no-seccomp",
         ]) else {
             panic!("should parse");
         };
@@ -345,6 +368,11 @@ mod tests {
         );
         assert_eq!(a.vsock.as_ref().map(|v| v.guest_cid), Some(3));
         assert!(a.virtio_mmio_cmdline);
+        assert!(a.no_seccomp);
+        let Ok(Parsed::Run(a)) = parse(&["--kernel", "/k"]) else {
+            panic!("should parse");
+        };
+        assert!(!a.no_seccomp, "filters are on unless asked");
         assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
         assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
     }
@@ -359,6 +387,7 @@ mod tests {
             (vec!["--disk", "path=/d"], "never guessed"),
             (vec!["--vsock", "uds=/v"], "cid="),
             (vec!["--virtio-mmio-cmdline=yes"], "unexpected argument"),
+            (vec!["--no-seccomp=yes"], "unexpected argument"),
         ] {
             let err = parse(&args).err().unwrap_or_default();
             assert!(err.contains(want), "{args:?}: {err:?}");

@@ -1,7 +1,6 @@
 //! The virtio-blk device model and its I/O thread.
 
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -10,7 +9,10 @@ use vmm_sys_util::eventfd::EventFd;
 
 use vhd::DiskImage;
 
+use crate::seccomp::{Ready, Seccomp, ThreadKind};
+
 use super::request::{process_chain, Target, MAX_DISCARD_SEGMENTS, SECTOR, SERIAL_LEN};
+use crate::devices::virtio::io_thread::{IoThread, Running};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_BLOCK, VIRTIO_F_VERSION_1,
@@ -53,7 +55,10 @@ pub struct BlockDevice {
     features: u64,
     /// The I/O thread's name: `virtio-blk<index>`.
     thread_name: String,
-    worker: Option<(JoinHandle<()>, EventFd)>,
+    /// Started with the VM ([`BlockDevice::start_io_thread`]).
+    io: Option<IoThread>,
+    /// The active worker.
+    worker: Option<Running<()>>,
 }
 
 impl BlockDevice {
@@ -97,6 +102,7 @@ impl BlockDevice {
             config,
             features,
             thread_name: "virtio-blk".into(),
+            io: None,
             worker: None,
         })
     }
@@ -106,6 +112,14 @@ impl BlockDevice {
     pub fn with_index(mut self, index: usize) -> Self {
         self.thread_name = format!("virtio-blk{index}");
         self
+    }
+
+    /// Starts the I/O thread now (with the VM, before the guest runs), filtered
+    /// when `seccomp` is on. Without it, activation starts an unfiltered one.
+    pub fn start_io_thread(&mut self, seccomp: &Seccomp) -> std::io::Result<Ready> {
+        let (io, ready) = IoThread::start(self.thread_name.clone(), ThreadKind::Block, seccomp)?;
+        self.io = Some(io);
+        Ok(ready)
     }
 }
 
@@ -136,8 +150,6 @@ impl VirtioDevice for BlockDevice {
         let (Some(queue), Some(event)) = (queues.pop(), queue_events.first().cloned()) else {
             return Err(ActivateError::BadQueue(0));
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let worker = Worker {
             disk: self.disk.clone(),
             read_only: self.read_only,
@@ -147,18 +159,28 @@ impl VirtioDevice for BlockDevice {
             interrupt,
             errors_logged: 0,
         };
-        let handle = std::thread::Builder::new()
-            .name(self.thread_name.clone())
-            .spawn(move || worker.run(&event, &stop_worker))
+        if self.io.is_none() {
+            // Tests and fuzzing: no filter to install.
+            self.start_io_thread(&Seccomp::off())
+                .map_err(ActivateError::Worker)?;
+        }
+        let Some(io) = &self.io else {
+            return Err(ActivateError::Worker(std::io::Error::other(
+                "no I/O thread",
+            )));
+        };
+        let running = io
+            .run(move |stop| worker.run(&event, stop))
             .map_err(ActivateError::Worker)?;
-        self.worker = Some((handle, stop));
+        self.worker = Some(running);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        match self.worker.take() {
-            Some((handle, stop)) => stop.write(1).is_ok() && handle.join().is_ok(),
-            None => true,
+        match (self.worker.take(), &self.io) {
+            (Some(running), Some(io)) => io.stop(running).is_some(),
+            (Some(_), None) => false,
+            (None, _) => true,
         }
     }
 }
@@ -348,10 +370,7 @@ mod tests {
             )),
         };
         dev.activate(VIRTIO_F_VERSION_1, active).expect("activate");
-        let name = dev
-            .worker
-            .as_ref()
-            .and_then(|(h, _)| h.thread().name().map(str::to_owned));
+        let name = dev.io.as_ref().and_then(|t| t.name().map(str::to_owned));
         assert_eq!(name.as_deref(), Some("virtio-blk2"));
         assert!(dev.reset(), "the I/O thread stops");
     }
