@@ -3,7 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use crate::devices::virtio::net::{NetDevice, NetError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
 use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, Bus};
 use crate::loader::{self, LoaderError};
+use crate::seccomp::{Ready, Seccomp, SeccompError, ThreadKind};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{StopEvent, Vcpu, VcpuError};
 use crate::vstate::vm::{Vm, VmError};
@@ -99,6 +100,9 @@ pub enum BuildError {
     /// The control socket (`api_sock`).
     #[error(transparent)]
     Control(#[from] ServerError),
+    /// A thread's seccomp filter.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// Host resources (eventfd, irqfd, threads).
     #[error("host resource error ({what}): {source}")]
     Host {
@@ -141,8 +145,15 @@ fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> 
 }
 
 /// Builds the VM described by `cfg` and starts its vCPUs. `start` is the moment
-/// the VMM process started (the boot timer counts from it).
-pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError> {
+/// the VMM process started (the boot timer counts from it). With `seccomp` on,
+/// every thread installs its filter before the guest runs, and the calling
+/// thread installs the main thread's before this returns: what it may do after
+/// is `seccomp::ThreadKind::Main`'s table.
+pub fn build_and_boot(
+    cfg: &VmConfig,
+    start: Instant,
+    seccomp: &Seccomp,
+) -> Result<Vmm, BuildError> {
     cfg.validate()?;
     let mem_bytes = cfg.memory_bytes();
 
@@ -158,10 +169,10 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError>
     let run_ctl = Arc::new(RunControl::new(cfg.vcpus, cfg.boot_on_request));
     let (guest, pit) = std::thread::scope(|s| {
         let pit = s.spawn(|| vm.create_pit());
-        let guest = load_and_attach(cfg, &vm, &mem, start, &run_ctl);
+        let guest = load_and_attach(cfg, &vm, &mem, start, &run_ctl, seccomp);
         (guest, pit.join())
     });
-    let (bus, vcpus) = guest?;
+    let (bus, vcpus, mut ready) = guest?;
     match pit {
         Ok(result) => result?,
         Err(_) => {
@@ -172,17 +183,21 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError>
         }
     }
 
-    // 8. Run.
+    // 8. The vCPU threads: each installs its filter, then waits for step 10.
     let (tx, rx) = mpsc::channel();
     let first_run_us = Arc::new(AtomicU64::new(0));
+    let released = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::with_capacity(vcpus.len());
     for (index, vcpu) in vcpus.into_iter().enumerate().rev() {
         let (bus, tx, first) = (bus.clone(), tx.clone(), first_run_us.clone());
         let ctl = run_ctl.clone();
         let index_tx = tx.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("vcpu{index}"))
-            .spawn(move || {
+        let released = released.clone();
+        let (thread, vcpu_ready) = seccomp
+            .spawn(format!("vcpu{index}"), ThreadKind::Vcpu, move || {
+                while !released.load(Ordering::Acquire) {
+                    std::thread::park();
+                }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     vcpu.run(bus, tx, start, first, ctl)
                 }));
@@ -200,14 +215,16 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError>
                 source,
             })?;
         threads.push(thread);
+        ready.push(vcpu_ready);
     }
     // Started last to first: the gate indexes them by vCPU.
     threads.reverse();
+    let vcpu_threads: Vec<std::thread::Thread> =
+        threads.iter().map(|t| t.thread().clone()).collect();
     run_ctl.gate.set_threads(threads);
 
-    // 9. The control socket, once the vCPU threads are started (nothing of it
-    //    is on the way to the first KVM_RUN; with `boot_on_request` they wait
-    //    on the gate for the socket's `boot`).
+    // 9. The control socket, while the vCPU threads start (with
+    //    `boot_on_request` they then wait on the gate for the socket's `boot`).
     let control = match &cfg.api_sock {
         Some(path) => {
             let ged_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| BuildError::Host {
@@ -228,11 +245,25 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError>
                 run: run_ctl,
                 stops: tx,
                 first_run_us: first_run_us.clone(),
+                seccomp: seccomp.clone(),
             };
-            Some(ControlServer::start(path, ctx)?)
+            let (server, server_ready) = ControlServer::start(path, ctx)?;
+            ready.extend(server_ready);
+            Some(server)
         }
         None => None,
     };
+
+    // 10. Every thread has its filter: the main thread's goes on last (all
+    //     files, KVM fds, memory and sockets are open), then the vCPUs run.
+    for r in ready {
+        r.wait()?;
+    }
+    seccomp.install(ThreadKind::Main)?;
+    released.store(true, Ordering::Release);
+    for t in &vcpu_threads {
+        t.unpark();
+    }
 
     Ok(Vmm {
         start,
@@ -246,6 +277,10 @@ pub fn build_and_boot(cfg: &VmConfig, start: Instant) -> Result<Vmm, BuildError>
     })
 }
 
+/// What steps 3 to 7 built: the buses, the vCPUs, and the devices' I/O
+/// threads' word on their filters.
+type Attached = (Arc<Bus>, Vec<Vcpu>, Vec<Ready>);
+
 /// Steps 3 to 7 of the recipe: kernel, devices, ACPI and boot structures, vCPUs.
 fn load_and_attach(
     cfg: &VmConfig,
@@ -253,7 +288,8 @@ fn load_and_attach(
     mem: &GuestMemoryMmap,
     start: Instant,
     run_ctl: &RunControl,
-) -> Result<(Arc<Bus>, Vec<Vcpu>), BuildError> {
+    seccomp: &Seccomp,
+) -> Result<Attached, BuildError> {
     let mem_bytes = cfg.memory_bytes();
 
     // 3. Kernel and initrd.
@@ -263,28 +299,38 @@ fn load_and_attach(
         None => None,
     };
     // 4. Virtio devices: one block device per disk, then vsock, then one
-    //    virtio-net per interface, each in its own window.
+    //    virtio-net per interface, each in its own window, each with its I/O
+    //    thread started now (filtered before the guest can drive it).
     let mut mmio = MmioDeviceManager::default();
+    let mut ready = Vec::new();
+    let io_err = |source| BuildError::Host {
+        what: "device I/O thread",
+        source,
+    };
     for (index, disk) in cfg.disks.iter().enumerate() {
         let image = open_disk(disk)?;
-        let block = BlockDevice::new(image, disk.read_only, &disk.serial)
+        let mut block = BlockDevice::new(image, disk.read_only, &disk.serial)
             .map_err(|source| BuildError::Block {
                 path: disk.path.clone(),
                 source,
             })?
             .with_index(index);
+        ready.push(block.start_io_thread(seccomp).map_err(io_err)?);
         mmio.attach(&vm.fd, mem, Box::new(block))?;
     }
     if let Some(v) = &cfg.vsock {
-        mmio.attach(&vm.fd, mem, Box::new(VsockDevice::new(v)?))?;
+        let mut vsock = VsockDevice::new(v)?;
+        ready.push(vsock.start_io_thread(seccomp).map_err(io_err)?);
+        mmio.attach(&vm.fd, mem, Box::new(vsock))?;
     }
     for (index, n) in cfg.net.iter().enumerate() {
-        let net = NetDevice::new(n)
+        let mut net = NetDevice::new(n)
             .map_err(|source| BuildError::Net { index, source })?
             .with_index(index);
         if let Ok(mut all) = run_ctl.counters.net.lock() {
             all.push(net.counters());
         }
+        ready.push(net.start_io_thread(seccomp).map_err(io_err)?);
         mmio.attach(&vm.fd, mem, Box::new(net))?;
     }
 
@@ -335,7 +381,7 @@ fn load_and_attach(
         vcpu.configure(vm, mem, cfg.vcpus, entry)?;
         vcpus.push(vcpu);
     }
-    Ok((bus, vcpus))
+    Ok((bus, vcpus, ready))
 }
 
 /// Opens a disk in the format the config names (never guessed). An overlay's

@@ -11,7 +11,7 @@
 //! - **May depend on** `vmm-api` (the contract it implements: config, exit
 //!   reports, the control protocol, the guest-visible platform such as
 //!   `platform::mmio`), `vhd` (disk images), the rust-vmm crates and small
-//!   synchronous crates (`libc`, `nix`, `thiserror`, `tracing`).
+//!   synchronous crates (`libc`, `nix`, `seccompiler`, `thiserror`, `tracing`).
 //! - **Must not depend on** an async runtime (`tokio`): the VMM is plain
 //!   threads that block; nor on the host agent or anything above `vmm-api`.
 //!   `testkit/tests/dependency_rules.rs` checks this.
@@ -22,6 +22,7 @@ pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod seccomp;
 pub mod vstate;
 
 pub use builder::{build_and_boot, BuildError};

@@ -5,6 +5,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use vmm::seccomp::Seccomp;
 use vmm_api::{
     BackingConfig, BootProtocol, DiskConfig, DiskFormat, NetConfig, SerialOutput, TapConfig,
     VmConfig, VsockConfig,
@@ -38,7 +39,10 @@ Options:
   --api-sock <PATH>        serve the control socket (docs/vmm-api.md) on this unix socket
   --wait-for-boot          build the VM but start the guest only on a `boot` request on the
                            control socket (needs --api-sock)
-  --exit-report <FILE>     write the exit report (JSON) here instead of stderr
+  --exit-report <FILE>     write the exit report (JSON) here instead of stderr (the file
+                           is created at start, empty until the VM stops)
+  --no-seccomp             do not install the per-thread seccomp filters (docs/isolation.md);
+                           for debugging only: the VMM then runs unprotected, and says so
   -h, --help               print this help
   -V, --version            print the version
 ";
@@ -63,6 +67,7 @@ struct Args {
     api_sock: Option<PathBuf>,
     wait_for_boot: bool,
     exit_report: Option<PathBuf>,
+    no_seccomp: bool,
 }
 
 /// What the command line asks for.
@@ -112,6 +117,7 @@ impl Args {
                 "--net" => a.net.push(parse_net(&value()?)?),
                 "--virtio-mmio-cmdline" if inline.is_none() => a.virtio_mmio_cmdline = true,
                 "--wait-for-boot" if inline.is_none() => a.wait_for_boot = true,
+                "--no-seccomp" if inline.is_none() => a.no_seccomp = true,
                 "--timeout-ms" => a.timeout_ms = Some(number(&flag, &value()?)?),
                 "--api-sock" => a.api_sock = Some(value()?.into()),
                 "--exit-report" => a.exit_report = Some(value()?.into()),
@@ -335,7 +341,23 @@ fn main() {
 
 fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
     let cfg = config_from(args)?;
-    let vmm = vmm::build_and_boot(&cfg, start)?;
+    let seccomp = if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run without seccomp filters; a bug a guest \
+             can reach has every syscall the VMM's user has"
+        );
+        Seccomp::off()
+    } else {
+        Seccomp::on()?
+    };
+    // Opened now: the main thread's filter has no `open` once the VM runs.
+    let report_file = match &args.exit_report {
+        Some(path) => Some(std::fs::File::create(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the exit report {}: {e}", path.display())
+        })?),
+        None => None,
+    };
+    let vmm = vmm::build_and_boot(&cfg, start, &seccomp)?;
     let report = vmm.wait();
     if report.regs.is_some() || report.exit_code != 0 {
         eprintln!(
@@ -349,7 +371,7 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
             );
         }
     }
-    let written = write_report(args, &report);
+    let written = write_report(report_file, &report);
     // Subscribers learn why right before the exit (after the report is written).
     vmm.announce_stop(&report);
     written?;
@@ -357,10 +379,10 @@ fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
     Ok(report.exit_code)
 }
 
-fn write_report(args: &Args, report: &vmm_api::ExitReport) -> anyhow::Result<()> {
+fn write_report(file: Option<std::fs::File>, report: &vmm_api::ExitReport) -> anyhow::Result<()> {
     let line = serde_json::to_string(report)?;
-    match &args.exit_report {
-        Some(path) => std::fs::write(path, line + "\n")?,
+    match file {
+        Some(mut f) => f.write_all((line + "\n").as_bytes())?,
         None => {
             let mut err = std::io::stderr().lock();
             writeln!(err, "{line}")?;
@@ -394,6 +416,7 @@ mod tests {
             "--net",
             "tap=rdg0,mac=02:00:00:00:00:01,mtu=9000",
             "--net=fd=7,mac=02:00:00:00:00:02,bw=1000000,pps=100",
+            "--no-seccomp",
         ]) else {
             panic!("should parse");
         };
@@ -417,6 +440,11 @@ mod tests {
         let l = a.net[1].rate_limit.expect("limited");
         assert_eq!(l.bytes.map(|b| b.per_second), Some(1_000_000));
         assert_eq!(l.ops.map(|b| b.per_second), Some(100));
+        assert!(a.no_seccomp);
+        let Ok(Parsed::Run(a)) = parse(&["--kernel", "/k"]) else {
+            panic!("should parse");
+        };
+        assert!(!a.no_seccomp, "filters are on unless asked");
         assert!(matches!(parse(&["-h"]), Ok(Parsed::Help)));
         assert!(matches!(parse(&["--version"]), Ok(Parsed::Version)));
     }
@@ -439,6 +467,7 @@ mod tests {
             (vec!["--net", "tap=a,mac=x,speed=9"], "unknown net option"),
             (vec!["--net", "fd=x,mac=x"], "net fd=x"),
             (vec!["--virtio-mmio-cmdline=yes"], "unexpected argument"),
+            (vec!["--no-seccomp=yes"], "unexpected argument"),
         ] {
             let err = parse(&args).err().unwrap_or_default();
             assert!(err.contains(want), "{args:?}: {err:?}");

@@ -1,7 +1,9 @@
 //! Boot-latency benchmark: boots the tiny test guest N times under reddog-vmm and,
 //! in the same run, under QEMU microvm (and Firecracker when `FIRECRACKER` names
 //! its binary), and prints min / median / p90 / max of spawn -> console marker,
-//! spawn -> exit, and peak RSS, with reddog's ratio to each peer.
+//! spawn -> exit, and peak RSS, with reddog's ratio to each peer. reddog also
+//! runs with `--no-seccomp` (its per-thread filters off): the ratio of the two
+//! is what the filters cost.
 //!
 //! Usage: `cargo build --release -p vmm -p benches && target/release/boot-latency [--runs N] [--vmm PATH]`
 //! (`scripts/bench-boot` builds reddog-vmm statically linked and runs it).
@@ -24,11 +26,18 @@ struct Peer {
     ok_status: &'static [i32],
 }
 
-fn reddog(vmm: PathBuf, guest: PathBuf) -> Peer {
+fn reddog(vmm: PathBuf, guest: PathBuf, seccomp: bool) -> Peer {
     Peer {
-        name: "reddog-vmm",
+        name: if seccomp {
+            "reddog-vmm"
+        } else {
+            "reddog-nosecc"
+        },
         command: Box::new(move || {
             let mut c = Command::new(&vmm);
+            if !seccomp {
+                c.arg("--no-seccomp");
+            }
             c.arg("--kernel")
                 .arg(&guest)
                 .arg("--cmdline")
@@ -154,7 +163,11 @@ fn main() -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("reddog-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp)?;
 
-    let mut peers = vec![reddog(vmm, guest.clone()), qemu(guest.clone())];
+    let mut peers = vec![
+        reddog(vmm.clone(), guest.clone(), true),
+        reddog(vmm, guest.clone(), false),
+        qemu(guest.clone()),
+    ];
     if let Some(fc) = std::env::var_os("FIRECRACKER") {
         peers.push(firecracker(fc.into(), guest.clone(), tmp.clone())?);
     }

@@ -9,8 +9,9 @@
 //! enters `KVM_RUN` is lost, so the controller kicks the threads that have not
 //! parked again every few milliseconds until all have.
 //!
-//! The signal handler is registered (process-wide) on the first kick, so a VMM
-//! without a control socket never installs it. `vmm-sys-util` wraps `sigaction`
+//! The signal handler is registered (process-wide) when the control socket
+//! starts ([`prepare_kick`]) or on the first kick, so a VMM without a control
+//! socket never installs it. `vmm-sys-util` wraps `sigaction`
 //! and `pthread_kill`; kicked threads are the vCPU threads, whose join handles
 //! the gate keeps (never joined), so a thread id is never reused while kicked.
 
@@ -53,6 +54,12 @@ pub fn kick_signal() -> i32 {
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // Nothing: the point is that KVM_RUN returns EINTR.
+}
+
+/// Registers the kick handler now (the control server does, at start, before
+/// the threads' seccomp filters leave no `rt_sigaction`).
+pub fn prepare_kick() -> Result<(), String> {
+    install_kick_handler()
 }
 
 /// Registers the no-op kick handler once (`SA_SIGINFO`, no `SA_RESTART`).

@@ -24,6 +24,7 @@ use vmm_api::{ExitReason, ExitReport, VmConfig};
 
 use super::RunControl;
 use crate::devices::Bus;
+use crate::seccomp::{Ready, Seccomp, ThreadKind};
 use crate::vstate::vcpu::StopEvent;
 
 /// How long a write to one client may block (a client that stops reading is
@@ -62,6 +63,8 @@ pub struct ControlContext {
     pub stops: Sender<StopEvent>,
     /// First `KVM_RUN`, microseconds + 1 (0 = not yet).
     pub first_run_us: Arc<AtomicU64>,
+    /// The threads' seccomp filters.
+    pub seccomp: Seccomp,
 }
 
 type Writer = Arc<Mutex<UnixStream>>;
@@ -124,13 +127,6 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
-fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(f)
-        .map(drop)
-}
-
 fn write_line(writer: &Writer, line: &[u8]) -> bool {
     lock(writer).write_all(line).is_ok()
 }
@@ -147,8 +143,12 @@ fn send(writer: &Writer, response: &Response) -> bool {
 
 impl ControlServer {
     /// Binds `path` and starts serving. Called once the vCPU threads are
-    /// started (held on the gate until `boot` with `boot_on_request`).
-    pub fn start(path: &Path, ctx: ControlContext) -> Result<Self, ServerError> {
+    /// started (held until the main thread's filter is in place, and on the
+    /// gate until `boot` with `boot_on_request`). The [`Ready`]s say when the
+    /// server's two threads have installed their filters.
+    pub fn start(path: &Path, ctx: ControlContext) -> Result<(Self, Vec<Ready>), ServerError> {
+        // Now, before any filter: a pause must not need `rt_sigaction`.
+        super::gate::prepare_kick().map_err(|e| ServerError::Thread(std::io::Error::other(e)))?;
         let listener = bind(path)?;
         let ident = std::fs::symlink_metadata(path)
             .ok()
@@ -168,16 +168,22 @@ impl ControlServer {
         let (boot_tx, boot_rx) = mpsc::channel::<u64>();
         shared.ctx.bus.boot_timer().notify_on_boot(boot_tx);
         let s = shared.clone();
-        spawn("api-events", move || {
-            for us in boot_rx {
-                s.broadcast(&Event::BootTimer { us });
-            }
-        })
-        .map_err(ServerError::Thread)?;
+        let seccomp = &shared.ctx.seccomp;
+        let (_, events) = seccomp
+            .spawn("api-events".into(), ThreadKind::ApiEvents, move || {
+                for us in boot_rx {
+                    s.broadcast(&Event::BootTimer { us });
+                }
+            })
+            .map_err(ServerError::Thread)?;
 
         let s = shared.clone();
-        spawn("api", move || s.accept_loop(listener)).map_err(ServerError::Thread)?;
-        Ok(Self { shared })
+        let (_, api) = seccomp
+            .spawn("api".into(), ThreadKind::Api, move || {
+                s.accept_loop(listener)
+            })
+            .map_err(ServerError::Thread)?;
+        Ok((Self { shared }, vec![events, api]))
     }
 
     /// Tells subscribers why the VM stops (the process exits right after) and
@@ -226,7 +232,15 @@ impl Shared {
             }
             let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
             let s = self.clone();
-            if spawn("api-client", move || s.serve(stream, conn)).is_err() {
+            // The client's thread installs its own filter before it reads a
+            // byte (it fails closed: no filter, no service).
+            let spawned =
+                self.ctx
+                    .seccomp
+                    .spawn("api-client".into(), ThreadKind::ApiClient, move || {
+                        s.serve(stream, conn)
+                    });
+            if spawned.is_err() {
                 self.clients.fetch_sub(1, Ordering::AcqRel);
             }
         }

@@ -9,6 +9,7 @@
 //! so it is unit-tested with virtio-queue's mock memory, without KVM.
 
 pub mod block;
+pub mod io_thread;
 pub mod mmio;
 pub mod net;
 pub mod vsock;

@@ -4,7 +4,6 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -14,10 +13,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::frame::{check_frame, read_tx_chain, write_rx_chain, Limits, MAX_BUFFER, VNET_HDR_LEN};
 use super::tap::{Tap, TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_UFO};
 use crate::devices::rate_limiter::{RateLimiter, RateLimiterError};
+use crate::devices::virtio::io_thread::{IoThread, Running};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_NET, VIRTIO_F_VERSION_1,
 };
+use crate::seccomp::{Ready, Seccomp, ThreadKind};
 
 /// Feature bits (virtio 1.x, 5.1.3).
 pub const VIRTIO_NET_F_CSUM: u64 = 1 << 0;
@@ -103,7 +104,12 @@ pub struct NetDevice {
     config: [u8; 12],
     counters: Arc<NetCounters>,
     thread_name: String,
-    worker: Option<(JoinHandle<()>, EventFd)>,
+    /// Started with the VM ([`NetDevice::start_io_thread`]).
+    io: Option<IoThread>,
+    /// Each direction's limiter, made with the device (before the filters:
+    /// a timerfd each when limited); the worker hands them back at reset.
+    limiters: Option<(RateLimiter, RateLimiter)>,
+    worker: Option<Running<(RateLimiter, RateLimiter)>>,
 }
 
 impl NetDevice {
@@ -116,15 +122,17 @@ impl NetDevice {
             vmm_api::TapConfig::Name(name) => Tap::open_named(name)?,
             vmm_api::TapConfig::Fd(fd) => Tap::from_fd(*fd)?,
         };
-        // Checked here, so a bad limit fails the boot rather than the activation.
-        RateLimiter::new(cfg.rate_limit.as_ref())?;
-        Ok(Self::with_tap(tap, mac, cfg.mtu()).with_rate_limit(cfg.rate_limit))
+        Self::with_tap(tap, mac, cfg.mtu()).with_rate_limit(cfg.rate_limit)
     }
 
     /// Limits each direction to `limit` (bytes and frames per second).
-    pub fn with_rate_limit(mut self, limit: Option<vmm_api::RateLimit>) -> Self {
+    pub fn with_rate_limit(mut self, limit: Option<vmm_api::RateLimit>) -> Result<Self, NetError> {
+        self.limiters = Some((
+            RateLimiter::new(limit.as_ref())?,
+            RateLimiter::new(limit.as_ref())?,
+        ));
         self.rate_limit = limit;
-        self
+        Ok(self)
     }
 
     /// A device over an open `tap`.
@@ -141,8 +149,19 @@ impl NetDevice {
             config,
             counters: Arc::default(),
             thread_name: "virtio-net".into(),
+            io: None,
+            limiters: RateLimiter::new(None).ok().zip(RateLimiter::new(None).ok()),
             worker: None,
         }
+    }
+
+    /// Starts the device's I/O thread, filtered before the guest can drive
+    /// it when `seccomp` is on. Without it, activation starts an unfiltered
+    /// one.
+    pub fn start_io_thread(&mut self, seccomp: &Seccomp) -> std::io::Result<Ready> {
+        let (t, ready) = IoThread::start(self.thread_name.clone(), ThreadKind::Net, seccomp)?;
+        self.io = Some(t);
+        Ok(ready)
     }
 
     /// Names the I/O thread after the interface's index in the VM's config
@@ -220,9 +239,6 @@ impl VirtioDevice for NetDevice {
         else {
             return Err(ActivateError::BadQueue(1));
         };
-        self.tap
-            .set_offload(tap_offloads(features))
-            .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))?;
         let has = |f: u64| features & f != 0;
         let tx_limits = Limits {
             mtu: self.mtu,
@@ -239,13 +255,21 @@ impl VirtioDevice for NetDevice {
             tso6: offl & TUN_F_TSO6 != 0,
             ufo: offl & TUN_F_UFO != 0,
         };
-        let limiter = || {
-            RateLimiter::new(self.rate_limit.as_ref())
-                .map_err(|e| ActivateError::Worker(std::io::Error::other(e.to_string())))
+        let (rx_limiter, tx_limiter) = self.limiters.take().ok_or_else(|| {
+            ActivateError::Worker(std::io::Error::other(
+                "the rate limiters were lost when an earlier worker failed; restart the VM",
+            ))
+        })?;
+        if self.io.is_none() {
+            // Built without a filtered thread (unit tests): an unfiltered one.
+            self.start_io_thread(&Seccomp::off())
+                .map_err(ActivateError::Worker)?;
+        }
+        let Some(io) = &self.io else {
+            return Err(ActivateError::Worker(std::io::Error::other(
+                "no I/O thread",
+            )));
         };
-        let (rx_limiter, tx_limiter) = (limiter()?, limiter()?);
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let worker = Worker {
             rx_limiter,
             tx_limiter,
@@ -262,18 +286,35 @@ impl VirtioDevice for NetDevice {
             tx_buf: vec![0u8; MAX_BUFFER].into_boxed_slice(),
             errors_logged: 0,
         };
-        let handle = std::thread::Builder::new()
-            .name(self.thread_name.clone())
-            .spawn(move || worker.run(&rx_event, &tx_event, &stop_worker))
+        let offloads = tap_offloads(features);
+        let running = io
+            .run(move |stop| {
+                // On the I/O thread (its filter allows TUNSETOFFLOAD; the
+                // vCPU's does not). Without offloads the TAP hands over plain
+                // frames, which every guest takes.
+                if let Err(e) = worker.tap.set_offload(offloads) {
+                    tracing::warn!("virtio-net: the TAP refused offloads {offloads:#x}: {e}");
+                }
+                worker.run(&rx_event, &tx_event, stop)
+            })
             .map_err(ActivateError::Worker)?;
-        self.worker = Some((handle, stop));
+        self.worker = Some(running);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        match self.worker.take() {
-            Some((handle, stop)) => stop.write(1).is_ok() && handle.join().is_ok(),
-            None => true,
+        let Some(running) = self.worker.take() else {
+            return true;
+        };
+        let Some(io) = &self.io else {
+            return false;
+        };
+        match io.stop(running) {
+            Some(limiters) => {
+                self.limiters = Some(limiters);
+                true
+            }
+            None => false,
         }
     }
 }
@@ -301,7 +342,18 @@ pub(super) struct Worker {
 }
 
 impl Worker {
-    fn run(mut self, rx_event: &EventFd, tx_event: &EventFd, stop: &EventFd) {
+    /// Serves the queues until `stop`; hands back the rate limiters.
+    fn run(
+        mut self,
+        rx_event: &EventFd,
+        tx_event: &EventFd,
+        stop: &EventFd,
+    ) -> (RateLimiter, RateLimiter) {
+        self.serve(rx_event, tx_event, stop);
+        (self.rx_limiter, self.tx_limiter)
+    }
+
+    fn serve(&mut self, rx_event: &EventFd, tx_event: &EventFd, stop: &EventFd) {
         const RXQ: u64 = 0;
         const TXQ: u64 = 1;
         const TAP: u64 = 2;

@@ -10,7 +10,6 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Instant;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
@@ -21,10 +20,12 @@ use vmm_sys_util::eventfd::EventFd;
 use super::muxer::Muxer;
 use super::packet::{read_tx, RxChain};
 use super::{LogLimit, VsockError, MAX_PAYLOAD};
+use crate::devices::virtio::io_thread::{IoThread, Running};
 use crate::devices::virtio::{
     read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
     TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
+use crate::seccomp::{Ready, Seccomp, ThreadKind};
 
 /// Size of each of the three queues.
 const QUEUE_SIZE: u16 = 256;
@@ -48,7 +49,9 @@ pub struct VsockDevice {
     config: [u8; 8],
     /// The host side; moved into the worker while the device is active.
     muxer: Option<Muxer>,
-    worker: Option<(JoinHandle<Muxer>, EventFd)>,
+    /// Started with the VM ([`VsockDevice::start_io_thread`]).
+    io: Option<IoThread>,
+    worker: Option<Running<Muxer>>,
 }
 
 impl std::fmt::Debug for VsockDevice {
@@ -69,8 +72,17 @@ impl VsockDevice {
             guest_cid: cfg.guest_cid,
             config: u64::from(cfg.guest_cid).to_le_bytes(),
             muxer: Some(muxer),
+            io: None,
             worker: None,
         })
+    }
+
+    /// Starts the I/O thread now (with the VM, before the guest runs), filtered
+    /// when `seccomp` is on. Without it, activation starts an unfiltered one.
+    pub fn start_io_thread(&mut self, seccomp: &Seccomp) -> io::Result<Ready> {
+        let (t, ready) = IoThread::start("virtio-vsock".into(), ThreadKind::Vsock, seccomp)?;
+        self.io = Some(t);
+        Ok(ready)
     }
 
     /// The guest's context ID.
@@ -108,6 +120,14 @@ impl VirtioDevice for VsockDevice {
                 queues.len().min(queue_events.len()),
             ));
         }
+        if self.io.is_none() {
+            // Tests: no filter to install.
+            self.start_io_thread(&Seccomp::off())
+                .map_err(ActivateError::Worker)?;
+        }
+        let Some(io) = &self.io else {
+            return Err(ActivateError::Worker(io::Error::other("no I/O thread")));
+        };
         let muxer = self.muxer.take().ok_or_else(|| {
             ActivateError::Worker(io::Error::other(
                 "the vsock host socket was lost when an earlier worker failed; restart the VM",
@@ -117,37 +137,34 @@ impl VirtioDevice for VsockDevice {
         let (Some(rx), Some(tx)) = (queues.next(), queues.next()) else {
             return Err(ActivateError::BadQueue(0));
         };
-        let stop = EventFd::new(libc::EFD_NONBLOCK).map_err(ActivateError::Worker)?;
-        let stop_worker = stop.try_clone().map_err(ActivateError::Worker)?;
         let worker = Worker {
             queues: VsockQueues::new(mem, rx, tx),
             muxer,
             interrupt,
             events: queue_events,
         };
-        let handle = std::thread::Builder::new()
-            .name("virtio-vsock".into())
-            .spawn(move || worker.run(&stop_worker))
+        let running = io
+            .run(move |stop| worker.run(stop))
             .map_err(ActivateError::Worker)?;
-        self.worker = Some((handle, stop));
+        self.worker = Some(running);
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
-        let Some((handle, stop)) = self.worker.take() else {
+        let Some(running) = self.worker.take() else {
             return true;
         };
-        if stop.write(1).is_err() {
+        let Some(io) = &self.io else {
             return false;
-        }
-        match handle.join() {
-            Ok(mut muxer) => {
+        };
+        match io.stop(running) {
+            Some(mut muxer) => {
                 // The guest forgot its connections: so do we.
                 muxer.reset();
                 self.muxer = Some(muxer);
                 true
             }
-            Err(_) => false,
+            None => false,
         }
     }
 }
