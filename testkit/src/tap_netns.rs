@@ -18,6 +18,7 @@ use std::process::Command;
 use std::time::Duration;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -40,7 +41,10 @@ fn check(r: libc::c_int, what: &str) -> io::Result<libc::c_int> {
 
 /// A TAP and a packet socket on it, in a namespace of their own.
 pub struct TapNetns {
-    tap: OwnedFd,
+    /// None once handed over by name ([`TapNetns::new_persistent`]).
+    tap: Option<OwnedFd>,
+    /// The namespace (`/proc/thread-self/ns/net` of the creating thread).
+    ns: OwnedFd,
     packet: OwnedFd,
     ifindex: i32,
 }
@@ -49,12 +53,36 @@ impl TapNetns {
     /// A namespace with the TAP `rdgtap0`, and a packet socket on it that
     /// sends and receives frames of `ethertype`, receive timeout `timeout`.
     pub fn new(ethertype: u16, timeout: Duration) -> io::Result<Self> {
-        std::thread::spawn(move || Self::create(ethertype, timeout))
+        std::thread::spawn(move || Self::create(ethertype, timeout, false))
             .join()
             .map_err(|_| io::Error::other("the namespace thread panicked"))?
     }
 
-    fn create(ethertype: u16, timeout: Duration) -> io::Result<Self> {
+    /// As [`TapNetns::new`], but the TAP is made persistent and its
+    /// descriptor closed, so a VMM started with [`TapNetns::spawn_in`] can
+    /// attach to it by name (`rdgtap0`).
+    pub fn new_persistent(ethertype: u16, timeout: Duration) -> io::Result<Self> {
+        std::thread::spawn(move || Self::create(ethertype, timeout, true))
+            .join()
+            .map_err(|_| io::Error::other("the namespace thread panicked"))?
+    }
+
+    /// Spawns `cmd` inside the namespace (from a thread that joins it).
+    pub fn spawn_in(&self, cmd: &mut Command) -> io::Result<std::process::Child> {
+        let ns = self.ns.as_raw_fd();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // SAFETY: setns(2) moves only this short-lived thread.
+                let r = unsafe { libc::setns(ns, libc::CLONE_NEWNET) };
+                check(r, "setns")?;
+                cmd.spawn()
+            })
+            .join()
+            .map_err(|_| io::Error::other("the spawning thread panicked"))?
+        })
+    }
+
+    fn create(ethertype: u16, timeout: Duration, persistent: bool) -> io::Result<Self> {
         // SAFETY: unshare(2) changes only this thread's network namespace.
         let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
         check(r, "unshare(CLONE_NEWNET)")?;
@@ -75,6 +103,23 @@ impl TapNetns {
         // SAFETY: TUNSETIFF reads and writes a struct ifreq.
         let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETIFF as _, &mut req) };
         check(r, "TUNSETIFF")?;
+        if persistent {
+            // SAFETY: TUNSETPERSIST takes an int by value.
+            let r = unsafe { libc::ioctl(tap.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_ulong) };
+            check(r, "TUNSETPERSIST")?;
+        }
+        // SAFETY: open(2) with a NUL-terminated path.
+        let ns = check(
+            unsafe {
+                libc::open(
+                    c"/proc/thread-self/ns/net".as_ptr(),
+                    libc::O_RDONLY | libc::O_CLOEXEC,
+                )
+            },
+            "open /proc/thread-self/ns/net",
+        )?;
+        // SAFETY: just opened, owned here.
+        let ns = unsafe { OwnedFd::from_raw_fd(ns) };
         // No IPv6 chatter (router solicitations) on the TAP; best effort.
         let _ = std::fs::write("/proc/sys/net/ipv6/conf/rdgtap0/disable_ipv6", "1");
         // Up.
@@ -146,21 +191,22 @@ impl TapNetns {
         };
         check(r, "SO_RCVTIMEO")?;
         Ok(Self {
-            tap,
+            tap: (!persistent).then_some(tap),
+            ns,
             packet,
             ifindex,
         })
     }
 
-    /// The TAP's descriptor (for the VMM).
+    /// The TAP's descriptor (for the VMM); -1 for a persistent one.
     pub fn tap_fd(&self) -> RawFd {
-        self.tap.as_raw_fd()
+        self.tap.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 
     /// Gives the child of `cmd` the TAP as descriptor `target` (without
     /// close-on-exec).
     pub fn pass_tap(&self, cmd: &mut Command, target: RawFd) {
-        let tap = self.tap.as_raw_fd();
+        let tap = self.tap_fd();
         // SAFETY: dup2 is async-signal-safe and touches only descriptors.
         unsafe {
             cmd.pre_exec(move || {

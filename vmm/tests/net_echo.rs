@@ -55,6 +55,10 @@ struct Vm {
 
 impl Vm {
     fn start(net: &TapNetns, cmdline: Cmdline) -> Self {
+        Self::start_with(net, cmdline, &format!("fd={TAP_FD}"))
+    }
+
+    fn start_with(net: &TapNetns, cmdline: Cmdline, tap: &str) -> Self {
         require_kvm();
         let dir = tempfile::tempdir().unwrap();
         let serial = dir.path().join("serial.log");
@@ -70,7 +74,7 @@ impl Vm {
                     .to_string(),
             )
             .arg("--net")
-            .arg(format!("fd={TAP_FD},mac=02:00:00:00:00:01,mtu={MTU}"))
+            .arg(format!("{tap},mac=02:00:00:00:00:01,mtu={MTU}"))
             .arg("--serial")
             .arg(&serial)
             .arg("--api-sock")
@@ -78,8 +82,13 @@ impl Vm {
             .args(["--timeout-ms", "60000"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        net.pass_tap(&mut cmd, TAP_FD);
-        let child = cmd.spawn().expect("spawn reddog-vmm");
+        let child = if tap.starts_with("fd=") {
+            net.pass_tap(&mut cmd, TAP_FD);
+            cmd.spawn()
+        } else {
+            net.spawn_in(&mut cmd)
+        }
+        .expect("spawn reddog-vmm");
         Self { child, dir }
     }
 
@@ -182,6 +191,41 @@ fn the_guest_echoes_frames_and_oversize_ones_are_dropped_and_counted() {
     assert!(m.rx_frames >= sent && m.tx_frames >= sent, "{m:?}");
     assert!(m.rx_bytes >= bytes && m.tx_bytes >= bytes, "{m:?}");
     assert_eq!(m.rx_dropped, 0, "{m:?}");
+}
+
+#[test]
+fn a_tap_opened_by_name_echoes_too() {
+    let net = TapNetns::new_persistent(ETHERTYPE, Duration::from_millis(200))
+        .expect("a network namespace with a TAP (run as root)");
+    let mut vm = Vm::start_with(
+        &net,
+        Cmdline::new().net_echo_for(0, false, 0),
+        "tap=rdgtap0",
+    );
+    vm.wait_for_line("net: echo");
+    let mut buf = vec![0u8; 65536];
+    for seq in 0..10u32 {
+        let f = frame(seq, 100);
+        net.send(&f).expect("send");
+        let t = Instant::now();
+        let got = loop {
+            if let Some(n) = net.recv(&mut buf) {
+                break buf[..n].to_vec();
+            }
+            assert!(
+                t.elapsed() < WAIT,
+                "no echo of frame {seq}; serial:\n{}",
+                vm.serial()
+            );
+        };
+        assert_eq!(got, echo_of(&f), "echo of frame {seq}");
+    }
+    let m = vm.metrics();
+    assert_eq!(
+        (m.rx_frames, m.tx_frames, m.tx_dropped),
+        (10, 10, 0),
+        "{m:?}"
+    );
 }
 
 #[test]
