@@ -278,6 +278,7 @@ impl KvmAgent {
         let mut cfg = AgentConfig::new(dir.path().join("state"), node);
         cfg.health.boot_timeout = opts.boot_timeout;
         cfg.event_capacity = 16_384;
+        cfg.role_roots = vec![dir.path().to_owned()];
         let mut launcher = ProcessLauncherConfig::new(&opts.vmm, test_guest::elf_path());
         launcher.cmdline = guest_cmdline();
         let seams = SeamLog::default();

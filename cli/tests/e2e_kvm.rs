@@ -166,6 +166,7 @@ async fn harness(upstream_url: Option<&str>) -> Harness {
     );
     let mut cfg = AgentConfig::new(dir.path().join("state"), node);
     cfg.health.boot_timeout = Duration::from_secs(20);
+    cfg.role_roots = vec![dir.path().to_owned()];
     cfg.health.missed_heartbeats = 3;
     cfg.health.heartbeat_grace = Duration::from_millis(500);
     cfg.health.backoff_initial = Duration::from_millis(200);
