@@ -2,13 +2,11 @@
 //! states, the lifecycle, health checks, restarts with backoff, the
 //! crash-loop guard, removal, updates and re-adoption after an agent restart.
 
-mod common;
-
 use std::time::Duration;
 
 use agent::backend::fake::GuestBehaviour;
 use agent::{AgentEvent, GoalError, InstanceState::*};
-use common::*;
+use testkit::agent_harness::fakes::*;
 use tokio::time::Instant;
 use vmm_api::ExitReason;
 
@@ -708,7 +706,7 @@ async fn a_paused_vmm_is_readopted_paused_and_a_removal_resumes_it_to_stop_it() 
 }
 
 /// The instance's disk files: inode and contents.
-fn disk_files(h: &H, id: &str) -> std::collections::BTreeMap<String, (u64, Vec<u8>)> {
+fn disk_files(h: &FakeAgent, id: &str) -> std::collections::BTreeMap<String, (u64, Vec<u8>)> {
     use std::os::unix::fs::MetadataExt;
     let dir = h
         .agent
@@ -729,7 +727,7 @@ fn disk_files(h: &H, id: &str) -> std::collections::BTreeMap<String, (u64, Vec<u
 }
 
 /// Applies `spec` as incarnation `inc` and waits until it runs ready.
-async fn update_to(h: &H, inc: u64, spec: agent::InstanceSpec) -> agent::InstanceStatus {
+async fn update_to(h: &FakeAgent, inc: u64, spec: agent::InstanceSpec) -> agent::InstanceStatus {
     let id = spec.id.clone();
     h.agent
         .apply_goal(agent::GoalState {

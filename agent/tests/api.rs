@@ -2,8 +2,6 @@
 //! router, upstream pushes and image downloads against local HTTP servers on
 //! 127.0.0.1 (every wait is bounded).
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,8 +9,8 @@ use std::time::Duration;
 use agent::api::client::{ApiClient, ClientError};
 use agent::upstream::{import_image_url, spawn_pusher, UpstreamConfig};
 use axum::routing::{get, post};
-use common::*;
 use hyper::Method;
+use testkit::agent_harness::fakes::*;
 
 fn openapi_routes() -> BTreeSet<(String, String)> {
     let text =
@@ -59,7 +57,7 @@ fn every_route_is_in_the_openapi_file_and_back() {
     );
 }
 
-async fn serve(h: &H) -> (ApiClient, std::path::PathBuf) {
+async fn serve(h: &FakeAgent) -> (ApiClient, std::path::PathBuf) {
     let sock = h.dir.path().join("api.sock");
     agent::api::serve_unix(h.agent.clone(), &sock).expect("serve");
     (ApiClient::new(&sock), sock)

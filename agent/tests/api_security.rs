@@ -3,16 +3,14 @@
 //! state directory's modes, unix-socket peers checked by uid/gid, the TCP
 //! listener behind TLS with client certificates or a bearer token.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use agent::api::client::{ApiClient, ClientError};
-use common::*;
 use hyper::Method;
+use testkit::agent_harness::fakes::*;
 
-async fn serve(h: &H) -> ApiClient {
+async fn serve(h: &FakeAgent) -> ApiClient {
     let sock = h.dir.path().join("api.sock");
     agent::api::serve_unix(h.agent.clone(), &sock).expect("serve");
     ApiClient::new(&sock)

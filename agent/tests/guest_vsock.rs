@@ -364,6 +364,63 @@ async fn a_throttled_flood_is_not_mistaken_for_an_incomplete_frame() {
     writer.abort();
 }
 
+/// A flood at a limit finer than the timer: each throttling sleep lasts at
+/// least a millisecond, over which the bucket refills up to its burst, so
+/// the next frames are let through on time. That is no break in the flood
+/// (the guest always has more waiting): it is cut after `max_throttled`.
+/// With the old rule (any frame let through resets the throttled clock) the
+/// flood was read at the limit until it ended, never cut; the same happened
+/// to the test above on a loaded machine, where sleeps overran.
+#[tokio::test]
+async fn a_flood_at_a_limit_finer_than_the_timer_is_still_cut_off() {
+    let limits = GuestLimits {
+        frames_per_sec: 20_000.0,
+        frame_burst: 10.0,
+        max_throttled: Duration::from_millis(1000),
+        ..GuestLimits::default()
+    };
+    let mut t = open(limits).await;
+    let mut s = UnixStream::connect(t.ep.listen_path())
+        .await
+        .expect("connect");
+    s.write_all(&hello(Capabilities::NONE))
+        .await
+        .expect("write");
+    // 10 s of frames at the limit, written as fast as the socket takes them.
+    let writer = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        for seq in 0..1000 {
+            batch.extend_from_slice(&heartbeat(seq));
+        }
+        for _ in 0..200 {
+            if s.write_all(&batch).await.is_err() {
+                break;
+            }
+        }
+    });
+    let start = std::time::Instant::now();
+    loop {
+        if let GuestEvent::Disconnected {
+            reason,
+            misbehaving,
+        } = next(&mut t.link).await
+        {
+            assert!(
+                misbehaving && reason.contains("frames per second"),
+                "closed for the wrong reason after {:?}: {reason}",
+                start.elapsed()
+            );
+            break;
+        }
+    }
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(1000) && took < Duration::from_secs(8),
+        "cut off after {took:?}"
+    );
+    writer.abort();
+}
+
 #[tokio::test]
 async fn one_guest_flooding_does_not_delay_another() {
     let limits = GuestLimits {

@@ -4,7 +4,8 @@
 //! # Crate rules
 //!
 //! - **Owns** the benchmark binaries and what they share (timing, summaries,
-//!   [`agent_kit`]); nothing here is linked by another crate.
+//!   [`agent_kit`]; the agent harness itself is testkit's); nothing here is
+//!   linked by another crate.
 //! - **May depend on** anything in the workspace it measures (the `agent`
 //!   library in-process, `vmm-api`, `vhd`, `guest-proto`), `testkit` (the KVM
 //!   check, the test guest's command line) and `tokio` for the agent benchmarks.

@@ -3,11 +3,7 @@
 //! on the list it is served. The peer is `reddog` run as `nobody`
 //! (uid/gid 65534); the test runs as root (CI does).
 
-// One set-up for the agent's and the binaries' tests.
-#[path = "../../agent/tests/common/mod.rs"]
-mod common;
-
-use common::Daemon;
+use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
@@ -35,7 +31,7 @@ fn start(
         .spawn()
         .expect("spawn reddog-agent");
     let d = Daemon(child);
-    common::wait_for_socket(&sock);
+    wait_for_socket(&sock);
     (d, sock, log)
 }
 

@@ -1,11 +1,7 @@
 //! `reddog cache import --url`: the CLI downloads with a progress bar and the
 //! agent imports the file, checking its sha256.
 
-// One set-up for the agent's and the binaries' tests.
-#[path = "../../agent/tests/common/mod.rs"]
-mod common;
-
-use common::Daemon;
+use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -62,7 +58,7 @@ fn import_by_url_shows_progress_and_checks_the_hash() {
         .spawn()
         .expect("spawn reddog-agent");
     let _d = Daemon(child);
-    common::wait_for_socket(&sock);
+    wait_for_socket(&sock);
     let body: Vec<u8> = (0..3 << 20).map(|i| (i % 251) as u8).collect();
     let sha = hex(&Sha256::digest(&body));
     let url = serve(body, 2);

@@ -1,10 +1,6 @@
 //! `reddog-agent --fake` driven by the `reddog` CLI over the unix socket.
 
-// One set-up for the agent's and the binaries' tests.
-#[path = "../../agent/tests/common/mod.rs"]
-mod common;
-
-use common::Daemon;
+use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -60,7 +56,7 @@ fn daemon_and_cli() {
         .spawn()
         .expect("spawn reddog-agent");
     let mut d = Daemon(child);
-    common::wait_for_socket(&sock);
+    wait_for_socket(&sock);
     let img = dir.path().join("base.raw");
     std::fs::write(&img, b"image").expect("write");
     let imported: serde_json::Value = serde_json::from_str(&ok(reddog(

@@ -5,11 +5,7 @@
 //!
 //! KVM tests: they fail, never skip, without /dev/kvm.
 
-// One set-up for the agent's and the binaries' tests.
-#[path = "../../agent/tests/common/mod.rs"]
-mod common;
-
-use common::Daemon;
+use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -19,27 +15,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use agent::backend::process::{ProcessLauncher, ProcessLauncherConfig};
-use agent::backend::vhd_disks::VhdDiskPreparer;
 use agent::backend::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
-use agent::backend::vsock_guest::{GuestLimits, VsockGuestChannel};
 use agent::upstream::{spawn_pusher, UpstreamConfig};
-use agent::{
-    Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
-};
+use agent::{GoalState, InstanceSpec, InstanceState};
 use async_trait::async_trait;
+use testkit::agent_harness::kvm::{guest_cmdline, KvmAgent, KvmAgentOptions};
 use testkit::kvm::require_kvm;
 use testkit::test_guest::{Cmdline, Exit, HbMode};
-
-/// The test guest as the agent launches it: quiet, its vsock agent on the
-/// window after the three disks (OS, resource, role), on the instance's port.
-fn guest_cmdline() -> Cmdline {
-    Cmdline::new()
-        .quiet()
-        .exit_acpi()
-        .no_smp()
-        .vsock_for_disks(3)
-        .agent_port_template()
-}
 
 /// Picks the guest's behaviour from the instance id's first word
 /// (`ok-1`, `silent-1`, `crash-1`, `garbage-1`): one `ProcessLauncher` each,
@@ -49,7 +31,7 @@ struct ModeLauncher {
 }
 
 impl ModeLauncher {
-    fn new(vmm: &Path) -> Self {
+    fn new(base: &ProcessLauncherConfig) -> Self {
         let mut by_mode = HashMap::new();
         for (mode, extra) in [
             ("ok", Cmdline::new().hb_mode(HbMode::Normal)),
@@ -60,7 +42,7 @@ impl ModeLauncher {
             ),
             ("garbage", Cmdline::new().hb_mode(HbMode::Garbage)),
         ] {
-            let mut cfg = ProcessLauncherConfig::new(vmm, test_guest::elf_path());
+            let mut cfg = base.clone();
             cfg.cmdline = guest_cmdline().extend(&extra).to_string();
             by_mode.insert(mode, ProcessLauncher::new(cfg));
         }
@@ -142,78 +124,47 @@ fn upstream() -> Upstream {
     Upstream { url, reports }
 }
 
-struct Harness {
-    agent: Agent,
-    image: String,
-    role: PathBuf,
-    _dir: tempfile::TempDir,
+/// The agent on this host's KVM (testkit's harness) with the fast health
+/// policy of these tests and the launcher that picks the guest's behaviour
+/// from the instance id.
+struct Harness(KvmAgent);
+
+impl std::ops::Deref for Harness {
+    type Target = KvmAgent;
+
+    fn deref(&self) -> &KvmAgent {
+        &self.0
+    }
 }
 
 async fn harness(upstream_url: Option<&str>) -> Harness {
     require_kvm();
     let vmm = testkit::artifacts::static_vmm().expect("build reddog-vmm");
-    let dir = tempfile::Builder::new()
-        .prefix("rdg-e2e")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let node = NodeConfig::new(
-        "node-e2e",
-        Capacity {
-            vcpus: 16,
-            memory_mib: 8192,
-            disk_mib: 10_000,
-        },
-    );
-    let mut cfg = AgentConfig::new(dir.path().join("state"), node);
-    cfg.health.boot_timeout = Duration::from_secs(20);
-    cfg.role_roots = vec![dir.path().to_owned()];
-    cfg.health.missed_heartbeats = 3;
-    cfg.health.heartbeat_grace = Duration::from_millis(500);
-    cfg.health.backoff_initial = Duration::from_millis(200);
-    cfg.health.backoff_max = Duration::from_secs(1);
-    cfg.health.stop_grace = Duration::from_secs(2);
-    let backends = Backends {
-        launcher: Arc::new(ModeLauncher::new(&vmm)),
-        disks: Arc::new(VhdDiskPreparer),
-        guests: Arc::new(VsockGuestChannel::new(GuestLimits::default())),
-    };
-    let agent = Agent::open(cfg, backends).await.expect("open agent");
+    let mut opts = KvmAgentOptions::new(vmm, 16, 8192);
+    opts.dir_prefix = "rdg-e2e";
+    opts.configure = Box::new(|cfg| {
+        cfg.health.boot_timeout = Duration::from_secs(20);
+        cfg.health.missed_heartbeats = 3;
+        cfg.health.heartbeat_grace = Duration::from_millis(500);
+        cfg.health.backoff_initial = Duration::from_millis(200);
+        cfg.health.backoff_max = Duration::from_secs(1);
+        cfg.health.stop_grace = Duration::from_secs(2);
+    });
+    opts.launcher = Some(Box::new(|base| {
+        Arc::new(ModeLauncher::new(base)) as Arc<dyn VmmLauncher>
+    }));
+    let kvm = KvmAgent::start(opts).await.expect("the agent on KVM");
     if let Some(url) = upstream_url {
         let mut u = UpstreamConfig::new(url);
         u.interval = Duration::from_millis(300);
-        spawn_pusher(agent.clone(), u).expect("upstream pusher");
+        spawn_pusher(kvm.agent.clone(), u).expect("upstream pusher");
     }
-    let base = dir.path().join("base.raw");
-    std::fs::write(&base, vec![0u8; 4 << 20]).expect("base image");
-    let image = agent
-        .image_cache()
-        .import_file(&base, vmm_api::DiskFormat::Raw, None)
-        .expect("import base")
-        .reference();
-    let role = dir.path().join("role");
-    std::fs::create_dir(&role).expect("role dir");
-    std::fs::write(role.join("index.html"), "<h1>reddog</h1>\n").expect("role file");
-    Harness {
-        agent,
-        image,
-        role,
-        _dir: dir,
-    }
+    Harness(kvm)
 }
 
 impl Harness {
     fn spec(&self, id: &str) -> InstanceSpec {
-        InstanceSpec {
-            id: id.into(),
-            role: "web".into(),
-            base_image: self.image.clone(),
-            role_package: self.role.clone(),
-            vcpus: 1,
-            memory_mib: 64,
-            resource_disk_mib: 16,
-            env: Default::default(),
-            heartbeat_interval_ms: 200,
-        }
+        self.0.spec(id, 64, 200)
     }
 
     async fn apply(&self, incarnation: u64, ids: &[&str]) {
@@ -262,18 +213,6 @@ impl Harness {
                 "{id}: heartbeats stopped at {now:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Whatever happens in a test, its VMMs do not outlive it: the agent leaves
-/// VMMs running when it stops (by design), so the test kills what is left.
-impl Drop for Harness {
-    fn drop(&mut self) {
-        for s in self.agent.instances() {
-            if let Some(pid) = s.vmm_pid {
-                kill9(pid);
-            }
         }
     }
 }
@@ -478,7 +417,7 @@ fn start_daemon_sized(state: &Path, sock: &Path, vmm: &Path, log: &Path, vcpus: 
         .spawn()
         .expect("spawn reddog-agent");
     let d = Daemon(child);
-    common::wait_for_socket(sock);
+    wait_for_socket(sock);
     d
 }
 
@@ -640,7 +579,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
     // Launched held (`boot_on_request`): the guest starts on `boot`.
     h.boot().await.expect("boot");
     let sock = record.control_socket.clone().expect("a control socket");
-    common::wait_for_socket(&sock);
+    wait_for_socket(&sock);
     h.stop(StopMode::Graceful)
         .await
         .expect("graceful stop asked");

@@ -4,11 +4,7 @@
 //! the unix socket keeps answering while TCP is flooded, and the instance is
 //! untouched.
 
-// One set-up for the agent's and the binaries' tests.
-#[path = "../../agent/tests/common/mod.rs"]
-mod common;
-
-use common::Daemon;
+use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -165,7 +161,7 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
         .expect("spawn reddog-agent under prlimit (util-linux)");
     let pid = child.id();
     let _d = Daemon(child);
-    common::wait_for_socket(&sock);
+    wait_for_socket(&sock);
     // The soft limit was raised to the hard one.
     assert_eq!(nofile(pid), ("256".to_string(), "256".to_string()));
 

@@ -283,7 +283,7 @@ pub fn prepare(step: &mut dyn FnMut(&str)) -> Result<AgentArtifacts, ScenarioErr
     let agent = artifacts::static_bin("reddog-cli", "reddog-agent")?;
     let cli = artifacts::static_bin("reddog-cli", "reddog")?;
     step("static agent-driver");
-    let driver = artifacts::static_bin("testkit", "agent-driver")?;
+    let driver = artifacts::static_bin_with_features("testkit", "agent-driver", &["agent"])?;
     step("Debian's cloud kernel (apt, cached)");
     let kernel = artifacts::debian_kernel()?;
     step("guest initramfs (static reddog-guest + virtio/vsock modules)");

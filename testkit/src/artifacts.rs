@@ -61,6 +61,16 @@ pub fn static_vmm() -> Result<PathBuf, ArtifactError> {
 /// (`REDDOG_STATIC_TARGET_DIR`, default `<target dir>/nested-static`), so it never
 /// waits on the lock of the `cargo test` that runs us. Built once per process.
 pub fn static_bin(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
+    static_bin_with_features(package, bin, &[])
+}
+
+/// [`static_bin`] with these cargo features of `package` on (for a binary
+/// with `required-features`).
+pub fn static_bin_with_features(
+    package: &str,
+    bin: &str,
+    features: &[&str],
+) -> Result<PathBuf, ArtifactError> {
     static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
     let mut built = BUILT
         .lock()
@@ -68,12 +78,12 @@ pub fn static_bin(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
     if let Some((_, p)) = built.iter().find(|(b, _)| b == bin) {
         return Ok(p.clone());
     }
-    let p = build_static(package, bin)?;
+    let p = build_static(package, bin, features)?;
     built.push((bin.to_owned(), p.clone()));
     Ok(p)
 }
 
-fn build_static(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
+fn build_static(package: &str, bin: &str, features: &[&str]) -> Result<PathBuf, ArtifactError> {
     let ws = workspace_root();
     let target_dir = match std::env::var_os("REDDOG_STATIC_TARGET_DIR").filter(|v| !v.is_empty()) {
         Some(d) => ws.join(d),
@@ -88,6 +98,11 @@ fn build_static(package: &str, bin: &str) -> Result<PathBuf, ArtifactError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     run(Command::new(cargo)
         .args(["build", "--release", "-q", "-p", package, "--bin", bin])
+        .args(if features.is_empty() {
+            Vec::new()
+        } else {
+            vec!["--features".to_owned(), features.join(",")]
+        })
         .args(["--target", STATIC_TARGET])
         .arg("--target-dir")
         .arg(&target_dir)

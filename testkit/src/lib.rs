@@ -14,6 +14,10 @@
 //!   never skip, and say what is missing).
 //! - [`test_guest`]: the tiny test guest's kernel command line, built from its
 //!   options and the VMM's virtio-mmio layout.
+//! - [`agent_harness`] (feature `agent`): the host agent's harness, on its
+//!   fakes or on this host's KVM, the direct-VMM reference, the daemon as a
+//!   child process; the agent's and the binaries' tests and the agent
+//!   benchmarks all use it.
 //!
 //! # Crate rules
 //!
@@ -21,13 +25,17 @@
 //!   the KVM check, the test guest's command line, and the workspace's
 //!   dependency rules (`tests/dependency_rules.rs`).
 //! - **May depend on** the contracts and libraries below the agent
-//!   (`vmm-api`, `guest-proto`, `guest-image`) and small synchronous crates.
-//!   The host agent is driven as a separate binary (`agent-driver`, the
-//!   `reddog-agent` daemon), never linked.
-//! - **Must not depend on** `agent`, `vmm` or an async runtime (`tokio`): the
-//!   agent's and the VMM's own tests use this crate, so it must stay light and
-//!   below both.
+//!   (`vmm-api`, `guest-proto`, `guest-image`) and small synchronous crates;
+//!   with the `agent` feature only, the agent library (and tokio, hyper) for
+//!   [`agent_harness`] and the `agent-driver` binary.
+//! - **Must not depend on** `vmm`, nor by default on `agent` or an async
+//!   runtime (`tokio`): the VMM's tests use this crate, so its default build
+//!   stays light and below the VMM. The agent's integration tests enable the
+//!   `agent` feature (a dev-dependency cycle cargo allows for integration
+//!   tests: they link the same agent library testkit links).
 
+#[cfg(feature = "agent")]
+pub mod agent_harness;
 pub mod agent_scenario;
 pub mod artifacts;
 pub mod guest;

@@ -63,7 +63,7 @@ const RULES: &[Rule] = &[
     Rule {
         krate: "testkit",
         check: Check::Forbid(&["agent", "vmm", "tokio"]),
-        why: "test support stays light and below the crates whose tests use it",
+        why: "test support stays light and below the crates whose tests use it (the agent harness is behind its `agent` feature)",
     },
     Rule {
         krate: "test-guest",

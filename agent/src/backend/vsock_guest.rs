@@ -348,8 +348,6 @@ impl<'a> Conn<'a> {
                     tokio::time::sleep(self.frames.wait_time()).await;
                     // The token this frame needed.
                     let _ = self.frames.take();
-                } else {
-                    self.throttled_since = None;
                 }
             }
             if self.logs_dropped > 0
@@ -379,6 +377,37 @@ impl<'a> Conn<'a> {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            // While throttled, a break in the flood is the guest having
+            // nothing waiting for us: look before waiting. Data already
+            // there means it is still ahead of the limit, even when the
+            // bucket let a frame through on time (a sleep that overran
+            // refills it a little), so the throttled clock runs on.
+            if self.throttled_since.is_some() {
+                match rd.try_read(dec.spare_mut()) {
+                    Ok(0) => return End::Closed("the guest closed the connection".into()),
+                    Ok(n) => {
+                        dec.commit(n);
+                        // Host commands are not delayed by a flood.
+                        match commands.try_recv() {
+                            Ok(c) => {
+                                if let Err(end) = self
+                                    .on_command(c, &mut wr, &mut connected, &mut partial_since)
+                                    .await
+                                {
+                                    return end;
+                                }
+                            }
+                            Err(mpsc::error::TryRecvError::Empty) => {}
+                            Err(mpsc::error::TryRecvError::Disconnected) => return End::AgentGone,
+                        }
+                        continue;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.throttled_since = None;
+                    }
+                    Err(e) => return End::Closed(format!("read error: {e}")),
+                }
+            }
             tokio::select! {
                 r = rd.read(dec.spare_mut()) => match r {
                     Ok(0) => return End::Closed("the guest closed the connection".into()),
@@ -387,15 +416,14 @@ impl<'a> Conn<'a> {
                 },
                 c = commands.recv() => match c {
                     None => return End::AgentGone,
-                    Some(HostCommand::VmPaused(p)) => {
-                        self.vm_paused = p;
-                        if !p {
-                            // The clocks start afresh.
-                            connected = Instant::now();
-                            partial_since = partial_since.map(|_| Instant::now());
+                    Some(c) => {
+                        if let Err(end) = self
+                            .on_command(c, &mut wr, &mut connected, &mut partial_since)
+                            .await
+                        {
+                            return end;
                         }
                     }
-                    Some(c) => if let Err(end) = self.command(&mut wr, c).await { return end },
                 },
                 _ = crate::util::sleep_until_opt(deadline) => {
                     return End::Misbehaving(if self.negotiated.is_none() {
@@ -405,6 +433,28 @@ impl<'a> Conn<'a> {
                     });
                 }
             }
+        }
+    }
+
+    /// A command from the agent: pause state (the clocks start afresh on
+    /// resume), or a message to the guest.
+    async fn on_command(
+        &mut self,
+        c: HostCommand,
+        wr: &mut tokio::net::unix::OwnedWriteHalf,
+        connected: &mut Instant,
+        partial_since: &mut Option<Instant>,
+    ) -> Result<(), End> {
+        match c {
+            HostCommand::VmPaused(p) => {
+                self.vm_paused = p;
+                if !p {
+                    *connected = Instant::now();
+                    *partial_since = partial_since.map(|_| Instant::now());
+                }
+                Ok(())
+            }
+            c => self.command(wr, c).await,
         }
     }
 

@@ -24,8 +24,10 @@ use std::time::{Duration, Instant};
 
 use agent::{AgentEvent, GoalState, InstanceState};
 use anyhow::{bail, Context, Result};
-use benches::agent_kit::{cores, find_vmm, ms, DirectSetup, DirectVm, KvmAgent, KvmAgentOptions};
+use benches::agent_kit::{cores, find_vmm, ms};
 use benches::{summarize, Summary};
+use testkit::agent_harness::direct::{DirectSetup, DirectVm};
+use testkit::agent_harness::kvm::{KvmAgent, KvmAgentOptions};
 use tokio::sync::broadcast::error::RecvError;
 
 const MEMORY_MIB: u32 = 64;
@@ -197,14 +199,14 @@ async fn main() -> Result<()> {
     }
     testkit::kvm::check_kvm()?;
     let vmm = find_vmm(vmm_arg)?;
-    let ka = KvmAgent::start(&KvmAgentOptions {
-        vmm: vmm.clone(),
-        vcpus: 8,
-        memory_mib: 4096,
-        max_instances: 16,
-        boot_timeout: Duration::from_secs(20),
-    })
-    .await?;
+    let mut opts = KvmAgentOptions::new(vmm.clone(), 8, 4096);
+    opts.max_instances = 16;
+    opts.log_to_file = true;
+    opts.configure = Box::new(|cfg| {
+        cfg.health.boot_timeout = Duration::from_secs(20);
+        cfg.event_capacity = 16_384;
+    });
+    let ka = KvmAgent::start(opts).await?;
     let setup = DirectSetup::prepare(
         &ka.dir().join("direct"),
         "d",

@@ -37,8 +37,10 @@ use agent::{
     InstanceState, NodeConfig,
 };
 use anyhow::{bail, Context, Result};
-use benches::agent_kit::{cores, cpu_time_self, encode_guest, log_to_file};
+use benches::agent_kit::{cores, cpu_time_self};
 use guest_proto::{Capabilities, Decoded, GuestMsg, HostMsg, RoleState, StreamDecoder};
+use testkit::agent_harness::direct::encode_guest;
+use testkit::agent_harness::kvm::log_to_file;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Clone)]

@@ -17,10 +17,10 @@ use std::time::{Duration, Instant};
 
 use agent::{AgentEvent, GoalState, InstanceState};
 use anyhow::{bail, Context, Result};
-use benches::agent_kit::{
-    cores, cpu_time_self, find_vmm, ms, DirectSetup, DirectVm, KvmAgent, KvmAgentOptions,
-};
+use benches::agent_kit::{cores, cpu_time_self, find_vmm, ms};
 use benches::summarize;
+use testkit::agent_harness::direct::{DirectSetup, DirectVm};
+use testkit::agent_harness::kvm::{KvmAgent, KvmAgentOptions};
 use tokio::sync::broadcast::error::RecvError;
 
 const MEMORY_MIB: u32 = 64;
@@ -221,14 +221,15 @@ async fn main() -> Result<()> {
     testkit::kvm::check_kvm()?;
     let vmm = find_vmm(vmm_arg)?;
     let max = counts.iter().copied().max().unwrap_or(1);
-    let ka = KvmAgent::start(&KvmAgentOptions {
-        vmm: vmm.clone(),
-        vcpus: max as u32,
-        memory_mib: max as u64 * u64::from(MEMORY_MIB),
-        max_instances: max,
-        boot_timeout: Duration::from_secs(60),
-    })
-    .await?;
+    let mut opts =
+        KvmAgentOptions::new(vmm.clone(), max as u32, max as u64 * u64::from(MEMORY_MIB));
+    opts.max_instances = max;
+    opts.log_to_file = true;
+    opts.configure = Box::new(|cfg| {
+        cfg.health.boot_timeout = Duration::from_secs(60);
+        cfg.event_capacity = 16_384;
+    });
+    let ka = KvmAgent::start(opts).await?;
     let ncores = cores();
     println!(
         "launch rate: K instances in one goal (PUT /v1/goal over the unix socket) until all ready, \

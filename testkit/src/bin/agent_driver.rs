@@ -20,12 +20,12 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
+use testkit::agent_harness::blocking::BlockingApi;
 use testkit::agent_scenario::{DriverSummary, InstanceRun, StateAt};
 
 const USAGE: &str =
@@ -152,63 +152,6 @@ impl Out {
     }
 }
 
-/// One HTTP/1.1 exchange over the agent's unix socket (`Connection: close`).
-fn http(
-    sock: &Path,
-    method: &str,
-    path: &str,
-    body: Option<&Value>,
-) -> Result<(u16, Value), String> {
-    let mut s =
-        UnixStream::connect(sock).map_err(|e| format!("connect {}: {e}", sock.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))
-        .map_err(|e| e.to_string())?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: reddog-agent\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf)
-        .map_err(|e| format!("{method} {path}: {e}"))?;
-    let end = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| format!("{method} {path}: no HTTP header in the answer"))?;
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("{method} {path}: bad status line"))?;
-    let mut rest = buf[end + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        rest = dechunk(&rest);
-    }
-    let v = if rest.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&rest)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&rest).into_owned()))
-    };
-    Ok((status, v))
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
-        if n == 0 || b.len() < i + 2 + n {
-            break;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + n]);
-        b = &b[(i + 4 + n).min(b.len())..];
-    }
-    out
-}
-
 /// Runs the `reddog` CLI; returns its stdout.
 fn cli(o: &Opts, args: &[&str]) -> Result<String, String> {
     let out = Command::new(&o.cli)
@@ -311,7 +254,7 @@ impl Watch {
     /// Reads `GET /v1/instances/<id>`, prints what is new.
     fn poll(
         &mut self,
-        sock: &Path,
+        api: &BlockingApi,
         since_ms: u64,
         stopping: bool,
         out: &mut Out,
@@ -323,15 +266,14 @@ impl Watch {
             return Ok(());
         }
         let id = self.run.id.clone();
-        let (code, v) = http(sock, "GET", &format!("/v1/instances/{id}"), None)?;
-        if code == 404 {
+        let Some(v) = api
+            .get_json(&format!("/v1/instances/{id}"))
+            .map_err(|e| format!("GET /v1/instances/{id}: {e}"))?
+        else {
             self.gone = true;
             out.say(&format!("{id}: removed by the agent"));
             return Ok(());
-        }
-        if code != 200 {
-            return Err(format!("GET /v1/instances/{id}: {code} {v}"));
-        }
+        };
         let history = v["history"].as_array().cloned().unwrap_or_default();
         // The history is bounded (64); in these short runs it never wraps.
         for t in history.iter().skip(self.printed) {
@@ -525,6 +467,7 @@ fn run(
     let deadline = Instant::now() + Duration::from_secs(o.timeout_secs);
     std::fs::create_dir_all(&o.state).map_err(|e| format!("{}: {e}", o.state.display()))?;
     let sock = o.state.join("agent.sock");
+    let api = BlockingApi::new(&sock).map_err(|e| e.to_string())?;
     let log = File::create(o.logs.join("agent.log")).map_err(|e| format!("agent.log: {e}"))?;
     let log2 = log.try_clone().map_err(|e| e.to_string())?;
     let started = Instant::now();
@@ -566,7 +509,7 @@ fn run(
     let pid = child.id();
     *agent = Some(child);
     loop {
-        if let Ok((200, _)) = http(&sock, "GET", "/healthz", None) {
+        if api.get_text("/healthz").is_ok_and(|t| t.trim() == "ok") {
             break;
         }
         if let Some(c) = agent.as_mut() {
@@ -630,13 +573,13 @@ fn run(
             return result.and(Err("instances still there 60 s after the empty goal".into()));
         }
         for w in &mut watches {
-            w.poll(&sock, stop_ms, true, out)?;
+            w.poll(&api, stop_ms, true, out)?;
         }
         std::thread::sleep(POLL);
     }
     sum.stop_ms = Some(stop_at.elapsed().as_millis() as u64);
     for w in &mut watches {
-        w.poll(&sock, stop_ms, true, out)?;
+        w.poll(&api, stop_ms, true, out)?;
     }
     read_agent_log(o, &mut watches, stop_ms, out);
     sum.instances = watches.iter().map(|w| w.run.clone()).collect();
@@ -668,10 +611,10 @@ fn watch_until_ready(
     goal_at: Instant,
     deadline: Instant,
 ) -> Result<(), String> {
-    let sock = o.state.join("agent.sock");
+    let api = BlockingApi::new(o.state.join("agent.sock")).map_err(|e| e.to_string())?;
     loop {
         for w in watches.iter_mut() {
-            w.poll(&sock, goal_ms, false, out)?;
+            w.poll(&api, goal_ms, false, out)?;
             if w.state() == "failed" {
                 return Err(format!(
                     "{} failed: see agent.log and {}.serial",

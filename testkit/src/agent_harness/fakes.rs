@@ -1,6 +1,6 @@
-//! Shared set-up for the agent's tests: an agent on fakes in a temporary
-//! state directory, with one cached base image and one role package.
-#![allow(dead_code)]
+//! The agent library on its fake backends (`agent::backend::fake`) in a
+//! temporary state directory, with one cached base image and one role
+//! package: the set-up of the fake-backed scenario and API tests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,16 +10,25 @@ use agent::{
     Agent, AgentConfig, Backends, Capacity, GoalState, InstanceSpec, InstanceState, NodeConfig,
 };
 
-pub struct H {
+/// An agent on fakes, the fakes themselves (to script them) and its files.
+pub struct FakeAgent {
+    /// The agent.
     pub agent: Agent,
+    /// Its launcher.
     pub launcher: FakeLauncher,
+    /// Its disk preparer.
     pub disks: FakeDisks,
+    /// Its guest channel.
     pub guests: FakeGuests,
+    /// The scratch directory (state, base image, role package).
     pub dir: tempfile::TempDir,
+    /// The cached base image's reference.
     pub image: String,
+    /// The role package.
     pub role: std::path::PathBuf,
 }
 
+/// The agent config of the fake-backed tests: an 8-vCPU, 4 GiB node.
 pub fn config(dir: &std::path::Path) -> AgentConfig {
     let node = NodeConfig::new(
         "node-1",
@@ -38,6 +47,7 @@ pub fn config(dir: &std::path::Path) -> AgentConfig {
     cfg
 }
 
+/// The fakes as the agent's backends.
 pub fn backends(l: &FakeLauncher, d: &FakeDisks, g: &FakeGuests) -> Backends {
     Backends {
         launcher: Arc::new(l.clone()),
@@ -46,11 +56,13 @@ pub fn backends(l: &FakeLauncher, d: &FakeDisks, g: &FakeGuests) -> Backends {
     }
 }
 
-pub async fn harness() -> H {
+/// An agent on fakes with the default test config.
+pub async fn harness() -> FakeAgent {
     harness_with(|_| {}).await
 }
 
-pub async fn harness_with(f: impl FnOnce(&mut AgentConfig)) -> H {
+/// An agent on fakes, its config changed by `f` before it opens.
+pub async fn harness_with(f: impl FnOnce(&mut AgentConfig)) -> FakeAgent {
     let dir = tempfile::Builder::new()
         .prefix("rdg")
         .tempdir_in("/tmp")
@@ -72,7 +84,7 @@ pub async fn harness_with(f: impl FnOnce(&mut AgentConfig)) -> H {
     let role = dir.path().join("role");
     std::fs::create_dir(&role).expect("role dir");
     std::fs::write(role.join("run.sh"), "#!/bin/sh\n").expect("role file");
-    H {
+    FakeAgent {
         agent,
         launcher,
         disks,
@@ -83,7 +95,8 @@ pub async fn harness_with(f: impl FnOnce(&mut AgentConfig)) -> H {
     }
 }
 
-impl H {
+impl FakeAgent {
+    /// A web-role instance of 1 vCPU and 256 MiB.
     pub fn spec(&self, id: &str) -> InstanceSpec {
         InstanceSpec {
             id: id.into(),
@@ -98,6 +111,7 @@ impl H {
         }
     }
 
+    /// A goal of [`Self::spec`] instances.
     pub fn goal(&self, incarnation: u64, ids: &[&str]) -> GoalState {
         GoalState {
             incarnation,
@@ -105,6 +119,7 @@ impl H {
         }
     }
 
+    /// Waits (at most 600 s of the tests' paused clock) for `id` to reach `state`.
     pub async fn wait_state(&self, id: &str, state: InstanceState) -> agent::InstanceStatus {
         match self
             .agent
@@ -118,6 +133,7 @@ impl H {
         }
     }
 
+    /// Waits for `id` to be removed.
     pub async fn wait_gone(&self, id: &str) {
         assert!(
             self.agent
@@ -128,6 +144,7 @@ impl H {
         );
     }
 
+    /// `id`'s transitions as (from, to) pairs.
     pub fn states(&self, id: &str) -> Vec<(InstanceState, InstanceState)> {
         self.agent
             .instance(id)
@@ -154,28 +171,5 @@ pub async fn wait_transition(
             Ok(Err(e)) => panic!("event stream: {e}"),
             Err(_) => panic!("{id} never went to {to}"),
         }
-    }
-}
-
-/// A `reddog-agent` child process, killed when dropped.
-pub struct Daemon(pub std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits (at most 20 s) for the agent to create its API socket.
-pub fn wait_for_socket(sock: &std::path::Path) {
-    let t = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "the agent did not create its socket {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
