@@ -74,6 +74,35 @@ pub enum ImageError {
     /// Not in the cache.
     #[error("image sha256:{0} is not in the cache")]
     NotFound(String),
+    /// The path is not allowed (outside the import roots, relative, a
+    /// symlink).
+    #[error(transparent)]
+    Path(#[from] crate::paths::PathError),
+    /// Not a regular file (a device, a FIFO, a directory).
+    #[error("{0} is not a regular file; import an image file")]
+    NotRegular(String),
+    /// The content is not what its declared format says.
+    #[error("image {source_name} is not a valid {format:?} image: {why}; check the file or the declared format (-f)")]
+    BadFormat {
+        /// Source.
+        source_name: String,
+        /// The declared format.
+        format: DiskFormat,
+        /// What is wrong.
+        why: String,
+    },
+    /// The image does not fit the cache's file system.
+    #[error("image {source_name} needs {need} bytes but the image cache {dir} has {free} bytes free; free space (reddog cache gc) or grow the file system")]
+    NoSpace {
+        /// Source.
+        source_name: String,
+        /// Bytes needed.
+        need: u64,
+        /// Bytes free (for unprivileged users, as statvfs says).
+        free: u64,
+        /// The cache directory.
+        dir: PathBuf,
+    },
     /// A download failed.
     #[error("download {url}: {why}")]
     Download {
@@ -95,7 +124,7 @@ impl ImageCache {
     /// imports.
     pub fn open(dir: impl Into<PathBuf>) -> Result<Self, ImageError> {
         let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(|source| ImageError::Io {
+        crate::util::create_private_dir(&dir, 0o700).map_err(|source| ImageError::Io {
             what: "create image cache",
             path: dir.clone(),
             source,
@@ -154,19 +183,86 @@ impl ImageCache {
     }
 
     /// Copies a file into the cache, hashing it on the way; verifies the hash
-    /// when `expected` is given. Blocking: call from a blocking context.
+    /// when `expected` is given. For trusted callers (the path is not
+    /// confined: see [`ImageCache::import_confined`]). Blocking: call from a
+    /// blocking context.
     pub fn import_file(
         &self,
         path: &Path,
         format: DiskFormat,
         expected: Option<&str>,
     ) -> Result<ImageInfo, ImageError> {
-        let io = |what, path: &Path| {
-            let path = path.to_owned();
-            move |source| ImageError::Io { what, path, source }
-        };
-        let f = std::fs::File::open(path).map_err(io("open image", path))?;
-        self.import_reader(f, format, expected, &path.display().to_string())
+        let f = std::fs::File::open(path).map_err(|source| ImageError::Io {
+            what: "open image",
+            path: path.to_owned(),
+            source,
+        })?;
+        self.import_open_file(f, format, expected, &path.display().to_string())
+    }
+
+    /// [`ImageCache::import_file`] of a caller's path: it must be absolute
+    /// and lie under `roots` once resolved, and is opened without following
+    /// symlinks ([`crate::paths`]).
+    pub fn import_confined(
+        &self,
+        roots: &crate::paths::Roots,
+        path: &Path,
+        format: DiskFormat,
+        expected: Option<&str>,
+    ) -> Result<ImageInfo, ImageError> {
+        let (c, fd) = roots.open(path, rustix::fs::OFlags::RDONLY)?;
+        let f = std::fs::File::from(fd);
+        self.import_open_file(f, format, expected, &c.path().display().to_string())
+    }
+
+    /// Imports an open file: a regular file, no larger than
+    /// [`MAX_IMAGE_BYTES`] and fitting the cache's free space.
+    fn import_open_file(
+        &self,
+        f: std::fs::File,
+        format: DiskFormat,
+        expected: Option<&str>,
+        source_name: &str,
+    ) -> Result<ImageInfo, ImageError> {
+        let m = f.metadata().map_err(|source| ImageError::Io {
+            what: "stat image",
+            path: source_name.into(),
+            source,
+        })?;
+        if !m.is_file() {
+            return Err(ImageError::NotRegular(source_name.into()));
+        }
+        if m.len() > MAX_IMAGE_BYTES {
+            return Err(ImageError::TooLarge(source_name.into()));
+        }
+        self.ensure_fits(m.len(), source_name)?;
+        self.import_reader(f, format, expected, source_name)
+    }
+
+    /// Bytes free for new files in the cache's file system (`statvfs`:
+    /// blocks available to unprivileged users times the fragment size).
+    pub fn free_bytes(&self) -> Result<u64, ImageError> {
+        let st = rustix::fs::statvfs(&self.dir).map_err(|e| ImageError::Io {
+            what: "statvfs",
+            path: self.dir.clone(),
+            source: e.into(),
+        })?;
+        Ok(st.f_bavail.saturating_mul(st.f_frsize))
+    }
+
+    /// Refuses an image of `need` bytes that does not fit the cache's free
+    /// space (checked before any byte is copied).
+    pub fn ensure_fits(&self, need: u64, source_name: &str) -> Result<(), ImageError> {
+        let free = self.free_bytes()?;
+        if need > free {
+            return Err(ImageError::NoSpace {
+                source_name: source_name.into(),
+                need,
+                free,
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// Imports from any reader (a file, a download).
@@ -205,11 +301,17 @@ impl ImageCache {
             std::process::id(),
             now_unix_ms() ^ u64::from(rand_u32())
         ));
-        let file = std::fs::File::create(&tmp).map_err(|source| ImageError::Io {
-            what: "create",
-            path: tmp.clone(),
-            source,
-        })?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|source| ImageError::Io {
+                what: "create",
+                path: tmp.clone(),
+                source,
+            })?;
         Ok(ImportWriter {
             cache: self.clone(),
             tmp,
@@ -306,12 +408,17 @@ impl ImportWriter {
         if let Some(f) = self.file.take() {
             f.sync_all().map_err(io("sync", &self.tmp))?;
         }
+        check_format(&self.tmp, format, self.size).map_err(|why| ImageError::BadFormat {
+            source_name: source_name.into(),
+            format,
+            why,
+        })?;
         let cache = self.cache.clone();
         if let Some(existing) = cache.get(&actual) {
             return Ok(existing); // dropping self removes the temporary copy
         }
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(0o444))
+        std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(0o400))
             .map_err(io("chmod", &self.tmp))?;
         let dest = cache.path_of(&actual);
         std::fs::rename(&self.tmp, &dest).map_err(io("rename into the cache", &dest))?;
@@ -327,6 +434,24 @@ impl ImportWriter {
         write_json_atomic(&meta, &info).map_err(io("write", &meta))?;
         Ok(info)
     }
+}
+
+/// Checks that the file at `path` (`size` bytes) is what `format` says
+/// before it is cached: qcow2 and VHD are opened with the `vhd` crate (magic,
+/// header, tables; a base naming a backing file is refused, it would be
+/// opened by nobody); raw is any non-empty content.
+fn check_format(path: &Path, format: DiskFormat, size: u64) -> Result<(), String> {
+    if size == 0 {
+        return Err("it is empty".into());
+    }
+    let f = match format {
+        DiskFormat::Raw => return Ok(()),
+        DiskFormat::Qcow2 => vhd::Format::Qcow2,
+        DiskFormat::Vhd => vhd::Format::Vhd,
+    };
+    vhd::open(path, f, vhd::OpenOptions::read_only())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 impl Drop for ImportWriter {

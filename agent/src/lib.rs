@@ -18,6 +18,7 @@
 //! | [`api`] | the REST server, its client, HTTP helpers |
 //! | [`spec`] | the goal state's types and validation |
 //! | [`images`] | the content-addressed base-image cache |
+//! | [`paths`] | caller-given paths confined to configured roots, opened without following symlinks |
 //! | [`events`], [`report`], [`upstream`] | what the agent tells: events, the node report and metrics, the upstream pusher |
 //! | [`util`] | atomic writes, clocks, escaping |
 //!
@@ -31,6 +32,7 @@ pub mod events;
 pub mod images;
 pub mod instance;
 pub mod node;
+pub mod paths;
 pub mod report;
 pub mod spec;
 pub mod upstream;

@@ -44,13 +44,24 @@ pub struct AgentConfig {
     pub guest_port: u32,
     /// Events kept for slow subscribers (they see `Lagged` beyond that).
     pub event_capacity: usize,
+    /// Directories a goal's `role_package` must lie under (after `..` and
+    /// symlinks are resolved; see [`crate::paths`]). Default
+    /// `<state_dir>/roles`; empty refuses every role package.
+    pub role_roots: Vec<PathBuf>,
+    /// Directories a file imported through [`Agent::import_image`] (the
+    /// API's `POST /v1/images`) must lie under. Default
+    /// `<state_dir>/imports`; empty refuses every file import.
+    pub import_roots: Vec<PathBuf>,
 }
 
 impl AgentConfig {
     /// Defaults for everything but the state directory and node.
     pub fn new(state_dir: impl Into<PathBuf>, node: NodeConfig) -> Self {
+        let state_dir = state_dir.into();
         Self {
-            state_dir: state_dir.into(),
+            role_roots: vec![state_dir.join("roles")],
+            import_roots: vec![state_dir.join("imports")],
+            state_dir,
             node,
             health: HealthPolicy::default(),
             guest_port: DEFAULT_GUEST_PORT,
@@ -155,9 +166,15 @@ impl Agent {
     /// VMMs that still run (same pid and process start time).
     pub async fn open(cfg: AgentConfig, backends: Backends) -> Result<Agent, AgentError> {
         let sd = cfg.state_dir.clone();
+        // The state directory may be traversed (an API socket in it can be
+        // given to a group) but not listed; what is in it is owner-only.
+        crate::util::create_private_dir(&sd, 0o711).map_err(|source| AgentError::StateDir {
+            path: sd.clone(),
+            source,
+        })?;
         for sub in ["instances", "run", "images"] {
             let p = sd.join(sub);
-            std::fs::create_dir_all(&p)
+            crate::util::create_private_dir(&p, 0o700)
                 .map_err(|source| AgentError::StateDir { path: p, source })?;
         }
         // `<state>/run/<48-char id>.vsock_<port>` must fit in sun_path.
@@ -194,6 +211,7 @@ impl Agent {
             images,
             events,
             ended: ended_tx,
+            role_roots: crate::paths::Roots::role(cfg.role_roots.clone()),
         });
         let instances: Registry = Arc::new(Mutex::new(BTreeMap::new()));
         let reaper = tokio::spawn(reap(instances.clone(), ended_rx));
@@ -310,26 +328,12 @@ impl Agent {
                     image: s.base_image.clone(),
                 });
             }
-            if !s.role_package.is_dir() {
-                return Err(GoalError::Invalid {
+            check_role_package(&self.ctx.env.role_roots, &s.role_package).map_err(|why| {
+                GoalError::Invalid {
                     id: s.id.clone(),
-                    why: format!(
-                        "role_package {} is not a directory on this node",
-                        s.role_package.display()
-                    ),
-                });
-            }
-            let reserved = s.role_package.join(crate::backend::disks::INSTANCE_FILE);
-            if std::fs::symlink_metadata(&reserved).is_ok() {
-                return Err(GoalError::Invalid {
-                    id: s.id.clone(),
-                    why: format!(
-                        "role_package {} contains {}, a name reserved for the agent's instance file; rename it",
-                        s.role_package.display(),
-                        crate::backend::disks::INSTANCE_FILE
-                    ),
-                });
-            }
+                    why,
+                }
+            })?;
         }
         write_json_atomic(&self.ctx.cfg.state_dir.join("goal.json"), &goal)
             .map_err(GoalError::Persist)?;
@@ -644,13 +648,16 @@ impl Agent {
         expected: Option<String>,
     ) -> Result<ImageInfo, ImageError> {
         let cache = self.ctx.env.images.clone();
-        tokio::task::spawn_blocking(move || cache.import_file(&path, format, expected.as_deref()))
-            .await
-            .map_err(|e| ImageError::Io {
-                what: "import",
-                path: PathBuf::new(),
-                source: std::io::Error::other(e.to_string()),
-            })?
+        let roots = crate::paths::Roots::import(self.ctx.cfg.import_roots.clone());
+        tokio::task::spawn_blocking(move || {
+            cache.import_confined(&roots, &path, format, expected.as_deref())
+        })
+        .await
+        .map_err(|e| ImageError::Io {
+            what: "import",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })?
     }
 
     /// Deletes every image no instance uses; returns their hashes.
@@ -698,6 +705,32 @@ impl Agent {
             }
         }
     }
+}
+
+/// Checks a goal's role package: under a role root, a directory opened
+/// without following symlinks, and without the agent's reserved file name.
+pub(crate) fn check_role_package(
+    roots: &crate::paths::Roots,
+    path: &Path,
+) -> Result<PathBuf, String> {
+    use rustix::fs::{AtFlags, OFlags};
+    let (c, fd) = roots
+        .open(path, OFlags::RDONLY | OFlags::DIRECTORY)
+        .map_err(|e| match e {
+            crate::paths::PathError::Io { path, source, .. } => format!(
+                "role_package {} is not a directory on this node: {source}",
+                path.display()
+            ),
+            e => e.to_string(),
+        })?;
+    let reserved = crate::backend::disks::INSTANCE_FILE;
+    if rustix::fs::statat(&fd, reserved, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+        return Err(format!(
+            "role_package {} contains {reserved}, a name reserved for the agent's instance file; rename it",
+            path.display(),
+        ));
+    }
+    Ok(c.path())
 }
 
 /// Drops the handles of instance tasks that removed their instance (unless

@@ -8,7 +8,7 @@ use std::time::Duration;
 use hyper::Method;
 use vmm_api::DiskFormat;
 
-use crate::api::http::{download, request_url, HttpError, HttpUrl};
+use crate::api::http::{download_with_length, request_url, HttpError, HttpUrl};
 use crate::images::{ImageError, ImageInfo};
 use crate::report::UpstreamStats;
 use crate::Agent;
@@ -129,13 +129,30 @@ pub async fn import_image_url(
     let parsed = HttpUrl::parse(url).map_err(|e| dl(e.to_string()))?;
     let mut w = agent.image_cache().writer(url)?;
     let mut werr = None;
-    let status = download(&parsed, timeout, |chunk| {
-        w.write(chunk).map_err(|e| {
-            let s = e.to_string();
-            werr = Some(e);
-            s
-        })
-    })
+    // The announced length, checked against the cache's free space before
+    // the first byte is written (u64::MAX: none announced).
+    let announced = std::sync::atomic::AtomicU64::new(u64::MAX);
+    let cache = agent.image_cache().clone();
+    let status = download_with_length(
+        &parsed,
+        timeout,
+        |n| announced.store(n.unwrap_or(u64::MAX), std::sync::atomic::Ordering::Relaxed),
+        |chunk| {
+            let n = announced.swap(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+            let fits = if n == u64::MAX {
+                Ok(())
+            } else if n > crate::images::MAX_IMAGE_BYTES {
+                Err(ImageError::TooLarge(url.into()))
+            } else {
+                cache.ensure_fits(n, url)
+            };
+            fits.and_then(|()| w.write(chunk)).map_err(|e| {
+                let s = e.to_string();
+                werr = Some(e);
+                s
+            })
+        },
+    )
     .await;
     if let Some(e) = werr {
         return Err(e);

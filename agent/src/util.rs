@@ -14,7 +14,7 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Writes `data` to `path` atomically: a temporary file in the same directory,
+/// Writes `data` to `path` atomically (owner-only, mode 0600): a temporary file in the same directory,
 /// `fsync`, rename over `path`, `fsync` of the directory. A crash leaves either
 /// the old or the new content, never a torn file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
@@ -25,7 +25,13 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -35,6 +41,17 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> std::io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
     }
     res
+}
+
+/// Creates `dir` (and missing parents) and gives it `mode` (also when it
+/// existed with a wider one): created with the mode, never wider meanwhile.
+pub fn create_private_dir(dir: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
 }
 
 /// Serializes `value` as pretty JSON and writes it atomically.

@@ -52,6 +52,8 @@ fn import_by_url_shows_progress_and_checks_the_hash() {
         .arg(dir.path().join("state"))
         .arg("--api-socket")
         .arg(&sock)
+        .arg("--import-root")
+        .arg(dir.path())
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn reddog-agent");
@@ -65,6 +67,8 @@ fn import_by_url_shows_progress_and_checks_the_hash() {
             .arg("--socket")
             .arg(&sock)
             .args(args)
+            // Downloads go where the agent imports from.
+            .env("REDDOG_DOWNLOAD_DIR", dir.path())
             .output()
             .expect("run reddog")
     };

@@ -47,6 +47,11 @@ fn daemon_and_cli() {
         .arg(&state)
         .arg("--api-socket")
         .arg(&sock)
+        // The role package and the imported file are in the test's directory.
+        .arg("--role-root")
+        .arg(dir.path())
+        .arg("--import-root")
+        .arg(dir.path())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn reddog-agent");

@@ -413,6 +413,12 @@ fn start_daemon_sized(state: &Path, sock: &Path, vmm: &Path, log: &Path, vcpus: 
         .arg("--cmdline")
         .arg(cmdline)
         .args(["--boot-timeout-secs", "20"])
+        // The base image and the role package are made beside the state
+        // directory (import_base_and_role).
+        .arg("--role-root")
+        .arg(state.parent().unwrap_or(state))
+        .arg("--import-root")
+        .arg(state.parent().unwrap_or(state))
         .stderr(log)
         .spawn()
         .expect("spawn reddog-agent");

@@ -1,7 +1,8 @@
 //! `reddog-agent --fake` under a low open-file limit and a flood of
-//! half-sent API connections: the limit is raised to the hard one, the API
-//! caps its connections and closes unfinished heads, the unix socket keeps
-//! answering while TCP is flooded, and the instance is untouched.
+//! silent API connections on its TLS listener: the limit is raised to the
+//! hard one, the API caps its connections and closes unfinished handshakes,
+//! the unix socket keeps answering while TCP is flooded, and the instance is
+//! untouched.
 
 use testkit::agent_harness::daemon::{wait_for_socket, Daemon};
 
@@ -66,6 +67,56 @@ fn nofile(pid: u32) -> (String, String) {
     (f[3].to_string(), f[4].to_string())
 }
 
+/// A CA-signed server certificate for 127.0.0.1 (PEM files in `dir`) and
+/// the CA's certificate for the client.
+fn server_cert(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, Vec<u8>) {
+    let ca_key = rcgen::KeyPair::generate().expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca.self_signed(&ca_key).expect("ca");
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .expect("params")
+        .signed_by(&key, &ca, &ca_key)
+        .expect("sign");
+    let (c, k) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::write(&c, cert.pem()).expect("write");
+    std::fs::write(&k, key.serialize_pem()).expect("write");
+    (c, k, ca.der().to_vec())
+}
+
+/// `GET /healthz` over TLS with the bearer token; the whole answer.
+fn tls_healthz(port: u16, ca: &[u8], token: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from(ca.to_vec()))
+        .expect("root");
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("name");
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).expect("tls");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut s = rustls::StreamOwned::new(conn, tcp);
+    s.write_all(
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer {token}\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .expect("write");
+    let mut answer = Vec::new();
+    // The server may end without close_notify after Connection: close.
+    let _ = s.read_to_end(&mut answer);
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
 #[test]
 fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
     let dir = tempfile::Builder::new()
@@ -75,6 +126,15 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
     let state = dir.path().join("state");
     let sock = dir.path().join("agent.sock");
     let port = free_port();
+    let (cert, key, ca) = server_cert(dir.path());
+    let token = "flood-test-token-0123456789";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, token).expect("write");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .expect("chmod");
+    }
     // util-linux's prlimit sets the limits and execs the agent (same pid).
     let mut cmd = Command::new("prlimit");
     cmd.arg("--nofile=100:256")
@@ -85,6 +145,16 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
         .arg(&state)
         .arg("--api-socket")
         .arg(&sock)
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&key)
+        .arg("--api-token-file")
+        .arg(&token_file)
+        .arg("--role-root")
+        .arg(dir.path())
+        .arg("--import-root")
+        .arg(dir.path())
         .stderr(Stdio::null());
     let child = cmd
         .spawn()
@@ -128,13 +198,11 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
         std::thread::sleep(Duration::from_millis(50));
     };
 
-    // More half-sent connections than the whole fd table.
+    // More silent connections (a TLS handshake never started) than the
+    // whole fd table.
     let mut conns = Vec::new();
     for _ in 0..300 {
-        let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        // Closed at once by the server (beyond the cap): the write may fail.
-        let _ = c.write_all(b"GET /v1/instances HTTP/1.1\r\nHost: x");
-        conns.push(c);
+        conns.push(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
     }
     std::thread::sleep(Duration::from_millis(500));
     // The unix socket answers meanwhile (its own cap, fds to spare).
@@ -143,7 +211,7 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
     assert!(during.contains("\"ready\""), "{during}");
 
     // Every connection is closed by the server: beyond the cap at once, the
-    // others after the 2 s header timeout.
+    // others after the 2 s header timeout (which bounds the handshake).
     let t = Instant::now();
     for c in &mut conns {
         c.set_read_timeout(Some(Duration::from_secs(6)))
@@ -168,14 +236,8 @@ fn a_flood_of_half_sent_connections_leaves_instances_and_the_unix_api_alone() {
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
     drop(conns);
 
-    // TCP answers again.
-    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    c.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
-    c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .expect("write");
-    let mut answer = String::new();
-    c.read_to_string(&mut answer).expect("read");
+    // TCP answers again (TLS, with the token).
+    let answer = tls_healthz(port, &ca, token);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 
     // The instance is untouched: same VMM, no restart, never failed.

@@ -8,7 +8,7 @@ pub mod server;
 
 pub use client::{ApiClient, ClientError};
 pub use server::{
-    router, serve_tcp, serve_tcp_with, serve_unix, serve_unix_with, ApiError, ApiErrorBody,
-    ImportRequest, ServeConfig, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS, MAX_BODY,
-    ROUTES,
+    router, serve_tcp_with, serve_unix, serve_unix_with, ApiError, ApiErrorBody, ImportRequest,
+    ServeConfig, TcpSecurity, UnixAccess, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    MAX_BODY, ROUTES,
 };

@@ -233,9 +233,11 @@ impl VmmLauncher for ProcessLauncher {
         // would make it fail.
         let _ = std::fs::remove_file(&spec.vsock.uds_path);
         let log_path = spec.dir.join("vmm.log");
+        use std::os::unix::fs::OpenOptionsExt;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&log_path)
             .map_err(io_err(&log_path))?;
         let log2 = log.try_clone().map_err(io_err(&log_path))?;

@@ -31,6 +31,19 @@ fn check_role_inputs(req: &DiskRequest) -> Result<Vec<u8>, DiskPrepError> {
     instance_file_bytes(req)
 }
 
+/// Makes a disk the `vhd` crate created owner-only (0600; its directory,
+/// the instance's, is 0700 from the start, so nobody else could reach it
+/// meanwhile).
+fn owner_only(path: &std::path::Path) -> Result<(), DiskPrepError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| {
+        DiskPrepError::Other(format!(
+            "cannot make {} owner-only: {e}; check the state directory's permissions",
+            path.display()
+        ))
+    })
+}
+
 fn make_os(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
     let os_path = req.dir.join("os.qcow2");
     let base = vhd::open(
@@ -52,6 +65,7 @@ fn make_os(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
             source,
         }
     })?;
+    owner_only(&os_path)?;
     Ok(DiskConfig {
         path: os_path,
         format: DiskFormat::Qcow2,
@@ -73,6 +87,7 @@ fn make_resource(req: &DiskRequest) -> Result<DiskConfig, DiskPrepError> {
             source,
         },
     )?;
+    owner_only(&res_path)?;
     Ok(DiskConfig {
         path: res_path,
         format: DiskFormat::Raw,
@@ -98,6 +113,7 @@ fn make_role(req: &DiskRequest, instance_file: &[u8]) -> Result<DiskConfig, Disk
             source,
         }
     })?;
+    owner_only(&role_path)?;
     Ok(DiskConfig {
         path: role_path,
         format: DiskFormat::Raw,
@@ -434,6 +450,39 @@ mod tests {
             "{e}"
         );
         assert!(d3.role.path.exists() && d3.os.path.exists());
+    }
+
+    #[tokio::test]
+    async fn disks_are_owner_only_and_a_symlink_out_of_the_package_is_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let Setup { dir, req, .. } = setup();
+        // A file outside the package, and a symlink to it inside.
+        let marker = format!("reddog-outside-secret-{}", std::process::id());
+        let outside = dir.path().join("outside.txt");
+        std::fs::write(&outside, &marker).expect("write");
+        std::os::unix::fs::symlink(&outside, req.role_package.join("leak")).expect("ln");
+        let d = VhdDiskPreparer.prepare(&req).await.expect("prepare");
+        for c in d.in_order() {
+            let mode = std::fs::metadata(&c.path)
+                .expect("stat")
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", c.path.display());
+        }
+        // The role disk holds the link itself, not the file it points to.
+        let out = Command::new("debugfs")
+            .arg("-R")
+            .arg("stat /leak")
+            .arg(&d.role.path)
+            .output()
+            .expect("debugfs");
+        let stat = String::from_utf8_lossy(&out.stdout);
+        assert!(stat.contains("Type: symlink"), "{stat}");
+        let image = std::fs::read(&d.role.path).expect("read role disk");
+        assert!(
+            !image.windows(marker.len()).any(|w| w == marker.as_bytes()),
+            "the outside file's content is on the role disk"
+        );
     }
 
     #[test]

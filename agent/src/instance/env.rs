@@ -29,6 +29,8 @@ pub struct InstanceEnv {
     pub events: broadcast::Sender<AgentEvent>,
     /// The ids of instances whose task removed them and ended.
     pub ended: mpsc::UnboundedSender<String>,
+    /// Where role packages must lie (checked again before each role disk).
+    pub role_roots: crate::paths::Roots,
 }
 
 impl std::fmt::Debug for InstanceEnv {

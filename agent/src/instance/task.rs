@@ -233,7 +233,7 @@ impl Runner {
     }
 
     pub(crate) async fn run(mut self, mode: StartMode) {
-        if let Err(e) = std::fs::create_dir_all(self.dir()) {
+        if let Err(e) = crate::util::create_private_dir(&self.dir(), 0o700) {
             tracing::error!(instance = %self.id, "cannot create {}: {e}", self.dir().display());
         }
         let mut adopted = None;
@@ -429,7 +429,7 @@ impl Runner {
             if !matches!(&*self.desired.borrow(), Desired::Removed) {
                 // Wanted again while the files went: start afresh.
                 drop(sh);
-                let _ = std::fs::create_dir_all(self.dir());
+                let _ = crate::util::create_private_dir(&self.dir(), 0o700);
                 return false;
             }
             sh.ended = true;
@@ -473,7 +473,7 @@ impl Runner {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
-        let result = match std::fs::create_dir_all(&dir) {
+        let result = match crate::util::create_private_dir(&dir, 0o700) {
             Err(e) => Err(format!("cannot create {}: {e}", dir.display())),
             Ok(()) => {
                 let sha = self.spec.image_sha256();
@@ -481,25 +481,31 @@ impl Runner {
                     None => Err(format!(
                         "base image sha256:{sha} is not in the image cache; import it"
                     )),
-                    Some(img) => {
-                        let req = DiskRequest {
-                            instance_id: self.id.clone(),
-                            role: self.spec.role.clone(),
-                            env: self.spec.env.clone(),
-                            dir: dir.clone(),
-                            base: self.env.images.path_of(&sha),
-                            base_format: img.format,
-                            role_package: self.spec.role_package.clone(),
-                            resource_disk_bytes: self.spec.resource_disk_mib << 20,
-                        };
-                        match &self.keep {
-                            Some((d, which)) => {
-                                self.env.backends.disks.remake(&req, d, *which).await
+                    Some(img) => match crate::node::check_role_package(
+                        &self.env.role_roots,
+                        &self.spec.role_package,
+                    ) {
+                        Err(e) => Err(e),
+                        Ok(role_package) => {
+                            let req = DiskRequest {
+                                instance_id: self.id.clone(),
+                                role: self.spec.role.clone(),
+                                env: self.spec.env.clone(),
+                                dir: dir.clone(),
+                                base: self.env.images.path_of(&sha),
+                                base_format: img.format,
+                                role_package,
+                                resource_disk_bytes: self.spec.resource_disk_mib << 20,
+                            };
+                            match &self.keep {
+                                Some((d, which)) => {
+                                    self.env.backends.disks.remake(&req, d, *which).await
+                                }
+                                None => self.env.backends.disks.prepare(&req).await,
                             }
-                            None => self.env.backends.disks.prepare(&req).await,
+                            .map_err(|e| e.to_string())
                         }
-                        .map_err(|e| e.to_string())
-                    }
+                    },
                 }
             }
         };

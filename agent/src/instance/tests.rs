@@ -57,6 +57,7 @@ fn rig(health: impl FnOnce(&mut HealthPolicy)) -> Rig {
         images,
         events,
         ended: ended_tx,
+        role_roots: crate::paths::Roots::role(vec![dir.path().to_owned()]),
     });
     let spec = InstanceSpec {
         id: "one".into(),

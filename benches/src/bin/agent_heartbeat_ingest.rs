@@ -402,6 +402,7 @@ async fn agent_side(dir: &Path, o: &Opts) -> Result<(AgentSide, Vec<PathBuf>)> {
     node.max_instances = o.guests;
     let mut cfg = AgentConfig::new(dir.join("state"), node);
     cfg.event_capacity = 16_384;
+    cfg.role_roots = vec![dir.to_owned()];
     let launcher = FakeLauncher::new();
     let agent = Agent::open(
         cfg,

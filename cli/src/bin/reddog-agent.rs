@@ -28,9 +28,44 @@ struct Args {
     /// API unix socket [default: <state-dir>/agent.sock].
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// Also serve the API on this TCP address (unauthenticated: trusted networks only).
+    /// Also serve the API on this TCP address, behind TLS (--tls-cert,
+    /// --tls-key) with client certificates (--tls-client-ca) or a bearer
+    /// token (--api-token-file); refused without them.
     #[arg(long)]
     listen: Option<String>,
+    /// The TCP listener's certificate chain (PEM).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// The TCP listener's private key (PEM).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) TCP clients' certificates must chain to.
+    #[arg(long)]
+    tls_client_ca: Option<PathBuf>,
+    /// A file (mode 0600) holding the bearer token TCP clients send as
+    /// `Authorization: Bearer <token>` (with --tls-client-ca: instead of a
+    /// certificate).
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
+    /// Also let this uid use the unix socket (root and the agent's own uid
+    /// always may). Repeatable.
+    #[arg(long)]
+    api_allow_uid: Vec<u32>,
+    /// Also let peers with this (effective) gid use the unix socket.
+    /// Repeatable.
+    #[arg(long)]
+    api_allow_gid: Vec<u32>,
+    /// Give the unix socket this group and mode 0660 (default: 0600).
+    #[arg(long)]
+    api_socket_group: Option<u32>,
+    /// A directory goal role packages must lie under (after `..` and
+    /// symlinks are resolved). Repeatable [default: <state-dir>/roles].
+    #[arg(long)]
+    role_root: Vec<PathBuf>,
+    /// A directory files imported through the API (`reddog cache import
+    /// PATH`) must lie under. Repeatable [default: <state-dir>/imports].
+    #[arg(long)]
+    import_root: Vec<PathBuf>,
     /// Node id [default: the host name].
     #[arg(long)]
     node_id: Option<String>,
@@ -160,6 +195,9 @@ fn raise_fd_limit() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // Everything the agent and its VMMs create (records, disks, logs,
+    // sockets) is owner-only unless made otherwise on purpose.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o077));
     init_logging(args.log_format);
     raise_fd_limit();
     let node_id = args.node_id.clone().unwrap_or_else(|| {
@@ -184,6 +222,12 @@ async fn main() -> anyhow::Result<()> {
     cfg.guest_port = args.guest_port;
     cfg.health.boot_timeout = Duration::from_secs(args.boot_timeout_secs);
     cfg.health.missed_heartbeats = args.missed_heartbeats;
+    if !args.role_root.is_empty() {
+        cfg.role_roots = args.role_root.clone();
+    }
+    if !args.import_root.is_empty() {
+        cfg.import_roots = args.import_root.clone();
+    }
     let backends = if args.fake {
         tracing::warn!("running with fake VMMs, disks and guests");
         let l = FakeLauncher::new();
@@ -219,12 +263,26 @@ async fn main() -> anyhow::Result<()> {
     let serve = agent::api::ServeConfig {
         max_connections: args.api_max_connections.max(1),
         header_read_timeout: Duration::from_secs(args.api_header_timeout_secs.max(1)),
+        unix_access: agent::api::UnixAccess {
+            uids: args.api_allow_uid.clone(),
+            gids: args.api_allow_gid.clone(),
+            group: args.api_socket_group,
+        },
     };
-    let _unix = agent::api::serve_unix_with(agent.clone(), &sock, serve)?;
+    let tcp = agent::api::TcpSecurity {
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+        token_file: args.api_token_file.clone(),
+    };
+    if args.listen.is_none() && tcp != agent::api::TcpSecurity::default() {
+        anyhow::bail!("--tls-cert, --tls-key, --tls-client-ca and --api-token-file are for --listen; give it too");
+    }
+    let _unix = agent::api::serve_unix_with(agent.clone(), &sock, serve.clone())?;
     tracing::info!(socket = %sock.display(), "API listening");
     if let Some(addr) = &args.listen {
-        let (local, _) = agent::api::serve_tcp_with(agent.clone(), addr, serve).await?;
-        tracing::info!(%local, "API listening on TCP");
+        let (local, _) = agent::api::serve_tcp_with(agent.clone(), addr, serve, &tcp).await?;
+        tracing::info!(%local, client_certificates = tcp.client_ca.is_some(), bearer_token = tcp.token_file.is_some(), "API listening on TCP (TLS)");
     }
     if let Some(url) = &args.upstream_url {
         let mut u = agent::upstream::UpstreamConfig::new(url.clone());

@@ -236,6 +236,14 @@ enum CacheCommand {
         /// The expected sha256.
         #[arg(long)]
         sha256: Option<String>,
+        /// With --url: download into this directory, which must be under one
+        /// of the agent's --import-root directories.
+        #[arg(
+            long,
+            env = "REDDOG_DOWNLOAD_DIR",
+            default_value = "/var/lib/reddog/imports"
+        )]
+        download_dir: PathBuf,
     },
     /// Delete images no instance uses.
     Gc,
@@ -305,6 +313,7 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
             url,
             format,
             sha256,
+            download_dir,
         }) => {
             // A URL is downloaded next to us (same node) with a progress bar,
             // then imported like a file; the agent checks the sha256.
@@ -313,7 +322,7 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
                     if sha256.is_none() {
                         anyhow::bail!("--url needs --sha256: a download is only imported when its hash is known");
                     }
-                    Some(download_with_progress(u).await?)
+                    Some(download_with_progress(u, download_dir).await?)
                 }
                 None => None,
             };
@@ -335,13 +344,23 @@ async fn api(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Downloads `url` into a temporary file, drawing a progress bar on stderr.
-async fn download_with_progress(url: &str) -> anyhow::Result<tempfile::NamedTempFile> {
+/// Downloads `url` into a temporary file in `dir`, drawing a progress bar on stderr.
+async fn download_with_progress(
+    url: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<tempfile::NamedTempFile> {
+    use anyhow::Context as _;
     use std::io::Write as _;
     let parsed = agent::api::http::HttpUrl::parse(url)?;
     let mut tmp = tempfile::Builder::new()
         .prefix("reddog-import-")
-        .tempfile()?;
+        .tempfile_in(dir)
+        .with_context(|| {
+            format!(
+                "cannot create a download file in {}; give --download-dir, a directory under one of the agent's --import-root directories",
+                dir.display()
+            )
+        })?;
     let started = std::time::Instant::now();
     let total = std::sync::Mutex::new(None::<u64>);
     let mut done = 0u64;

@@ -41,6 +41,9 @@ pub fn config(dir: &std::path::Path) -> AgentConfig {
     let mut cfg = AgentConfig::new(dir.join("state"), node);
     cfg.health.boot_timeout = Duration::from_secs(30);
     cfg.health.stop_grace = Duration::from_secs(4);
+    // Role packages and imports come from the test's temporary directory.
+    cfg.role_roots = vec![dir.to_path_buf()];
+    cfg.import_roots = vec![dir.to_path_buf()];
     cfg
 }
 

@@ -258,6 +258,8 @@ impl KvmAgent {
             )
         };
         let mut cfg = AgentConfig::new(dir.path().join("state"), node);
+        // The role package is made in the harness's directory.
+        cfg.role_roots = vec![dir.path().to_owned()];
         (opts.configure)(&mut cfg);
         let mut launcher = ProcessLauncherConfig::new(&opts.vmm, test_guest::elf_path());
         launcher.cmdline = guest_cmdline().to_string();

@@ -487,6 +487,11 @@ fn run(
         .arg("--initrd")
         .arg(&o.initrd)
         .args(["--missed-heartbeats", &o.missed_heartbeats.to_string()])
+        // The role package and the base image are where the driver was told.
+        .arg("--role-root")
+        .arg(&o.role)
+        .arg("--import-root")
+        .arg(o.base.parent().unwrap_or(&o.base))
         .args(["--boot-timeout-secs", &o.boot_timeout_secs.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
