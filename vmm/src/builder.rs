@@ -121,6 +121,8 @@ pub struct Vmm {
     stops: Receiver<StopEvent>,
     first_run_us: Arc<AtomicU64>,
     control: Option<ControlServer>,
+    /// The vsock listener's socket file, removed at the stop.
+    vsock_uds: Option<std::path::PathBuf>,
     // Kept alive until the process ends: KVM maps this memory.
     _memory: GuestMemoryMmap,
     _vm: Vm,
@@ -195,12 +197,18 @@ pub fn build_and_boot(
         let released = released.clone();
         let (thread, vcpu_ready) = seccomp
             .spawn(format!("vcpu{index}"), ThreadKind::Vcpu, move || {
+                // Never dropped: the last reference to the devices must not go
+                // on a vCPU thread, whose filter has none of what tearing them
+                // down takes (unlocking disk images, closing vsock
+                // connections). The process exit tears the VM down.
+                let keep = bus.clone();
                 while !released.load(Ordering::Acquire) {
                     std::thread::park();
                 }
                 let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     vcpu.run(bus, tx, start, first, ctl)
                 }));
+                std::mem::forget(keep);
                 if result.is_err() {
                     let _ = index_tx.send(StopEvent {
                         reason: ExitReason::VcpuError,
@@ -272,6 +280,7 @@ pub fn build_and_boot(
         stops: rx,
         first_run_us,
         control,
+        vsock_uds: cfg.vsock.as_ref().map(|v| v.uds_path.clone()),
         _memory: mem,
         _vm: vm,
     })
@@ -493,6 +502,11 @@ impl Vmm {
     pub fn announce_stop(&self, report: &ExitReport) {
         if let Some(c) = &self.control {
             c.announce_stop(report);
+        }
+        // The devices are never torn down (see the vCPU threads in
+        // `build_and_boot`): the vsock listener's file goes here.
+        if let Some(p) = &self.vsock_uds {
+            let _ = std::fs::remove_file(p);
         }
     }
 }
