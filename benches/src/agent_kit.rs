@@ -291,6 +291,7 @@ impl KvmAgent {
                 log: seams.clone(),
             }),
             guests: Arc::new(VsockGuestChannel::default()),
+            net: Arc::new(agent::backend::host_net::HostNetwork::default()),
         };
         let agent = Agent::open(cfg, backends)
             .await
@@ -468,6 +469,7 @@ impl DirectSetup {
                 base_format: vmm_api::DiskFormat::Raw,
                 role_package: role.to_path_buf(),
                 resource_disk_bytes: 16 << 20,
+                net: None,
             })
             .await
             .context("making the direct VM's disks")?;
@@ -484,6 +486,7 @@ impl DirectSetup {
             },
             guest_port: DEFAULT_GUEST_PORT,
             serial_path: vdir.join("serial.log"),
+            net: None,
         };
         let cfg = ProcessLauncher::new(launcher.clone()).vm_config(&spec);
         cfg.validate()

@@ -175,6 +175,7 @@ async fn harness(upstream_url: Option<&str>) -> Harness {
         launcher: Arc::new(ModeLauncher::new(&vmm)),
         disks: Arc::new(VhdDiskPreparer),
         guests: Arc::new(VsockGuestChannel::new(GuestLimits::default())),
+        net: Arc::new(agent::backend::host_net::HostNetwork::default()),
     };
     let agent = Agent::open(cfg, backends).await.expect("open agent");
     if let Some(url) = upstream_url {
@@ -629,6 +630,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         },
         guest_port: 1024,
         serial_path: dir.path().join("serial.log"),
+        net: None,
     };
     let mut h = ProcessLauncher::new(cfg)
         .launch(&spec)

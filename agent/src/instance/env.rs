@@ -29,6 +29,8 @@ pub struct InstanceEnv {
     pub events: broadcast::Sender<AgentEvent>,
     /// The ids of instances whose task removed them and ended.
     pub ended: mpsc::UnboundedSender<String>,
+    /// The instance network, when the node has an instance subnet.
+    pub net: Option<std::sync::Arc<crate::network::InstanceNetwork>>,
 }
 
 impl std::fmt::Debug for InstanceEnv {
