@@ -394,7 +394,7 @@ impl RouteSocket {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let tv = libc::timeval {
             tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
-            tv_usec: libc::suseconds_t::try_from(timeout.subsec_micros()).unwrap_or(0),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
         };
         // SAFETY: `tv` is a valid timeval that lives across the call; the size matches it.
         let r = unsafe {
