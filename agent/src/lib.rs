@@ -31,6 +31,7 @@ pub mod backend;
 pub mod events;
 pub mod images;
 pub mod instance;
+pub mod network;
 pub mod node;
 pub mod paths;
 pub mod report;

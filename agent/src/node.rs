@@ -24,6 +24,7 @@ use crate::instance::{
     Command, Desired, HealthPolicy, InstanceEnv, InstanceHandle, InstanceOpError, InstanceRecord,
     InstanceState, InstanceStatus, StartMode, Transition,
 };
+use crate::network::InstanceNetwork;
 use crate::report::{InstanceSummary, NodeReport, UpstreamStats};
 use crate::spec::{usage, GoalError, GoalState, InstanceSpec, NodeConfig};
 use crate::util::{lock, now_unix_ms, write_json_atomic, ReadJsonError};
@@ -52,6 +53,9 @@ pub struct AgentConfig {
     /// API's `POST /v1/images`) must lie under. Default
     /// `<state_dir>/imports`; empty refuses every file import.
     pub import_roots: Vec<PathBuf>,
+    /// The uid that owns instance TAPs (the VMMs' uid when they do not run
+    /// as root); `None`: root's.
+    pub tap_owner_uid: Option<u32>,
 }
 
 impl AgentConfig {
@@ -66,6 +70,7 @@ impl AgentConfig {
             health: HealthPolicy::default(),
             guest_port: DEFAULT_GUEST_PORT,
             event_capacity: 1024,
+            tap_owner_uid: None,
         }
     }
 }
@@ -95,6 +100,9 @@ pub enum AgentError {
     /// An instance record could not be read.
     #[error(transparent)]
     Record(#[from] RecordError),
+    /// The instance network could not be set up (the MTU, or the rules).
+    #[error("the instance network: {0}")]
+    Network(String),
     /// The state directory's path is too long for unix sockets.
     #[error("state directory {0} is too long: instance sockets would exceed 107 bytes; use a shorter path")]
     PathTooLong(PathBuf),
@@ -201,6 +209,40 @@ impl Agent {
                 }
             }
         }
+        let net = match cfg.node.instance_subnet {
+            None => None,
+            Some(subnet) => {
+                let mtu = cfg.node.instance_mtu;
+                if !(vmm_api::config::MIN_MTU..=vmm_api::config::MAX_MTU).contains(&mtu) {
+                    return Err(AgentError::Network(format!(
+                        "instance_mtu {mtu} is not {} to {}",
+                        vmm_api::config::MIN_MTU,
+                        vmm_api::config::MAX_MTU
+                    )));
+                }
+                let net = Arc::new(InstanceNetwork::new(
+                    subnet,
+                    mtu,
+                    cfg.tap_owner_uid,
+                    backends.net.clone(),
+                ));
+                // Every recorded address first, so new instances go around
+                // them; then the rules for all of them, in one transaction.
+                for r in &mut records {
+                    if let Some(n) = &r.net {
+                        if let Err(e) = net.reserve(&r.spec.id, n) {
+                            tracing::error!("{e}; the instance gets a new address");
+                            r.net = None;
+                        }
+                    }
+                }
+                net.apply_rules()
+                    .await
+                    .map_err(|e| AgentError::Network(e.to_string()))?;
+                tracing::info!(%subnet, instances = records.iter().filter(|r| r.net.is_some()).count(), "instance network rules applied");
+                Some(net)
+            }
+        };
         let (events, _) = broadcast::channel(cfg.event_capacity.max(16));
         let (ended_tx, ended_rx) = mpsc::unbounded_channel();
         let env = Arc::new(InstanceEnv {
@@ -212,6 +254,7 @@ impl Agent {
             events,
             ended: ended_tx,
             role_roots: crate::paths::Roots::role(cfg.role_roots.clone()),
+            net,
         });
         let instances: Registry = Arc::new(Mutex::new(BTreeMap::new()));
         let reaper = tokio::spawn(reap(instances.clone(), ended_rx));

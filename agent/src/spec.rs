@@ -98,6 +98,18 @@ pub struct NodeConfig {
     pub capacity: Capacity,
     /// Most instances at once.
     pub max_instances: usize,
+    /// The instances' network: an IPv4 subnet (`10.200.0.0/16`) the agent
+    /// carves into a /30 per instance (`docs/networking.md`). Without one,
+    /// instances get no network interface.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_subnet: Option<crate::network::Subnet>,
+    /// The MTU of every instance's TAP and `eth0` (68 to 9000).
+    #[serde(default = "default_instance_mtu")]
+    pub instance_mtu: u16,
+}
+
+fn default_instance_mtu() -> u16 {
+    crate::network::DEFAULT_INSTANCE_MTU
 }
 
 impl NodeConfig {
@@ -110,6 +122,8 @@ impl NodeConfig {
             update_domain: 0,
             capacity,
             max_instances: DEFAULT_MAX_INSTANCES,
+            instance_subnet: None,
+            instance_mtu: crate::network::DEFAULT_INSTANCE_MTU,
         }
     }
 }
@@ -138,6 +152,16 @@ pub enum GoalError {
         count: usize,
         /// Allowed.
         max: usize,
+    },
+    /// More instances than the instance subnet has addresses.
+    #[error("the goal lists {count} instances but the instance subnet {subnet} has addresses for {slots}; give the node a larger instance_subnet")]
+    TooManyForSubnet {
+        /// Listed.
+        count: usize,
+        /// The subnet.
+        subnet: crate::network::Subnet,
+        /// Its instance addresses.
+        slots: u32,
     },
     /// Two instances with one id.
     #[error("instance id {0:?} appears more than once; ids must be unique")]
@@ -345,6 +369,15 @@ impl GoalState {
                 count: self.instances.len(),
                 max: node.max_instances,
             });
+        }
+        if let Some(subnet) = node.instance_subnet {
+            if self.instances.len() > subnet.slots() as usize {
+                return Err(GoalError::TooManyForSubnet {
+                    count: self.instances.len(),
+                    subnet,
+                    slots: subnet.slots(),
+                });
+            }
         }
         let mut seen = BTreeSet::new();
         for s in &self.instances {

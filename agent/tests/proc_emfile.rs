@@ -65,6 +65,7 @@ fn spec(dir: &Path) -> LaunchSpec {
         },
         guest_port: 1024,
         serial_path: dir.join("serial.log"),
+        net: None,
     }
 }
 

@@ -575,6 +575,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         },
         guest_port: 1024,
         serial_path: dir.path().join("serial.log"),
+        net: None,
     };
     let mut h = ProcessLauncher::new(cfg)
         .launch(&spec)

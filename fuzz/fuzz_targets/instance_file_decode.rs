@@ -5,7 +5,8 @@
 //! - whatever decodes passes the field checks and re-encodes to bytes that
 //!   decode to the same file, are canonical (encoding again gives the same
 //!   bytes) and are never longer than the input plus the newline and an
-//!   `env` the input may leave out.
+//!   `env` the input may leave out (a `net` object, when present, re-encodes
+//!   to itself: addresses have one spelling).
 #![no_main]
 
 use guest_proto::instance_file::{InstanceFile, InstanceFileError, MAX_INSTANCE_FILE_BYTES};

@@ -12,8 +12,9 @@
 //!
 //! **Must not**: depend on an async runtime (no tokio: the supervisor is one
 //! thread with short-lived helpers), on the host agent or VMM crates, or on
-//! anything that needs a dynamic loader, a config file or a network other
-//! than vsock. Everything from the host or the role disk is input to check,
+//! anything that needs a dynamic loader or a config file; its only network
+//! besides vsock is `eth0`, configured once from the instance file.
+//! Everything from the host or the role disk is input to check,
 //! never to panic on.
 //!
 //! Two modes, chosen on the kernel command line (`cmdline`):
@@ -31,7 +32,8 @@
 //! role disk, which is how `tests/` exercise it. See `docs/guest-agent.md`;
 //! `docs/architecture.md` maps every module ("reddog-guest, module by module").
 //!
-//! - `sys`: the thin unsafe layer (mount, finit_module, vsock, signals, reboot).
+//! - `sys`: the thin unsafe layer (mount, finit_module, vsock, netlink, signals, reboot).
+//! - `netconf`: `eth0` from the instance file (hand-built `NETLINK_ROUTE` requests).
 //! - `pid1`: disks by serial, mounts, switch_root, unmount and power-off.
 //! - `probe`: the platform checks, each printing one `reddog-guest: ...` line.
 
@@ -40,6 +42,7 @@ pub mod cmdline;
 pub mod instance;
 pub mod link;
 pub mod manifest;
+pub mod netconf;
 pub mod passwd;
 pub mod pid1;
 pub mod power_button;

@@ -79,6 +79,23 @@ fn agent_mode(opts: &cmdline::Options, notes: Vec<String>) -> ! {
     }
     guest_agent::power_button::spawn_watcher(wait);
     let role_dir = Path::new(pid1::ROLE_MOUNT);
+    // The network first, so the role starts with it. A bad instance file is
+    // reported by the supervisor when it loads the role.
+    if let Ok(Some(inst)) = instance::load_instance(&role_dir.join(instance::INSTANCE_FILE)) {
+        if let Some(net) = inst.net {
+            match guest_agent::netconf::configure("eth0", &net, wait) {
+                Ok(()) => say(&format!(
+                    "eth0 {}/{} via {} mtu {}",
+                    net.address, net.prefix_len, net.gateway, net.mtu
+                )),
+                Err(e) => {
+                    let text = format!("eth0: {e}");
+                    say(&text);
+                    boot_notes.push((LogLevel::Error, text));
+                }
+            }
+        }
+    }
     let cfg = AgentConfig {
         link: link_config(Arc::new(transport::Vsock {
             port: opts.agent_port,

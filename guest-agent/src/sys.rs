@@ -364,3 +364,63 @@ impl io::Write for VsockStream {
         Ok(())
     }
 }
+
+/// The index of network interface `name` (`if_nametoindex`); `None` when
+/// there is none.
+pub fn if_index(name: &str) -> Result<Option<u32>, SysError> {
+    let n = cstr(name)?;
+    // SAFETY: `n` is a NUL-terminated string that lives across the call.
+    let i = unsafe { libc::if_nametoindex(n.as_ptr()) };
+    Ok((i != 0).then_some(i))
+}
+
+/// A `NETLINK_ROUTE` socket bound by the kernel, with a receive timeout.
+#[derive(Debug)]
+pub struct RouteSocket(OwnedFd);
+
+impl RouteSocket {
+    /// Opens one; reads give up after `timeout`.
+    pub fn open(timeout: Duration) -> Result<Self, SysError> {
+        // SAFETY: plain socket(2) call with constant arguments.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        check("socket(AF_NETLINK)", fd.into())?;
+        // SAFETY: `fd` was just returned by socket(2) and is owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let tv = libc::timeval {
+            tv_sec: libc::time_t::try_from(timeout.as_secs()).unwrap_or(libc::time_t::MAX),
+            tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        };
+        // SAFETY: `tv` is a valid timeval that lives across the call; the size matches it.
+        let r = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::from_ref(&tv).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        check("setsockopt(SO_RCVTIMEO)", r.into())?;
+        Ok(Self(fd))
+    }
+
+    /// Sends one message to the kernel.
+    pub fn send(&self, msg: &[u8]) -> Result<(), SysError> {
+        // SAFETY: `msg` is a valid buffer of its length for the call.
+        let r = unsafe { libc::send(self.0.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        check("send(netlink)", r as libc::c_long).map(|_| ())
+    }
+
+    /// Receives one datagram into `buf`; its length.
+    pub fn recv(&self, buf: &mut [u8]) -> Result<usize, SysError> {
+        // SAFETY: `buf` is a valid writable buffer of its length for the call.
+        let r = unsafe { libc::recv(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        check("recv(netlink)", r as libc::c_long).map(|n| n as usize)
+    }
+}

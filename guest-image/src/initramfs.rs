@@ -1,5 +1,5 @@
 //! The guest initramfs for real Linux guests: `reddog-guest` (static) as
-//! `/init`, plus the kernel's virtio and vsock modules in load order, listed in
+//! `/init`, plus the kernel's virtio (disk, network) and vsock modules in load order, listed in
 //! `/etc/reddog/modules` for `reddog-guest` to load with `finit_module`.
 
 use std::path::Path;
@@ -7,9 +7,15 @@ use std::path::Path;
 use crate::artifacts::{self, ArtifactError, KernelArtifacts};
 use crate::cpio::{CpioError, CpioWriter};
 
-/// The modules a guest needs for virtio-mmio disks and vsock (their
-/// dependencies are added from each module's `depends=`).
-pub const GUEST_MODULES: [&str; 3] = ["virtio_mmio", "virtio_blk", "vmw_vsock_virtio_transport"];
+/// The modules a guest needs for virtio-mmio disks, vsock and its network
+/// interface (their dependencies, such as `virtio_net`'s `net_failover`,
+/// are added from each module's `depends=`).
+pub const GUEST_MODULES: [&str; 4] = [
+    "virtio_mmio",
+    "virtio_blk",
+    "vmw_vsock_virtio_transport",
+    "virtio_net",
+];
 
 /// Modules added when the kernel has them as modules (when they are built in,
 /// there is nothing to load): the ACPI power button and the input event

@@ -7,7 +7,7 @@
 //! - [`cpio`]: a newc writer for initramfs images.
 //! - [`elf`]: just enough ELF64 reading (static binaries, PVH note, `.modinfo`).
 //! - [`initramfs`](mod@initramfs): the guest initramfs (`reddog-guest` as
-//!   `/init` plus the virtio and vsock modules).
+//!   `/init` plus the virtio disk, network and vsock modules).
 //! - [`os_image`]: the ext4 OS base image, qcow2 overlays, role and resource
 //!   disks.
 //!

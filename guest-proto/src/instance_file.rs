@@ -5,7 +5,8 @@
 //! and writes [`InstanceFile::encode`]'s bytes; the guest reads them back
 //! with [`InstanceFile::decode`], which is strict (the guest is where the
 //! file is checked; the encoder only bounds its size). The layout is
-//! `{"version":1,"instance_id":...,"role":...,"env":{...}}` plus a newline,
+//! `{"version":1,"instance_id":...,"role":...,"env":{...},"net":{...}}` plus a
+//! newline (`net` only when the instance has a network interface),
 //! at most [`MAX_INSTANCE_FILE_BYTES`]; the rules are in
 //! `docs/guest-agent.md` ("The instance file").
 //!
@@ -13,6 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::format;
+use std::net::Ipv4Addr;
 use std::string::String;
 use std::vec::Vec;
 
@@ -51,6 +53,89 @@ pub struct InstanceFile {
     /// as [`check_env`]. May be left out when reading.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// The instance's network interface (`eth0`), when the node gives it
+    /// one; checked as [`InstanceNet::check`]. Left out when there is none.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_net"
+    )]
+    pub net: Option<InstanceNet>,
+}
+
+/// `net`, when present, is an object (`null` is refused: the host agent
+/// leaves the field out instead).
+fn present_net<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<InstanceNet>, D::Error> {
+    InstanceNet::deserialize(d).map(Some)
+}
+
+/// Smallest MTU the guest accepts (IPv4's minimum).
+pub const MIN_NET_MTU: u16 = 68;
+/// Largest MTU the guest accepts (virtio-net's and the TAP's limit).
+pub const MAX_NET_MTU: u16 = 65535;
+
+/// What `reddog-guest` configures on `eth0`: its address and prefix, the
+/// default gateway (the host's end of the instance's TAP) and the MTU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceNet {
+    /// The guest's IPv4 address (dotted quad).
+    pub address: Ipv4Addr,
+    /// Its prefix length, 8 to 30.
+    pub prefix_len: u8,
+    /// The default gateway: in the same prefix, not the address itself.
+    pub gateway: Ipv4Addr,
+    /// The interface's MTU, [`MIN_NET_MTU`] to [`MAX_NET_MTU`].
+    pub mtu: u16,
+}
+
+impl InstanceNet {
+    /// Checks the fields: a prefix of 8 to 30, an address and gateway that
+    /// are distinct unicast hosts (not the prefix's network or broadcast
+    /// address) of one prefix, an MTU within bounds.
+    pub fn check(&self) -> Result<(), InstanceFileError> {
+        if !(8..=30).contains(&self.prefix_len) {
+            return Err(invalid(
+                "net.prefix_len",
+                format!("{} is not 8 to 30", self.prefix_len),
+            ));
+        }
+        let mask = u32::MAX << (32 - u32::from(self.prefix_len));
+        let host = |a: Ipv4Addr, field: &str| {
+            let v = u32::from(a);
+            let h = v & !mask;
+            if a.is_multicast() || a.is_loopback() || a.is_unspecified() || a.is_broadcast() {
+                Err(invalid(field, format!("{a} is not a unicast address")))
+            } else if h == 0 || h == !mask {
+                Err(invalid(
+                    field,
+                    format!(
+                        "{a} is the network or broadcast address of its /{}",
+                        self.prefix_len
+                    ),
+                ))
+            } else {
+                Ok(v & mask)
+            }
+        };
+        let net = host(self.address, "net.address")?;
+        if host(self.gateway, "net.gateway")? != net || self.gateway == self.address {
+            return Err(invalid(
+                "net.gateway",
+                format!(
+                    "{} is not another host of {}/{}",
+                    self.gateway, self.address, self.prefix_len
+                ),
+            ));
+        }
+        if self.mtu < MIN_NET_MTU {
+            return Err(invalid(
+                "net.mtu",
+                format!("{} is below {MIN_NET_MTU}", self.mtu),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Why an instance file could not be written or was refused.
@@ -68,7 +153,7 @@ pub enum InstanceFileError {
     NotUtf8,
     /// Not valid JSON for an instance file (syntax, types, unknown or
     /// missing fields).
-    #[error("{source} (expected {{\"version\":1,\"instance_id\":...,\"role\":...,\"env\":{{...}}}} as the host agent writes it)")]
+    #[error("{source} (expected {{\"version\":1,\"instance_id\":...,\"role\":...,\"env\":{{...}},\"net\":{{...}}}} as the host agent writes it)")]
     Json {
         /// serde's message (with line and column).
         source: serde_json::Error,
@@ -150,7 +235,14 @@ impl InstanceFile {
             instance_id: instance_id.into(),
             role: role.into(),
             env,
+            net: None,
         }
+    }
+
+    /// The same file with a network interface.
+    pub fn with_net(mut self, net: Option<InstanceNet>) -> Self {
+        self.net = net;
+        self
     }
 
     /// The bytes to write: compact JSON with the fields in declaration order,
@@ -168,7 +260,7 @@ impl InstanceFile {
     }
 
     /// Reads a file's `bytes`, strictly: at most [`MAX_INSTANCE_FILE_BYTES`],
-    /// UTF-8, JSON with exactly the four fields (`env` may be left out), then
+    /// UTF-8, JSON with the known fields only (`env` and `net` may be left out), then
     /// [`InstanceFile::check`].
     pub fn decode(bytes: &[u8]) -> Result<Self, InstanceFileError> {
         if bytes.len() > MAX_INSTANCE_FILE_BYTES {
@@ -223,7 +315,11 @@ impl InstanceFile {
                 format!("1 to {MAX_ROLE_NAME} printable ASCII bytes"),
             ));
         }
-        check_env(&self.env).map_err(|p| invalid(p.field, p.why))
+        check_env(&self.env).map_err(|p| invalid(p.field, p.why))?;
+        match &self.net {
+            Some(n) => n.check(),
+            None => Ok(()),
+        }
     }
 }
 
@@ -451,6 +547,108 @@ mod tests {
         assert_eq!(check_env(&env(&[("A_1", "x"), ("_b", "")])), Ok(()));
         let p = check_env(&env(&[("OK", "x"), ("9", "x")])).expect_err("digit first");
         assert_eq!(p.field, "env.9");
+    }
+
+    fn net() -> InstanceNet {
+        InstanceNet {
+            address: Ipv4Addr::new(10, 200, 0, 2),
+            prefix_len: 30,
+            gateway: Ipv4Addr::new(10, 200, 0, 1),
+            mtu: 1500,
+        }
+    }
+
+    #[test]
+    fn the_network_round_trips_and_is_left_out_when_absent() {
+        let f = InstanceFile::new("a", "r", BTreeMap::new()).with_net(Some(net()));
+        let b = f.encode().expect("encode");
+        assert_eq!(
+            String::from_utf8(b.clone()).expect("utf-8"),
+            "{\"version\":1,\"instance_id\":\"a\",\"role\":\"r\",\"env\":{},\"net\":{\"address\":\"10.200.0.2\",\"prefix_len\":30,\"gateway\":\"10.200.0.1\",\"mtu\":1500}}\n"
+        );
+        assert_eq!(InstanceFile::decode(&b).expect("decode"), f);
+        // Without a network the bytes are the ones before `net` existed.
+        let plain = InstanceFile::new("a", "r", BTreeMap::new());
+        assert!(!String::from_utf8(plain.encode().expect("encode"))
+            .expect("utf-8")
+            .contains("net"));
+    }
+
+    #[test]
+    fn every_network_refusal_names_its_field() {
+        let with = |n: &str| format!(r#"{{"version":1,"instance_id":"a","role":"r","net":{n}}}"#);
+        let cases = [
+            (
+                r#"{"address":"10.0.0.2","prefix_len":31,"gateway":"10.0.0.1","mtu":1500}"#,
+                "net.prefix_len",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":7,"gateway":"10.0.0.1","mtu":1500}"#,
+                "net.prefix_len",
+            ),
+            (
+                r#"{"address":"10.0.0.0","prefix_len":30,"gateway":"10.0.0.1","mtu":1500}"#,
+                "net.address",
+            ),
+            (
+                r#"{"address":"10.0.0.3","prefix_len":30,"gateway":"10.0.0.1","mtu":1500}"#,
+                "net.address",
+            ),
+            (
+                r#"{"address":"224.0.0.2","prefix_len":30,"gateway":"224.0.0.1","mtu":1500}"#,
+                "net.address",
+            ),
+            (
+                r#"{"address":"127.0.0.2","prefix_len":30,"gateway":"127.0.0.1","mtu":1500}"#,
+                "net.address",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.2","mtu":1500}"#,
+                "net.gateway",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.5","mtu":1500}"#,
+                "net.gateway",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.1","mtu":67}"#,
+                "net.mtu",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.1","mtu":65536}"#,
+                "invalid value",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.1"}"#,
+                "missing field `mtu`",
+            ),
+            (
+                r#"{"address":"10.0.0.2","prefix_len":30,"gateway":"10.0.0.1","mtu":1500,"dns":1}"#,
+                "unknown field `dns`",
+            ),
+            (
+                r#"{"address":"010.0.0.2","prefix_len":30,"gateway":"10.0.0.1","mtu":1500}"#,
+                "invalid IPv4 address",
+            ),
+            (
+                r#"{"address":"10.0.0.2/30","prefix_len":30,"gateway":"10.0.0.1","mtu":1500}"#,
+                "invalid IPv4 address",
+            ),
+            (
+                r#"{"address":[10,0,0,2],"prefix_len":30,"gateway":"10.0.0.1","mtu":1500}"#,
+                "invalid type",
+            ),
+            ("null", "invalid type"),
+        ];
+        for (n, want) in cases {
+            let text = with(n);
+            let e = dec(&text).expect_err(&text).to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        // The bounds themselves.
+        let edge =
+            with(r#"{"address":"10.0.0.254","prefix_len":8,"gateway":"10.255.255.254","mtu":68}"#);
+        assert!(dec(&edge).is_ok(), "{edge}");
     }
 
     #[test]

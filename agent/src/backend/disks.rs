@@ -41,11 +41,14 @@ pub struct DiskRequest {
     pub role_package: PathBuf,
     /// Resource disk size, bytes.
     pub resource_disk_bytes: u64,
+    /// The guest's network (written to [`INSTANCE_FILE`]), when it has one.
+    pub net: Option<guest_proto::instance_file::InstanceNet>,
 }
 
 /// The instance file's bytes for `req` (bounded by the contract's limit).
 pub fn instance_file_bytes(req: &DiskRequest) -> Result<Vec<u8>, DiskPrepError> {
     InstanceFile::new(req.instance_id.clone(), req.role.clone(), req.env.clone())
+        .with_net(req.net)
         .encode()
         .map_err(|e| match e {
             guest_proto::instance_file::InstanceFileError::TooLarge { len } => {

@@ -52,6 +52,8 @@ struct LauncherState {
     next_pid: i32,
     vms: BTreeMap<i32, FakeVm>,
     launches: Vec<String>,
+    /// Each launch's virtio-net devices, by instance (the last launch's).
+    nets: BTreeMap<String, Vec<vmm_api::NetConfig>>,
     fail_launches: u32,
     ignore_graceful: bool,
     launch_delay: Duration,
@@ -86,6 +88,15 @@ impl FakeLauncher {
     /// A launcher with no VMs.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The virtio-net devices `instance`'s last launch was given.
+    pub fn nets(&self, instance: &str) -> Vec<vmm_api::NetConfig> {
+        lock(&self.st)
+            .nets
+            .get(instance)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// How many times a VMM was launched for `instance`.
@@ -188,6 +199,8 @@ impl FakeLauncher {
     fn launch_now(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
         let mut st = lock(&self.st);
         st.launches.push(spec.instance_id.clone());
+        st.nets
+            .insert(spec.instance_id.clone(), spec.net.iter().cloned().collect());
         if st.fail_launches > 0 {
             st.fail_launches -= 1;
             return Err(VmmError::Spawn {
@@ -721,5 +734,74 @@ impl GuestChannel for FakeGuests {
             }
         });
         Ok(GuestLink::new(ev_rx, cmd_tx, Some(task), None))
+    }
+}
+
+#[derive(Debug, Default)]
+struct NetState {
+    taps: BTreeMap<String, super::net::TapSpec>,
+    rules: Option<super::net::NetRules>,
+    applied: usize,
+    fail_taps: bool,
+}
+
+/// A fake [`super::net::NetworkBackend`]: TAPs are entries in a table, the
+/// rules are kept as last applied.
+#[derive(Debug, Clone, Default)]
+pub struct FakeNet {
+    st: Arc<Mutex<NetState>>,
+}
+
+impl FakeNet {
+    /// A network with no TAP.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The TAPs that exist, by name.
+    pub fn taps(&self) -> BTreeMap<String, super::net::TapSpec> {
+        lock(&self.st).taps.clone()
+    }
+
+    /// The rules last applied.
+    pub fn rules(&self) -> Option<super::net::NetRules> {
+        lock(&self.st).rules.clone()
+    }
+
+    /// How many times rules were applied.
+    pub fn applied(&self) -> usize {
+        lock(&self.st).applied
+    }
+
+    /// Makes every TAP creation fail (or work again).
+    pub fn fail_taps(&self, yes: bool) {
+        lock(&self.st).fail_taps = yes;
+    }
+}
+
+#[async_trait]
+impl super::net::NetworkBackend for FakeNet {
+    async fn ensure_tap(&self, tap: &super::net::TapSpec) -> Result<(), super::net::NetError> {
+        let mut st = lock(&self.st);
+        if st.fail_taps {
+            return Err(super::net::NetError::Tap {
+                name: tap.name.clone(),
+                why: "fake TAP failure".into(),
+            });
+        }
+        st.taps.insert(tap.name.clone(), tap.clone());
+        Ok(())
+    }
+
+    async fn remove_tap(&self, name: &str) -> Result<(), super::net::NetError> {
+        lock(&self.st).taps.remove(name);
+        Ok(())
+    }
+
+    async fn apply_rules(&self, rules: &super::net::NetRules) -> Result<(), super::net::NetError> {
+        let mut st = lock(&self.st);
+        st.rules = Some(rules.clone());
+        st.applied += 1;
+        Ok(())
     }
 }

@@ -6,6 +6,7 @@
 //! | [`VmmLauncher`] / [`VmmHandle`] (`vmm.rs`) | [`process::ProcessLauncher`]: `reddog-vmm` processes, with [`control::ControlConn`] on each control socket | `FakeLauncher` |
 //! | [`DiskPreparer`] (`disks.rs`) | [`vhd_disks::VhdDiskPreparer`]: the `vhd` crate | `FakeDisks` |
 //! | [`GuestChannel`] (`guest.rs`) | [`vsock_guest::VsockGuestChannel`]: `guest-proto` over hybrid vsock | `FakeGuests` |
+//! | [`NetworkBackend`] (`net.rs`) | [`host_net::HostNetwork`]: TAPs (tun ioctl, `rtnetlink`), the agent's nftables table (`nft -j`) | `FakeNet` |
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub mod disks;
 #[cfg(any(test, feature = "fake"))]
 pub mod fake;
 pub mod guest;
+pub mod host_net;
+pub mod net;
 pub mod process;
 pub mod vhd_disks;
 pub mod vmm;
@@ -21,9 +24,10 @@ pub mod vsock_guest;
 
 pub use disks::DiskPreparer;
 pub use guest::GuestChannel;
+pub use net::NetworkBackend;
 pub use vmm::{VmmHandle, VmmLauncher};
 
-/// The three seams the agent drives.
+/// The four seams the agent drives.
 #[derive(Clone)]
 pub struct Backends {
     /// Starts VMMs.
@@ -32,4 +36,7 @@ pub struct Backends {
     pub disks: Arc<dyn DiskPreparer>,
     /// Talks to guest agents.
     pub guests: Arc<dyn GuestChannel>,
+    /// Makes TAPs and the agent's firewall rules (used only when the node
+    /// has an instance subnet).
+    pub net: Arc<dyn NetworkBackend>,
 }

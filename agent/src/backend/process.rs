@@ -90,6 +90,7 @@ impl ProcessLauncher {
         c.serial = SerialOutput::File(spec.serial_path.clone());
         c.disks = spec.disks.clone();
         c.vsock = Some(spec.vsock.clone());
+        c.net = spec.net.iter().cloned().collect();
         c
     }
 }
@@ -795,6 +796,7 @@ mod tests {
             },
             guest_port: 1024,
             serial_path: dir.join("serial.log"),
+            net: None,
         }
     }
 

@@ -247,6 +247,7 @@ mod tests {
             base_format: DiskFormat::Raw,
             role_package: role,
             resource_disk_bytes: 16 << 20,
+            net: None,
         };
         Setup { dir, base, req }
     }

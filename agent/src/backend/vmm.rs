@@ -30,6 +30,9 @@ pub struct LaunchSpec {
     pub guest_port: u32,
     /// Where the serial console goes.
     pub serial_path: PathBuf,
+    /// The instance's virtio-net device (its TAP, made by the agent), when
+    /// the node gives instances a network.
+    pub net: Option<vmm_api::NetConfig>,
 }
 
 /// What the agent stores to find a VMM again after its own restart.

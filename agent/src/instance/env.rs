@@ -31,6 +31,8 @@ pub struct InstanceEnv {
     pub ended: mpsc::UnboundedSender<String>,
     /// Where role packages must lie (checked again before each role disk).
     pub role_roots: crate::paths::Roots,
+    /// The instance network, when the node has an instance subnet.
+    pub net: Option<std::sync::Arc<crate::network::InstanceNetwork>>,
 }
 
 impl std::fmt::Debug for InstanceEnv {

@@ -142,6 +142,9 @@ pub struct InstanceStatus {
     pub last_exit: Option<VmmExit>,
     /// The last error (failed preparation, crash loop, launch error).
     pub last_error: Option<String>,
+    /// The instance's network (address, gateway, TAP, MAC, MTU), when the
+    /// node has an instance subnet and the instance holds an address.
+    pub net: Option<crate::network::InstanceNet>,
     /// Transitions, oldest first (empty in lists).
     pub history: Vec<Transition>,
 }
@@ -282,6 +285,7 @@ pub(crate) fn new_shared(spec: &InstanceSpec, history: Vec<Transition>) -> Share
             boot_time_us: None,
             last_exit: None,
             last_error: None,
+            net: None,
             history: Vec::new(),
         },
         lifecycle,

@@ -50,6 +50,10 @@ pub struct InstanceRecord {
     /// The last error shown for the instance (cleared when it is ready).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// The instance's network (its slot of the instance subnet), kept
+    /// across agent restarts; none when the node has no instance subnet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub net: Option<crate::network::InstanceNet>,
     /// When the record was written (ms since the Unix epoch; 0 in records
     /// from before this field).
     #[serde(default)]

@@ -64,6 +64,8 @@ pub(crate) struct Runner {
     launching: bool,
     /// A guest agent is connected (said hello, not disconnected since).
     pub(super) guest_connected: bool,
+    /// The instance's network, while it holds an address (persisted).
+    net: Option<crate::network::InstanceNet>,
 }
 
 impl Runner {
@@ -81,6 +83,7 @@ impl Runner {
             interval_grace: None,
             launching: false,
             guest_connected: false,
+            net: None,
             id: spec.id.clone(),
             env,
             shared,
@@ -208,6 +211,7 @@ impl Runner {
                 .map(|t| now.saturating_sub(t))
                 .collect(),
             last_error,
+            net: self.net.clone(),
             written_unix_ms: now_unix_ms(),
         };
         if let Err(e) = rec.write(&self.dir()) {
@@ -247,6 +251,8 @@ impl Runner {
             }
             self.restarts = rec.restarts;
             self.spec = rec.spec;
+            // Reserved for it by the agent before this task started.
+            self.net = rec.net.filter(|_| self.env.net.is_some());
             // The crash-loop history goes on where the last agent left it.
             let now = self.clock_ms();
             let since_written = now_unix_ms().saturating_sub(rec.written_unix_ms);
@@ -266,6 +272,7 @@ impl Runner {
                 s.spec = self.spec.clone();
                 s.recent_failures = recent;
                 s.last_error = rec.last_error.clone();
+                s.net = self.net.clone();
             });
             if rec.state == InstanceState::Failed && rec.vmm.is_none() {
                 resumed_failed = Some(rec.last_error.clone().unwrap_or_else(|| "failed".into()));
@@ -291,6 +298,12 @@ impl Runner {
                 let ls = self.launch_spec();
                 match self.env.backends.launcher.adopt(&ls, &vr).await {
                     Ok(h) => {
+                        if let (Some(net), Some(n)) = (&self.env.net, &self.net) {
+                            // Its VMM holds the TAP open: kept and checked.
+                            if let Err(e) = net.attach(n).await {
+                                tracing::warn!(instance = %self.id, "the adopted instance's network: {e}");
+                            }
+                        }
                         self.vmm = Some(vr.clone());
                         self.update(|s| s.vmm_pid = Some(vr.pid));
                         self.go(
@@ -323,6 +336,7 @@ impl Runner {
                     if self.state() != InstanceState::Stopped {
                         self.go(InstanceState::Stopped, "removed from the goal state");
                     }
+                    self.release_net().await;
                     if self.remove_and_end() {
                         return;
                     }
@@ -368,6 +382,9 @@ impl Runner {
                     }
                 }
             }
+            if !self.ensure_net(adopted.is_some()).await {
+                continue;
+            }
             if adopted.is_none() && self.disks.is_none() && !self.prepare().await {
                 self.wait_change().await;
                 if matches!(self.current_desired_peek(), Desired::Run(_)) {
@@ -403,6 +420,76 @@ impl Runner {
 
     pub(super) fn current_desired_peek(&self) -> Desired {
         self.desired.borrow().clone()
+    }
+
+    /// Gives the instance an address when the node has an instance subnet
+    /// and it holds none yet (recorded at once). When the subnet is full
+    /// (instances being removed still hold theirs), waits for an address to
+    /// be freed or the goal to change, and returns `false` (the caller goes
+    /// round its loop again). An instance from before the network existed
+    /// gets its role disk remade, so its guest learns the address.
+    async fn ensure_net(&mut self, adopted: bool) -> bool {
+        let Some(net) = self.env.net.clone() else {
+            return true;
+        };
+        if self.net.is_some() {
+            return true;
+        }
+        let freed = net.freed();
+        tokio::pin!(freed);
+        freed.as_mut().enable();
+        match net.allocate(&self.id) {
+            Ok(n) => {
+                tracing::info!(instance = %self.id, address = %n.address, tap = %n.tap, "allocated the instance's address");
+                self.update(|s| s.net = Some(n.clone()));
+                self.net = Some(n);
+                if !adopted {
+                    if let Some(d) = self.disks.take() {
+                        self.keep = Some((
+                            d,
+                            DiskSet {
+                                role: true,
+                                ..DiskSet::NONE
+                            },
+                        ));
+                    }
+                }
+                self.persist();
+                true
+            }
+            Err(e) => {
+                let why = e.to_string();
+                tracing::warn!(instance = %self.id, "{why}");
+                self.update(|s| s.last_error = Some(why));
+                self.persist();
+                tokio::select! {
+                    _ = freed => {}
+                    _ = self.wait_change() => {}
+                }
+                false
+            }
+        }
+    }
+
+    /// Makes the instance's TAP and rules before a VMM starts.
+    async fn attach_net(&self) -> Result<(), String> {
+        let (Some(net), Some(n)) = (&self.env.net, &self.net) else {
+            return Ok(());
+        };
+        net.attach(n)
+            .await
+            .map_err(|e| format!("cannot make the instance's network: {e}"))
+    }
+
+    /// Removes the TAP, frees the address and drops its rules.
+    async fn release_net(&mut self) {
+        if let (Some(net), Some(n)) = (self.env.net.clone(), self.net.take()) {
+            if let Err(e) = net.release(&self.id, &n).await {
+                tracing::error!(instance = %self.id, "releasing the instance's network: {e}");
+            }
+            self.update(|s| s.net = None);
+            self.persist();
+        }
     }
 
     fn remove_disks(&mut self) {
@@ -496,6 +583,7 @@ impl Runner {
                                 base_format: img.format,
                                 role_package,
                                 resource_disk_bytes: self.spec.resource_disk_mib << 20,
+                                net: self.net.as_ref().map(|n| n.for_guest()),
                             };
                             match &self.keep {
                                 Some((d, which)) => {
@@ -558,6 +646,7 @@ impl Runner {
             },
             guest_port: ep.port,
             serial_path: self.dir().join("serial.log"),
+            net: self.net.as_ref().map(|n| n.vmm_config()),
         }
     }
 
@@ -597,20 +686,23 @@ impl Runner {
                         None => {
                             Err("cannot listen for the guest agent; see the agent log".to_string())
                         }
-                        Some(link) => {
-                            // Recorded before the spawn: an agent killed
-                            // between the spawn and the VMM's record looks
-                            // for the VMM after its restart.
-                            self.launching = true;
-                            self.persist();
-                            let launched =
-                                self.env.backends.launcher.launch(&self.launch_spec()).await;
-                            self.launching = false;
-                            match launched {
-                                Ok(h) => Ok((h, Some(link))),
-                                Err(e) => Err(e.to_string()),
+                        Some(link) => match self.attach_net().await {
+                            Err(e) => Err(e),
+                            Ok(()) => {
+                                // Recorded before the spawn: an agent killed
+                                // between the spawn and the VMM's record looks
+                                // for the VMM after its restart.
+                                self.launching = true;
+                                self.persist();
+                                let launched =
+                                    self.env.backends.launcher.launch(&self.launch_spec()).await;
+                                self.launching = false;
+                                match launched {
+                                    Ok(h) => Ok((h, Some(link))),
+                                    Err(e) => Err(e.to_string()),
+                                }
                             }
-                        }
+                        },
                     }
                 }
             };

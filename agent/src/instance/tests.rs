@@ -53,11 +53,13 @@ fn rig(health: impl FnOnce(&mut HealthPolicy)) -> Rig {
             launcher: Arc::new(launcher.clone()),
             disks: Arc::new(FakeDisks::new()),
             guests: Arc::new(FakeGuests::new()),
+            net: Arc::new(crate::backend::fake::FakeNet::new()),
         },
         images,
         events,
         ended: ended_tx,
         role_roots: crate::paths::Roots::role(vec![dir.path().to_owned()]),
+        net: None,
     });
     let spec = InstanceSpec {
         id: "one".into(),

@@ -410,6 +410,7 @@ async fn agent_side(dir: &Path, o: &Opts) -> Result<(AgentSide, Vec<PathBuf>)> {
             launcher: Arc::new(launcher),
             disks: Arc::new(FakeDisks::new()),
             guests: Arc::new(VsockGuestChannel::new(GuestLimits::default())),
+            net: Arc::new(agent::backend::fake::FakeNet::new()),
         },
     )
     .await?;

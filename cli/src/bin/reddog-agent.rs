@@ -87,6 +87,13 @@ struct Args {
     /// Most instances.
     #[arg(long, default_value_t = agent::spec::DEFAULT_MAX_INSTANCES)]
     max_instances: usize,
+    /// The instances' IPv4 subnet, one /30 per instance (e.g. 10.200.0.0/16);
+    /// without it instances get no network interface.
+    #[arg(long)]
+    instance_subnet: Option<agent::network::Subnet>,
+    /// MTU of every instance's TAP and eth0.
+    #[arg(long, default_value_t = agent::network::DEFAULT_INSTANCE_MTU)]
+    instance_mtu: u16,
     /// Push node reports to this http:// URL.
     #[arg(long)]
     upstream_url: Option<String>,
@@ -218,6 +225,8 @@ async fn main() -> anyhow::Result<()> {
     node.fault_domain = args.fault_domain;
     node.update_domain = args.update_domain;
     node.max_instances = args.max_instances;
+    node.instance_subnet = args.instance_subnet;
+    node.instance_mtu = args.instance_mtu;
     let mut cfg = AgentConfig::new(&args.state_dir, node);
     cfg.guest_port = args.guest_port;
     cfg.health.boot_timeout = Duration::from_secs(args.boot_timeout_secs);
@@ -235,6 +244,7 @@ async fn main() -> anyhow::Result<()> {
             guests: Arc::new(FakeGuests::with_launcher(l.clone())),
             launcher: Arc::new(l),
             disks: Arc::new(FakeDisks::new()),
+            net: Arc::new(agent::backend::fake::FakeNet::new()),
         }
     } else {
         let kernel = args
@@ -251,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
             launcher: Arc::new(ProcessLauncher::new(pl)),
             disks: Arc::new(agent::backend::vhd_disks::VhdDiskPreparer),
             guests: Arc::new(agent::backend::vsock_guest::VsockGuestChannel::default()),
+            net: Arc::new(agent::backend::host_net::HostNetwork::default()),
         }
     };
     let agent = Agent::open(cfg, backends)

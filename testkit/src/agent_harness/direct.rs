@@ -140,6 +140,7 @@ impl DirectSetup {
                 base_format: vmm_api::DiskFormat::Raw,
                 role_package: role.to_path_buf(),
                 resource_disk_bytes: 16 << 20,
+                net: None,
             })
             .await
             .map_err(HarnessError::agent("making the direct VM's disks"))?;
@@ -156,6 +157,7 @@ impl DirectSetup {
             },
             guest_port: DEFAULT_GUEST_PORT,
             serial_path: vdir.join("serial.log"),
+            net: None,
         };
         let cfg = ProcessLauncher::new(launcher.clone()).vm_config(&spec);
         cfg.validate()

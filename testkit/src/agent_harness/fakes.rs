@@ -53,6 +53,7 @@ pub fn backends(l: &FakeLauncher, d: &FakeDisks, g: &FakeGuests) -> Backends {
         launcher: Arc::new(l.clone()),
         disks: Arc::new(d.clone()),
         guests: Arc::new(g.clone()),
+        net: Arc::new(agent::backend::fake::FakeNet::new()),
     }
 }
 

@@ -278,6 +278,7 @@ impl KvmAgent {
                 log: seams.clone(),
             }),
             guests: Arc::new(VsockGuestChannel::new(GuestLimits::default())),
+            net: Arc::new(agent::backend::host_net::HostNetwork::default()),
         };
         let agent = Agent::open(cfg, backends)
             .await
