@@ -22,6 +22,7 @@ pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod logging;
 pub mod vstate;
 
 pub use builder::{build_and_boot, BuildError};
