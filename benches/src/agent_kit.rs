@@ -343,6 +343,7 @@ impl KvmAgent {
             resource_disk_mib: 16,
             env: Default::default(),
             heartbeat_interval_ms,
+            disk_rate_limit: None,
         }
     }
 

@@ -212,6 +212,7 @@ impl Harness {
             resource_disk_mib: 16,
             env: Default::default(),
             heartbeat_interval_ms: 200,
+            disk_rate_limit: None,
         }
     }
 

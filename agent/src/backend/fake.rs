@@ -52,6 +52,7 @@ struct LauncherState {
     next_pid: i32,
     vms: BTreeMap<i32, FakeVm>,
     launches: Vec<String>,
+    last_spec: BTreeMap<String, LaunchSpec>,
     fail_launches: u32,
     ignore_graceful: bool,
     launch_delay: Duration,
@@ -95,6 +96,11 @@ impl FakeLauncher {
             .iter()
             .filter(|i| *i == instance)
             .count()
+    }
+
+    /// The spec of `instance`'s last launch.
+    pub fn last_spec(&self, instance: &str) -> Option<LaunchSpec> {
+        lock(&self.st).last_spec.get(instance).cloned()
     }
 
     /// The pid of `instance`'s running VMM.
@@ -188,6 +194,7 @@ impl FakeLauncher {
     fn launch_now(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
         let mut st = lock(&self.st);
         st.launches.push(spec.instance_id.clone());
+        st.last_spec.insert(spec.instance_id.clone(), spec.clone());
         if st.fail_launches > 0 {
             st.fail_launches -= 1;
             return Err(VmmError::Spawn {

@@ -92,6 +92,7 @@ impl H {
             resource_disk_mib: 100,
             env: [("MODE".to_string(), "test".to_string())].into(),
             heartbeat_interval_ms: 1000,
+            disk_rate_limit: None,
         }
     }
 

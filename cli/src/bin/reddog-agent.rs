@@ -52,6 +52,13 @@ struct Args {
     /// Most instances.
     #[arg(long, default_value_t = agent::spec::DEFAULT_MAX_INSTANCES)]
     max_instances: usize,
+    /// Default disk rate limit, bytes per second per disk, for instances whose
+    /// spec sets no disk_rate_limit (a burst of one second's worth).
+    #[arg(long)]
+    disk_rate_bytes: Option<u64>,
+    /// Default disk rate limit, requests per second per disk (as above).
+    #[arg(long)]
+    disk_rate_ops: Option<u64>,
     /// Push node reports to this http:// URL.
     #[arg(long)]
     upstream_url: Option<String>,
@@ -180,6 +187,20 @@ async fn main() -> anyhow::Result<()> {
     node.fault_domain = args.fault_domain;
     node.update_domain = args.update_domain;
     node.max_instances = args.max_instances;
+    let bucket = |per_second| vmm_api::TokenBucket {
+        per_second,
+        burst: None,
+    };
+    let limit = vmm_api::RateLimit {
+        bytes: args.disk_rate_bytes.map(bucket),
+        ops: args.disk_rate_ops.map(bucket),
+    };
+    if limit != vmm_api::RateLimit::default() {
+        limit
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--disk-rate-bytes / --disk-rate-ops: {e}"))?;
+        node.default_disk_rate_limit = Some(limit);
+    }
     let mut cfg = AgentConfig::new(&args.state_dir, node);
     cfg.guest_port = args.guest_port;
     cfg.health.boot_timeout = Duration::from_secs(args.boot_timeout_secs);
