@@ -177,6 +177,22 @@ impl ImageCache {
         out.into_values().collect()
     }
 
+    /// The guest-visible size of cached image `sha256` (what an overlay on it
+    /// can grow to): a raw image's length, a qcow2 or VHD image's virtual size
+    /// from its header (the file size when the header cannot be read). None
+    /// when the image is not cached.
+    pub fn virtual_size(&self, sha256: &str) -> Option<u64> {
+        let info = self.get(sha256)?;
+        if info.format == DiskFormat::Raw {
+            return Some(info.size);
+        }
+        let format = crate::backend::vhd_disks::to_vhd(info.format);
+        Some(
+            vhd::open(self.path_of(sha256), format, vhd::OpenOptions::read_only())
+                .map_or(info.size, |d| d.size()),
+        )
+    }
+
     /// Bytes used by cached images.
     pub fn total_bytes(&self) -> u64 {
         self.list().iter().map(|i| i.size).sum()

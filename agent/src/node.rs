@@ -255,6 +255,7 @@ impl Agent {
             ended: ended_tx,
             role_roots: crate::paths::Roots::role(cfg.role_roots.clone()),
             net,
+            default_disk_rate_limit: cfg.node.default_disk_rate_limit,
         });
         let instances: Registry = Arc::new(Mutex::new(BTreeMap::new()));
         let reaper = tokio::spawn(reap(instances.clone(), ended_rx));
@@ -378,6 +379,7 @@ impl Agent {
                 }
             })?;
         }
+        self.check_disk_with_overlays(&goal)?;
         write_json_atomic(&self.ctx.cfg.state_dir.join("goal.json"), &goal)
             .map_err(GoalError::Persist)?;
         *lock(&self.ctx.goal) = Some(goal.clone());
@@ -604,6 +606,35 @@ impl Agent {
         lock(&self.ctx.instances)
             .get(id)
             .and_then(|h| h.status(true))
+    }
+
+    /// The node's disk must hold every instance's resource disk and its OS
+    /// overlay, which can grow to the base image's virtual size (a guest
+    /// filling its OS disk must not run the node out of space).
+    fn check_disk_with_overlays(&self, goal: &GoalState) -> Result<(), GoalError> {
+        let mut os_mib: BTreeMap<String, u64> = BTreeMap::new();
+        let mut want = 0u64;
+        for s in &goal.instances {
+            let sha = s.image_sha256();
+            let mib = *os_mib.entry(sha).or_insert_with_key(|sha| {
+                self.ctx
+                    .env
+                    .images
+                    .virtual_size(sha)
+                    .unwrap_or(0)
+                    .div_ceil(1 << 20)
+            });
+            want = want.saturating_add(s.resource_disk_mib).saturating_add(mib);
+        }
+        let have = self.ctx.cfg.node.capacity.disk_mib;
+        if want > have {
+            return Err(GoalError::OverCapacity {
+                what: "MiB of disk (resource disks plus OS overlays at their base image's virtual size)",
+                want,
+                have,
+            });
+        }
+        Ok(())
     }
 
     /// The node report.

@@ -64,6 +64,11 @@ pub struct InstanceSpec {
     /// How often the guest sends heartbeats, ms (100 to 60000).
     #[serde(default = "default_heartbeat_interval_ms")]
     pub heartbeat_interval_ms: u32,
+    /// Token buckets each of the instance's disks gets (every disk its own:
+    /// bytes and requests per second). Left out: the node's
+    /// [`NodeConfig::default_disk_rate_limit`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disk_rate_limit: Option<vmm_api::RateLimit>,
 }
 
 fn default_resource_disk_mib() -> u64 {
@@ -106,6 +111,8 @@ pub struct NodeConfig {
     /// The MTU of every instance's TAP and `eth0` (68 to 9000).
     #[serde(default = "default_instance_mtu")]
     pub instance_mtu: u16,
+    /// Disk rate limit of instances whose spec sets none (None: unlimited).
+    pub default_disk_rate_limit: Option<vmm_api::RateLimit>,
 }
 
 fn default_instance_mtu() -> u16 {
@@ -124,6 +131,7 @@ impl NodeConfig {
             max_instances: DEFAULT_MAX_INSTANCES,
             instance_subnet: None,
             instance_mtu: crate::network::DEFAULT_INSTANCE_MTU,
+            default_disk_rate_limit: None,
         }
     }
 }
@@ -337,6 +345,10 @@ impl InstanceSpec {
                 format!("environment is {total} bytes; at most {MAX_ENV_TOTAL}"),
             ));
         }
+        if let Some(r) = &self.disk_rate_limit {
+            r.validate()
+                .map_err(|why| invalid(id, format!("disk_rate_limit: {why}")))?;
+        }
         Ok(())
     }
 
@@ -416,6 +428,7 @@ pub(crate) mod tests {
             resource_disk_mib: 64,
             env: BTreeMap::new(),
             heartbeat_interval_ms: 1000,
+            disk_rate_limit: None,
         }
     }
 
@@ -482,6 +495,32 @@ pub(crate) mod tests {
             assert!(err.contains(want), "{want}: {err}");
         }
         spec("a").validate().expect("valid");
+    }
+
+    #[test]
+    fn disk_rate_limits_are_checked_and_optional_in_json() {
+        let mut s = spec("a");
+        s.disk_rate_limit = Some(vmm_api::RateLimit {
+            bytes: Some(vmm_api::TokenBucket {
+                per_second: 0,
+                burst: None,
+            }),
+            ops: None,
+        });
+        let e = s.validate().expect_err("a zero rate");
+        assert!(e.to_string().contains("disk_rate_limit: bytes"), "{e}");
+        // Left out of the JSON (and not written back when unset).
+        let j = serde_json::to_string(&spec("a")).expect("json");
+        assert!(!j.contains("disk_rate_limit"), "{j}");
+        let mut v: serde_json::Value = serde_json::from_str(&j).expect("value");
+        v["disk_rate_limit"] = serde_json::json!({"ops": {"per_second": 100}});
+        let back: InstanceSpec = serde_json::from_value(v).expect("with a limit");
+        assert_eq!(
+            back.disk_rate_limit
+                .and_then(|r| r.ops)
+                .map(|o| o.per_second),
+            Some(100)
+        );
     }
 
     /// docs/openapi.yaml says int64: one above is refused, the largest taken.

@@ -384,6 +384,7 @@ async fn linked() -> (
         resource_disk_mib: 1,
         env: Default::default(),
         heartbeat_interval_ms: 500,
+        disk_rate_limit: None,
     };
     a.create_instance(spec.clone()).await.expect("create");
     a.wait_for("a", Duration::from_secs(60), |s| {
@@ -1141,4 +1142,47 @@ async fn removing_a_re_adopted_vmm_lets_its_guest_shut_down_at_once() {
     a2.wait_for("a", Duration::from_secs(30), |s| s.is_none())
         .await;
     assert!(a2.instance("a").is_none(), "not removed");
+}
+
+/// The node's disk counts each instance's OS overlay at its base image's
+/// virtual size, not only the resource disk: a qcow2 base of 600 MiB virtual
+/// (a few KiB of file) makes two instances with 100 MiB resource disks need
+/// 1400 MiB. Without the overlay count the goal (200 MiB of resource disks)
+/// would fit the 1000 MiB node.
+#[tokio::test]
+async fn os_overlays_count_against_the_node_disk() {
+    let h = harness_with(|c| c.node.capacity.disk_mib = 1000).await;
+    let base = h.dir.path().join("base.qcow2");
+    vhd::create(
+        &base,
+        vhd::Format::Qcow2,
+        &vhd::CreateOptions::new(600 << 20),
+    )
+    .expect("qcow2");
+    let info = h
+        .agent
+        .image_cache()
+        .import_file(&base, vmm_api::DiskFormat::Qcow2, None)
+        .expect("import");
+    assert!(info.size < 1 << 20, "the file is small: {}", info.size);
+    let spec = |id: &str| agent::InstanceSpec {
+        base_image: info.reference(),
+        ..h.spec(id)
+    };
+    let two = agent::GoalState {
+        incarnation: 1,
+        instances: vec![spec("a"), spec("b")],
+    };
+    let e = h
+        .agent
+        .apply_goal(two)
+        .await
+        .expect_err("over the node's disk");
+    let msg = e.to_string();
+    assert!(msg.contains("OS overlays") && msg.contains("1400"), "{msg}");
+    let one = agent::GoalState {
+        incarnation: 2,
+        instances: vec![spec("a")],
+    };
+    h.agent.apply_goal(one).await.expect("700 MiB fits");
 }

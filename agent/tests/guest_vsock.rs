@@ -593,3 +593,33 @@ async fn a_paused_vm_does_not_time_out_its_guest() {
     assert!(t.link.events.try_recv().is_err(), "closed too early");
     expect_misbehaving(&mut t, "no Hello").await;
 }
+
+/// A guest reconnecting in a loop (each connection garbage) is served with a
+/// growing backoff: about five connections in two seconds (100, 200, 400,
+/// 800 ms apart) instead of one per round trip (hundreds without it).
+#[tokio::test]
+async fn a_guest_reconnecting_in_a_loop_is_quarantined() {
+    let mut t = open(GuestLimits::default()).await;
+    let path = t.ep.listen_path();
+    let flood = tokio::spawn(async move {
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&path).await {
+                let _ = s.write_all(b"garbage!").await;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let mut closed = 0;
+    let end = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(ev)) = tokio::time::timeout_at(end, t.link.events.recv()).await {
+        if let GuestEvent::Disconnected { misbehaving, .. } = ev {
+            assert!(misbehaving);
+            closed += 1;
+        }
+    }
+    flood.abort();
+    assert!(
+        (2..=8).contains(&closed),
+        "{closed} connections served in 2 s"
+    );
+}

@@ -83,6 +83,10 @@
 #define VIRTIO_MMIO_CONFIG 0x100
 #define VIRTIO_MAGIC_VALUE 0x74726976u /* "virt" */
 #define VIRTIO_ID_VSOCK 19
+#define VIRTIO_ID_BLOCK 2
+#define VRING_DESC_F_NEXT 1
+#define BLK_T_IN 0
+#define BLK_MAX_KIB (QSIZE * RX_BUF_SIZE / 1024) /* the data buffer is the rx buffers */
 #define STATUS_ACKNOWLEDGE 1
 #define STATUS_DRIVER 2
 #define STATUS_DRIVER_OK 4
@@ -344,6 +348,9 @@ int agent_parse_option(struct agent_options *o, const char *tok, u32 len)
 		o->crash_after = AGENT_DEFAULT_CRASH_AFTER;
 		o->have_boot_id = 0;
 		o->tsc_clock = 0;
+		o->blk_base = 0;
+		o->blk_reads = AGENT_DEFAULT_BLK_READS;
+		o->blk_kib = AGENT_DEFAULT_BLK_KIB;
 	}
 	u64 v = 0;
 	const char *bad = 0;
@@ -353,6 +360,22 @@ int agent_parse_option(struct agent_options *o, const char *tok, u32 len)
 			o->vsock_base = v;
 		else
 			bad = "vsock";
+	} else if (has_prefix(tok, len, "blk=", 4)) {
+		o->enabled = 1;
+		if (parse_num(tok + 4, len - 4, 0xffffffffull, &v) && v % 4096 == 0 && phys_ok(v, 4096))
+			o->blk_base = v;
+		else
+			bad = "blk";
+	} else if (has_prefix(tok, len, "blk_reads=", 10)) {
+		if (parse_num(tok + 10, len - 10, 1000000, &v) && v != 0)
+			o->blk_reads = (u32)v;
+		else
+			bad = "blk_reads";
+	} else if (has_prefix(tok, len, "blk_kib=", 8)) {
+		if (parse_num(tok + 8, len - 8, BLK_MAX_KIB, &v) && v != 0)
+			o->blk_kib = (u32)v;
+		else
+			bad = "blk_kib";
 	} else if (has_prefix(tok, len, "agent_port=", 11)) {
 		if (parse_num(tok + 11, len - 11, 0xfffffffeull, &v) && v != 0)
 			o->port = (u32)v;
@@ -1344,6 +1367,143 @@ static u64 step(struct agent *a, u64 now)
 	return next;
 }
 
+/* --- virtio-blk timing (`blk=`) ---------------------------------------------------------- */
+
+static void fail(const char *what);
+
+/*
+ * Sets up the virtio-blk device at a->base: VERSION_1 only, queue 0 with at
+ * most QSIZE entries. Returns the capacity in sectors through *sectors.
+ */
+static const char *blk_virtio_init(struct agent *a, u64 *sectors)
+{
+	if (mmio_rd(a, VIRTIO_MMIO_MAGIC) != VIRTIO_MAGIC_VALUE)
+		return "blk-magic";
+	if (mmio_rd(a, VIRTIO_MMIO_VERSION) != 2)
+		return "blk-version";
+	if (mmio_rd(a, VIRTIO_MMIO_DEVICE_ID) != VIRTIO_ID_BLOCK)
+		return "blk-device-id";
+	mmio_wr(a, VIRTIO_MMIO_STATUS, 0);
+	u32 status = STATUS_ACKNOWLEDGE | STATUS_DRIVER;
+	mmio_wr(a, VIRTIO_MMIO_STATUS, status);
+	mmio_wr(a, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+	if (!(mmio_rd(a, VIRTIO_MMIO_DEVICE_FEATURES) & 1))
+		return "blk-no-version-1";
+	mmio_wr(a, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+	mmio_wr(a, VIRTIO_MMIO_DRIVER_FEATURES, 0);
+	mmio_wr(a, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+	mmio_wr(a, VIRTIO_MMIO_DRIVER_FEATURES, 1);
+	status |= STATUS_FEATURES_OK;
+	mmio_wr(a, VIRTIO_MMIO_STATUS, status);
+	if (!(mmio_rd(a, VIRTIO_MMIO_STATUS) & STATUS_FEATURES_OK))
+		return "blk-features";
+	struct vq *q = &a->q[0];
+	volatile struct vring *r = &MEM->vrings[0];
+	mmio_wr(a, VIRTIO_MMIO_QUEUE_SEL, 0);
+	u32 max = mmio_rd(a, VIRTIO_MMIO_QUEUE_NUM_MAX);
+	if (max < 4)
+		return "blk-queue-missing";
+	u32 size = QSIZE;
+	while (size > max)
+		size >>= 1;
+	q->r = r;
+	q->size = (u16)size;
+	q->avail_idx = 0;
+	q->used_idx = 0;
+	r->avail.flags = 0;
+	r->avail.idx = 0;
+	r->used.flags = 0;
+	r->used.idx = 0;
+	mmio_wr(a, VIRTIO_MMIO_QUEUE_NUM, size);
+	mmio_addr(a, VIRTIO_MMIO_QUEUE_DESC_LOW, r->desc);
+	mmio_addr(a, VIRTIO_MMIO_QUEUE_AVAIL_LOW, &r->avail);
+	mmio_addr(a, VIRTIO_MMIO_QUEUE_USED_LOW, &r->used);
+	mmio_wr(a, VIRTIO_MMIO_QUEUE_READY, 1);
+	*sectors = (u64)mmio_rd(a, VIRTIO_MMIO_CONFIG + 4) << 32 | mmio_rd(a, VIRTIO_MMIO_CONFIG);
+	status |= STATUS_DRIVER_OK;
+	mmio_wr(a, VIRTIO_MMIO_STATUS, status);
+	return 0;
+}
+
+/*
+ * Reads o->blk_reads times o->blk_kib KiB (one request in flight, sectors
+ * walking through the disk), then prints
+ * `blk: reads=<n> kib=<k> ms=<elapsed>` (kvmclock or calibrated TSC).
+ */
+static void blk_main(struct agent *a, const struct agent_options *o)
+{
+	a->base = o->blk_base;
+	a->gsi = VMM_FIRST_GSI + (u32)((a->base - VMM_MMIO_BASE) / VMM_MMIO_WINDOW);
+	u64 sectors = 0;
+	const char *err = interrupts_init(a, o->tsc_clock);
+	if (!err)
+		err = blk_virtio_init(a, &sectors);
+	if (!err)
+		err = ioapic_init(a);
+	u64 per_req = (u64)o->blk_kib * 2;
+	if (!err && sectors < per_req)
+		err = "blk-too-small";
+	if (err) {
+		fail(err);
+		return;
+	}
+	/* Header and status in tx slot 0, data in the (contiguous) rx buffers. */
+	u8 *hdr = MEM->tx_bufs[0];
+	volatile u8 *status = MEM->tx_bufs[0] + 16;
+	volatile struct vq_desc *d = a->q[0].r->desc;
+	u64 slots = sectors / per_req;
+	u64 t0 = now_ms(a);
+	for (u32 i = 0; i < o->blk_reads; i++) {
+		le32(hdr, BLK_T_IN);
+		le32(hdr + 4, 0);
+		le64(hdr + 8, (i % slots) * per_req);
+		*status = 0xff;
+		d[0].addr = (u64)(uintptr_t)hdr;
+		d[0].len = 16;
+		d[0].flags = VRING_DESC_F_NEXT;
+		d[0].next = 1;
+		d[1].addr = (u64)(uintptr_t)MEM->rx_bufs;
+		d[1].len = o->blk_kib * 1024;
+		d[1].flags = VRING_DESC_F_NEXT | VRING_DESC_F_WRITE;
+		d[1].next = 2;
+		d[2].addr = (u64)(uintptr_t)status;
+		d[2].len = 1;
+		d[2].flags = VRING_DESC_F_WRITE;
+		d[2].next = 0;
+		vq_publish(&a->q[0], 0);
+		vq_kick(a, 0);
+		u32 id, len;
+		u64 give_up = now_ms(a) + 60000;
+		while (!vq_next_used(&a->q[0], &id, &len)) {
+			if (agent_irq) {
+				agent_irq = 0;
+				u32 s = mmio_rd(a, VIRTIO_MMIO_INTERRUPT_STATUS);
+				if (s)
+					mmio_wr(a, VIRTIO_MMIO_INTERRUPT_ACK, s);
+				continue;
+			}
+			u64 now = now_ms(a);
+			if (now >= give_up) {
+				fail("blk-timeout");
+				return;
+			}
+			sleep_until(a, now + MAX_SLEEP_MS);
+		}
+		if (*status != 0) {
+			fail("blk-status");
+			return;
+		}
+	}
+	u64 ms = now_ms(a) - t0;
+	put_str("blk: reads=");
+	put_dec(o->blk_reads);
+	put_str(" kib=");
+	put_dec(o->blk_kib);
+	put_str(" ms=");
+	put_dec(ms);
+	put_char('\n');
+}
+
 /* --- entry ---------------------------------------------------------------------------------- */
 
 static void fail(const char *what)
@@ -1372,6 +1532,14 @@ void agent_main(const struct agent_options *o, u64 usable_ram_bytes, int quiet)
 	a->free_kib = usable_ram_bytes / 1024;
 	a->backoff_ms = BACKOFF_MIN_MS;
 	a->local_port = FIRST_LOCAL_PORT - 1;
+	if (o->blk_base) {
+		if (o->blk_base < VMM_MMIO_BASE ||
+		    (o->blk_base - VMM_MMIO_BASE) / VMM_MMIO_WINDOW >= VMM_MMIO_MAX_DEVICES)
+			fail("blk-address");
+		else
+			blk_main(a, o);
+		return;
+	}
 	if (a->base < VMM_MMIO_BASE || (a->base - VMM_MMIO_BASE) / VMM_MMIO_WINDOW >= VMM_MMIO_MAX_DEVICES) {
 		fail("vsock-address"); /* not one of reddog-vmm's virtio-mmio windows */
 		return;

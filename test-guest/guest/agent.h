@@ -23,16 +23,23 @@ struct agent_options {
 	int tsc_clock;	 /* `agent_clock=tsc`: no kvmclock, calibrate the TSC */
 	int have_boot_id;
 	u8 boot_id[16];
+	/* `blk=<mmio base>`: instead of the vsock agent, time `blk_reads` reads of
+	 * `blk_kib` KiB each from that virtio-blk device, one at a time. */
+	u64 blk_base;
+	u32 blk_reads;
+	u32 blk_kib;
 };
 
 /* Default values of the agent options. */
 #define AGENT_DEFAULT_PORT 1024
 #define AGENT_DEFAULT_HB_MS 1000
 #define AGENT_DEFAULT_CRASH_AFTER 3
+#define AGENT_DEFAULT_BLK_READS 16
+#define AGENT_DEFAULT_BLK_KIB 64
 
 /*
  * Could a token starting with c be an agent option (vsock=, agent_port=,
- * agent_clock=, hb_ms=, hb_mode=, crash_after=, boot_id=)? A few instructions, so that
+ * agent_clock=, hb_ms=, hb_mode=, crash_after=, boot_id=, blk=, blk_reads=, blk_kib=)? A few instructions, so that
  * command lines without agent options pay next to nothing.
  */
 static inline int agent_option_letter(char c)

@@ -169,6 +169,16 @@ impl Cmdline {
         self.word("net_oversize")
     }
 
+    /// `blk=<addr> blk_reads=<n> blk_kib=<k>`: instead of the vsock agent,
+    /// time `n` reads of `k` KiB (at most 64) from the virtio-blk device on the
+    /// window at `addr` (disk `i` is at `vmm_api::platform::mmio` window `i`);
+    /// the guest prints `blk: reads=<n> kib=<k> ms=<elapsed>`.
+    pub fn blk_reads(self, addr: u64, n: u32, kib: u32) -> Self {
+        self.opt("blk", format_args!("{addr:#x}"))
+            .opt("blk_reads", n)
+            .opt("blk_kib", kib)
+    }
+
     /// `agent_port=<port>`: the host port the agent connects to.
     pub fn agent_port(self, port: u32) -> Self {
         self.opt("agent_port", port)

@@ -66,6 +66,14 @@ pub enum ConfigError {
         /// What is wrong.
         why: String,
     },
+    /// An output cap out of bounds.
+    #[error("{field} must be between {MIN_OUTPUT_CAP} and {MAX_OUTPUT_CAP} bytes, got {value}")]
+    OutputCap {
+        /// `serial_max_bytes` or `log_max_bytes`.
+        field: &'static str,
+        /// The value given.
+        value: u64,
+    },
 }
 
 /// Longest control socket path in bytes (`sun_path` holds 108 with the NUL).
@@ -283,6 +291,35 @@ pub struct VmConfig {
     /// virtio-net devices, in the order the guest enumerates them.
     #[serde(default)]
     pub net: Vec<NetConfig>,
+    /// Cap of a [`SerialOutput::File`]: when the file reaches this many bytes
+    /// it is renamed to `<file>.1` (replacing an older one) and a new file
+    /// started, so the guest's console never takes more than twice this on
+    /// disk. [`MIN_OUTPUT_CAP`] to [`MAX_OUTPUT_CAP`]; default
+    /// [`DEFAULT_SERIAL_MAX_BYTES`].
+    #[serde(default = "default_serial_max_bytes")]
+    pub serial_max_bytes: u64,
+    /// Cap of the VMM's own log (stderr) over the whole run: past it one line
+    /// says so and later lines are dropped (the exit report still gets out).
+    /// [`MIN_OUTPUT_CAP`] to [`MAX_OUTPUT_CAP`]; default [`DEFAULT_LOG_MAX_BYTES`].
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
+}
+
+/// Default [`VmConfig::serial_max_bytes`]: 1 MiB.
+pub const DEFAULT_SERIAL_MAX_BYTES: u64 = 1 << 20;
+/// Default [`VmConfig::log_max_bytes`]: 1 MiB.
+pub const DEFAULT_LOG_MAX_BYTES: u64 = 1 << 20;
+/// Smallest output cap (serial file, VMM log): 4 KiB.
+pub const MIN_OUTPUT_CAP: u64 = 4096;
+/// Largest output cap: 1 GiB.
+pub const MAX_OUTPUT_CAP: u64 = 1 << 30;
+
+fn default_serial_max_bytes() -> u64 {
+    DEFAULT_SERIAL_MAX_BYTES
+}
+
+fn default_log_max_bytes() -> u64 {
+    DEFAULT_LOG_MAX_BYTES
 }
 
 fn default_vcpus() -> u8 {
@@ -311,6 +348,8 @@ impl VmConfig {
             api_sock: None,
             boot_on_request: false,
             net: Vec::new(),
+            serial_max_bytes: DEFAULT_SERIAL_MAX_BYTES,
+            log_max_bytes: DEFAULT_LOG_MAX_BYTES,
         }
     }
 
@@ -419,6 +458,14 @@ impl VmConfig {
                     .map_err(|why| bad(format!("rate_limit: {why}")))?;
             }
         }
+        for (field, value) in [
+            ("serial_max_bytes", self.serial_max_bytes),
+            ("log_max_bytes", self.log_max_bytes),
+        ] {
+            if !(MIN_OUTPUT_CAP..=MAX_OUTPUT_CAP).contains(&value) {
+                return Err(ConfigError::OutputCap { field, value });
+            }
+        }
         if let Some(v) = &self.vsock {
             if v.guest_cid < MIN_GUEST_CID {
                 return Err(ConfigError::Vsock(format!(
@@ -478,6 +525,14 @@ mod tests {
             (r#"{"kernel":"/k","vcpus":65}"#, "vcpus"),
             (r#"{"kernel":"/k","memory_mib":31}"#, "memory_mib"),
             (r#"{"kernel":"/k","timeout_ms":0}"#, "timeout_ms"),
+            (
+                r#"{"kernel":"/k","serial_max_bytes":4095}"#,
+                "serial_max_bytes",
+            ),
+            (
+                r#"{"kernel":"/k","log_max_bytes":1073741825}"#,
+                "log_max_bytes",
+            ),
             (r#"{"kernel":"/k","cmdline":"a\u0000b"}"#, "cmdline"),
             (r#"{"kernel":"/k","bogus":1}"#, "unknown field"),
             (r#"{"kernel":"/k","api_sock":""}"#, "api_sock"),

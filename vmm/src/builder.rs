@@ -1,7 +1,6 @@
 //! The boot recipe, top to bottom: KVM, memory, kernel, boot structures, ACPI,
 //! devices, vCPUs, run; then wait for the VM to stop.
 
-use std::fs::OpenOptions;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -18,10 +17,11 @@ use crate::control::metrics::CountingWriter;
 use crate::control::server::ControlContext;
 use crate::control::{ControlServer, RunControl, ServerError};
 use crate::devices::mmio_manager::{DeviceManagerError, MmioDeviceManager};
+use crate::devices::serial::{RotatingFile, SerialDevice};
 use crate::devices::virtio::block::{BlockDevice, BlockError};
 use crate::devices::virtio::net::{NetDevice, NetError};
 use crate::devices::virtio::vsock::{VsockDevice, VsockError};
-use crate::devices::{boot_timer::BootTimer, serial::SerialDevice, Bus};
+use crate::devices::{boot_timer::BootTimer, Bus};
 use crate::loader::{self, LoaderError};
 use crate::seccomp::{Ready, Seccomp, SeccompError, ThreadKind};
 use crate::vstate::memory::{self, MemoryError};
@@ -128,16 +128,13 @@ pub struct Vmm {
     _vm: Vm,
 }
 
-fn serial_sink(out: &SerialOutput) -> Result<Box<dyn Write + Send>, BuildError> {
+fn serial_sink(out: &SerialOutput, max_bytes: u64) -> Result<Box<dyn Write + Send>, BuildError> {
     Ok(match out {
         SerialOutput::Stdout => Box::new(std::io::stdout()),
         SerialOutput::Null => Box::new(std::io::sink()),
         SerialOutput::File(path) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .map_err(|source| BuildError::SerialFile {
+            let f =
+                RotatingFile::open(path, max_bytes).map_err(|source| BuildError::SerialFile {
                     path: path.clone(),
                     source,
                 })?;
@@ -323,7 +320,8 @@ fn load_and_attach(
                 path: disk.path.clone(),
                 source,
             })?
-            .with_index(index);
+            .with_index(index)
+            .with_rate_limit(disk.rate_limit);
         ready.push(block.start_io_thread(seccomp).map_err(io_err)?);
         mmio.attach(&vm.fd, mem, Box::new(block))?;
     }
@@ -376,7 +374,7 @@ fn load_and_attach(
             source: std::io::Error::from_raw_os_error(e.errno()),
         })?;
     let sink = CountingWriter::new(
-        serial_sink(&cfg.serial)?,
+        serial_sink(&cfg.serial, cfg.serial_max_bytes)?,
         run_ctl.counters.serial_bytes_out.clone(),
     );
     let serial = SerialDevice::new(serial_irq, Box::new(sink));

@@ -22,6 +22,7 @@ pub mod builder;
 pub mod control;
 pub mod devices;
 pub mod loader;
+pub mod logging;
 pub mod seccomp;
 pub mod vstate;
 

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use vmm::seccomp::Seccomp;
 use vmm_api::{
-    BackingConfig, BootProtocol, DiskConfig, DiskFormat, NetConfig, SerialOutput, TapConfig,
-    VmConfig, VsockConfig,
+    BackingConfig, BootProtocol, DiskConfig, DiskFormat, NetConfig, RateLimit, SerialOutput,
+    TapConfig, TokenBucket, VmConfig, VsockConfig,
 };
 
 const USAGE: &str = "\
@@ -27,6 +27,8 @@ Options:
   --serial <WHERE>         serial console: stdout, null or a file path
   --disk <SPEC>            a virtio-blk disk, repeatable:
                            path=IMG,format=raw|qcow2|vhd[,backing=BASE,backing_format=F][,ro][,serial=ID]
+                           [,rate_bytes=N[,rate_bytes_burst=N]][,rate_ops=N[,rate_ops_burst=N]]
+                           (token buckets: bytes and requests per second; burst defaults to 1 s worth)
   --vsock <SPEC>           a virtio-vsock device: cid=N,uds=PATH (hybrid: the host connects to PATH
                            and writes `CONNECT <port>`; guest connections to the host go to PATH_<port>)
   --net <SPEC>             a virtio-net interface on a TAP, repeatable:
@@ -150,10 +152,50 @@ fn parse_format(s: &str) -> Result<DiskFormat, String> {
     }
 }
 
+/// Collects `rate_bytes`, `rate_bytes_burst`, `rate_ops`, `rate_ops_burst`
+/// from a device spec into a [`RateLimit`]; `Ok(false)`: not a rate option.
+fn parse_rate_option(limit: &mut RateLimit, key: &str, v: &str) -> Result<bool, String> {
+    let (slot, is_burst) = match key {
+        "rate_bytes" => (&mut limit.bytes, false),
+        "rate_bytes_burst" => (&mut limit.bytes, true),
+        "rate_ops" => (&mut limit.ops, false),
+        "rate_ops_burst" => (&mut limit.ops, true),
+        _ => return Ok(false),
+    };
+    let n = number::<u64>(key, v)?;
+    let bucket = slot.get_or_insert(TokenBucket {
+        per_second: 0,
+        burst: None,
+    });
+    if is_burst {
+        bucket.burst = Some(n);
+    } else {
+        bucket.per_second = n;
+    }
+    Ok(true)
+}
+
+/// The rate limit collected by [`parse_rate_option`], checked (None: unlimited).
+fn finish_rate_limit(limit: RateLimit) -> Result<Option<RateLimit>, String> {
+    if limit == RateLimit::default() {
+        return Ok(None);
+    }
+    limit
+        .validate()
+        .map_err(|e| format!("{e} (a *_burst option needs its rate_* option)"))?;
+    Ok(Some(limit))
+}
+
 fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     let (mut path, mut format, mut backing, mut backing_format) = (None, None, None, None);
     let (mut read_only, mut serial) = (false, String::new());
+    let mut rate = RateLimit::default();
     for part in s.split(',') {
+        if let Some((k, v)) = part.split_once('=') {
+            if parse_rate_option(&mut rate, k, v)? {
+                continue;
+            }
+        }
         match part.split_once('=') {
             Some(("path", v)) => path = Some(PathBuf::from(v)),
             Some(("format", v)) => format = Some(parse_format(v)?),
@@ -176,7 +218,7 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
         backing,
         read_only,
         serial,
-        rate_limit: None,
+        rate_limit: finish_rate_limit(rate)?,
     })
 }
 
@@ -299,16 +341,19 @@ fn config_from(args: &Args) -> anyhow::Result<VmConfig> {
     Ok(cfg)
 }
 
-fn init_logging() {
+/// The log on stderr, capped at the default until the config says otherwise.
+fn init_logging() -> Option<vmm::logging::LogCap> {
     let level = std::env::var("REDDOG_LOG")
         .ok()
         .and_then(|l| l.parse::<tracing::Level>().ok())
         .unwrap_or(tracing::Level::WARN);
-    tracing_subscriber::fmt()
-        .with_max_level(level)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    match vmm::logging::init(level, std::io::stderr, vmm::logging::DEFAULT_LOG_MAX_BYTES) {
+        Ok(cap) => Some(cap),
+        Err(e) => {
+            eprintln!("reddog-vmm: {e}; running without a log");
+            None
+        }
+    }
 }
 
 fn main() {
@@ -328,8 +373,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    init_logging();
-    let code = match run(&args, start) {
+    let log_cap = init_logging();
+    let code = match run(&args, start, log_cap.as_ref()) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("reddog-vmm: error: {e:#}");
@@ -339,8 +384,11 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(args: &Args, start: Instant) -> anyhow::Result<i32> {
+fn run(args: &Args, start: Instant, log_cap: Option<&vmm::logging::LogCap>) -> anyhow::Result<i32> {
     let cfg = config_from(args)?;
+    if let Some(cap) = log_cap {
+        cap.set_max(cfg.log_max_bytes);
+    }
     let seccomp = if args.no_seccomp {
         tracing::warn!(
             "--no-seccomp: the VMM's threads run without seccomp filters; a bug a guest \
@@ -409,7 +457,7 @@ mod tests {
             "2",
             "--disk",
             "path=/d,format=raw,ro,serial=x",
-            "--disk=path=/e,format=qcow2,backing=/b,backing_format=raw",
+            "--disk=path=/e,format=qcow2,backing=/b,backing_format=raw,rate_bytes=1000,rate_ops=10,rate_ops_burst=2",
             "--vsock",
             "cid=3,uds=/v",
             "--virtio-mmio-cmdline",
@@ -428,6 +476,15 @@ mod tests {
         assert_eq!(
             a.disk[1].backing.as_ref().map(|b| b.format),
             Some(DiskFormat::Raw)
+        );
+        assert_eq!(a.disk[0].rate_limit, None);
+        let rate = a.disk[1].rate_limit.expect("a rate limit");
+        assert_eq!(
+            (
+                rate.bytes.map(|b| (b.per_second, b.burst)),
+                rate.ops.map(|b| (b.per_second, b.burst))
+            ),
+            (Some((1000, None)), Some((10, Some(2))))
         );
         assert_eq!(a.vsock.as_ref().map(|v| v.guest_cid), Some(3));
         assert!(a.virtio_mmio_cmdline);
@@ -457,6 +514,14 @@ mod tests {
             (vec!["--bogus"], "unexpected argument"),
             (vec!["--boot-protocol", "efi"], "unknown boot protocol"),
             (vec!["--disk", "path=/d"], "never guessed"),
+            (
+                vec!["--disk", "path=/d,format=raw,rate_bytes_burst=5"],
+                "needs its rate_",
+            ),
+            (
+                vec!["--disk", "path=/d,format=raw,rate_ops=x"],
+                "invalid value",
+            ),
             (vec!["--vsock", "uds=/v"], "cid="),
             (vec!["--net", "mac=02:00:00:00:00:01"], "tap=NAME or fd=N"),
             (

@@ -54,6 +54,7 @@ struct LauncherState {
     launches: Vec<String>,
     /// Each launch's virtio-net devices, by instance (the last launch's).
     nets: BTreeMap<String, Vec<vmm_api::NetConfig>>,
+    last_spec: BTreeMap<String, LaunchSpec>,
     fail_launches: u32,
     ignore_graceful: bool,
     launch_delay: Duration,
@@ -106,6 +107,11 @@ impl FakeLauncher {
             .iter()
             .filter(|i| *i == instance)
             .count()
+    }
+
+    /// The spec of `instance`'s last launch.
+    pub fn last_spec(&self, instance: &str) -> Option<LaunchSpec> {
+        lock(&self.st).last_spec.get(instance).cloned()
     }
 
     /// The pid of `instance`'s running VMM.
@@ -201,6 +207,7 @@ impl FakeLauncher {
         st.launches.push(spec.instance_id.clone());
         st.nets
             .insert(spec.instance_id.clone(), spec.net.iter().cloned().collect());
+        st.last_spec.insert(spec.instance_id.clone(), spec.clone());
         if st.fail_launches > 0 {
             st.fail_launches -= 1;
             return Err(VmmError::Spawn {

@@ -10,7 +10,7 @@ use super::disks::*;
 #[derive(Debug, Clone, Default)]
 pub struct VhdDiskPreparer;
 
-fn to_vhd(f: DiskFormat) -> vhd::Format {
+pub(crate) fn to_vhd(f: DiskFormat) -> vhd::Format {
     match f {
         DiskFormat::Raw => vhd::Format::Raw,
         DiskFormat::Qcow2 => vhd::Format::Qcow2,

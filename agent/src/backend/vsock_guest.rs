@@ -7,6 +7,7 @@
 //! never delay another.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -37,12 +38,27 @@ pub struct GuestLimits {
     pub max_throttled: Duration,
     /// Frame errors tolerated per minute.
     pub frame_errors_per_min: u32,
-    /// Log lines per second.
+    /// Log lines per second, per instance (across its reconnects).
     pub logs_per_sec: f64,
-    /// Log line burst.
+    /// Log line burst, per instance.
     pub log_burst: f64,
+    /// Log lines per second for all the node's guests together: many guests
+    /// logging at their own limit cannot flood the agent's log either.
+    pub node_logs_per_sec: f64,
+    /// Node-wide log line burst.
+    pub node_log_burst: f64,
     /// A write to the guest that takes longer closes the connection.
     pub write_timeout: Duration,
+    /// After a connection that misbehaved or lasted less than
+    /// `healthy_connection`, the next one is accepted only after this long,
+    /// doubling up to `reconnect_backoff_max` (a guest reconnecting in a loop
+    /// costs the agent a connection, an event and a log line per round).
+    pub reconnect_backoff_min: Duration,
+    /// The longest wait before the next connection is accepted.
+    pub reconnect_backoff_max: Duration,
+    /// A connection that lasted this long (and did not misbehave) resets the
+    /// backoff.
+    pub healthy_connection: Duration,
 }
 
 impl Default for GuestLimits {
@@ -56,22 +72,46 @@ impl Default for GuestLimits {
             frame_errors_per_min: 10,
             logs_per_sec: 100.0,
             log_burst: 500.0,
+            node_logs_per_sec: 1000.0,
+            node_log_burst: 2000.0,
             write_timeout: Duration::from_secs(5),
+            reconnect_backoff_min: Duration::from_millis(100),
+            reconnect_backoff_max: Duration::from_secs(30),
+            healthy_connection: Duration::from_secs(10),
         }
     }
 }
 
 /// The real guest channel over the VMM's hybrid vsock.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct VsockGuestChannel {
     limits: GuestLimits,
+    /// The node-wide log budget, shared by every guest's task.
+    node_logs: Arc<Mutex<Bucket>>,
+}
+
+impl Default for VsockGuestChannel {
+    fn default() -> Self {
+        Self::new(GuestLimits::default())
+    }
 }
 
 impl VsockGuestChannel {
     /// A channel with these limits.
     pub fn new(limits: GuestLimits) -> Self {
-        Self { limits }
+        let node_logs = Arc::new(Mutex::new(Bucket::new(
+            limits.node_logs_per_sec,
+            limits.node_log_burst,
+        )));
+        Self { limits, node_logs }
     }
+}
+
+/// Whether one more guest log line may be logged: the instance's budget and
+/// the node's both have a token (the instance's is spent first, so a guest
+/// over its own limit takes nothing from the others).
+fn admit_log(instance: &mut Bucket, node: &Mutex<Bucket>) -> bool {
+    instance.take() && node.lock().map(|mut b| b.take()).unwrap_or(false)
 }
 
 fn remove_stale_socket(path: &Path) {
@@ -97,8 +137,9 @@ impl GuestChannel for VsockGuestChannel {
         let span = tracing::info_span!("guest", instance = %instance_id);
         let limits = self.limits.clone();
         let interval = ep.heartbeat_interval_ms;
+        let node_logs = self.node_logs.clone();
         let task = tokio::spawn(tracing::Instrument::instrument(
-            serve(listener, ev_tx, cmd_rx, limits, interval),
+            serve(listener, ev_tx, cmd_rx, limits, interval, node_logs),
             span,
         ));
         Ok(GuestLink::new(ev_rx, cmd_tx, Some(task), Some(path)))
@@ -111,12 +152,21 @@ async fn serve(
     mut commands: mpsc::Receiver<HostCommand>,
     limits: GuestLimits,
     mut interval_ms: u32,
+    node_logs: Arc<Mutex<Bucket>>,
 ) {
     let mut last_boot_id = None;
+    // The instance's log budget outlives its connections (a reconnect does
+    // not refill it).
+    let mut logs = Bucket::new(limits.logs_per_sec, limits.log_burst);
     let mut vm_paused = false;
+    // Reconnect quarantine: no accept before `resume_at`.
+    let mut backoff = Duration::ZERO;
+    let mut resume_at = Instant::now();
     loop {
+        let accepting = Instant::now() >= resume_at;
         let stream = tokio::select! {
-            r = listener.accept() => match r {
+            () = tokio::time::sleep_until(resume_at), if !accepting => continue,
+            r = listener.accept(), if accepting => match r {
                 Ok((s, _)) => s,
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
@@ -139,9 +189,23 @@ async fn serve(
                 None => return,
             },
         };
-        let mut conn = Conn::new(&limits, interval_ms, &mut last_boot_id);
+        let mut conn = Conn::new(
+            &limits,
+            interval_ms,
+            &mut last_boot_id,
+            &mut logs,
+            &node_logs,
+        );
         conn.vm_paused = vm_paused;
+        let started = Instant::now();
         let end = conn.run(stream, &events, &mut commands).await;
+        if matches!(end, End::Misbehaving(_)) || started.elapsed() < limits.healthy_connection {
+            backoff =
+                (backoff * 2).clamp(limits.reconnect_backoff_min, limits.reconnect_backoff_max);
+            resume_at = Instant::now() + backoff;
+        } else {
+            backoff = Duration::ZERO;
+        }
         // A change during the connection holds for the next one.
         interval_ms = conn.interval_ms;
         vm_paused = conn.vm_paused;
@@ -225,7 +289,8 @@ struct Conn<'a> {
     last_boot_id: &'a mut Option<[u8; 16]>,
     negotiated: Option<(u8, Capabilities)>,
     frames: Bucket,
-    logs: Bucket,
+    logs: &'a mut Bucket,
+    node_logs: &'a Mutex<Bucket>,
     throttled_since: Option<Instant>,
     errors: Vec<Instant>,
     logs_dropped: u64,
@@ -246,6 +311,8 @@ impl<'a> Conn<'a> {
         limits: &'a GuestLimits,
         interval_ms: u32,
         last_boot_id: &'a mut Option<[u8; 16]>,
+        logs: &'a mut Bucket,
+        node_logs: &'a Mutex<Bucket>,
     ) -> Self {
         Self {
             limits,
@@ -254,7 +321,8 @@ impl<'a> Conn<'a> {
             last_boot_id,
             negotiated: None,
             frames: Bucket::new(limits.frames_per_sec, limits.frame_burst),
-            logs: Bucket::new(limits.logs_per_sec, limits.log_burst),
+            logs,
+            node_logs,
             throttled_since: None,
             errors: Vec::new(),
             logs_dropped: 0,
@@ -604,7 +672,7 @@ impl<'a> Conn<'a> {
                 if !caps.contains(Capabilities::LOG) {
                     return self.cap_error("Log without the LOG capability");
                 }
-                if self.logs.take() {
+                if admit_log(self.logs, self.node_logs) {
                     let line = escape_guest_text(l.line, guest_proto::MAX_LOG_LINE_LEN);
                     tracing::info!(source = ?l.source, level = ?l.level, "guest: {line}");
                 } else {
@@ -622,5 +690,32 @@ impl<'a> Conn<'a> {
             Some(end) => Step::Close(end),
             None => Step::Nothing,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two guests each within their own limit share the node's budget: the
+    /// node-wide total holds, and a guest over its own limit takes nothing
+    /// from the other's share.
+    #[tokio::test(start_paused = true)]
+    async fn guest_log_lines_share_a_node_wide_budget() {
+        let node = Mutex::new(Bucket::new(10.0, 10.0));
+        let (mut a, mut b) = (Bucket::new(100.0, 100.0), Bucket::new(100.0, 100.0));
+        let admitted = (0..50)
+            .filter(|_| admit_log(&mut a, &node))
+            .chain((0..50).filter(|_| admit_log(&mut b, &node)))
+            .count();
+        assert_eq!(admitted, 10, "the node-wide burst");
+        // A guest over its own (small) limit: its extra lines are refused
+        // before they reach the node's bucket.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut greedy = Bucket::new(1.0, 2.0);
+        let greedy_in = (0..100).filter(|_| admit_log(&mut greedy, &node)).count();
+        assert_eq!(greedy_in, 2);
+        let others = (0..100).filter(|_| admit_log(&mut b, &node)).count();
+        assert_eq!(others, 8, "the rest of the refilled node budget");
     }
 }

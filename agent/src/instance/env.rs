@@ -33,6 +33,9 @@ pub struct InstanceEnv {
     pub role_roots: crate::paths::Roots,
     /// The instance network, when the node has an instance subnet.
     pub net: Option<std::sync::Arc<crate::network::InstanceNetwork>>,
+    /// The disk rate limit of instances whose spec sets none
+    /// ([`crate::NodeConfig::default_disk_rate_limit`]).
+    pub default_disk_rate_limit: Option<vmm_api::RateLimit>,
 }
 
 impl std::fmt::Debug for InstanceEnv {
@@ -48,6 +51,12 @@ impl InstanceEnv {
     /// `<state>/instances/<id>`.
     pub fn instance_dir(&self, id: &str) -> PathBuf {
         self.state_dir.join("instances").join(id)
+    }
+
+    /// The rate limit each disk of an instance with `spec` gets: its own, or
+    /// the node's default.
+    pub fn disk_rate_limit(&self, spec: &crate::InstanceSpec) -> Option<vmm_api::RateLimit> {
+        spec.disk_rate_limit.or(self.default_disk_rate_limit)
     }
 
     /// Where instance `id`'s guest agent connects.

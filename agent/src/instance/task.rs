@@ -639,7 +639,13 @@ impl Runner {
                 .disks
                 .as_ref()
                 .map(|d| d.in_order())
-                .unwrap_or_default(),
+                .unwrap_or_default()
+                .into_iter()
+                .map(|mut d| {
+                    d.rate_limit = self.env.disk_rate_limit(&self.spec);
+                    d
+                })
+                .collect(),
             vsock: vmm_api::VsockConfig {
                 guest_cid: vmm_api::config::MIN_GUEST_CID,
                 uds_path: ep.uds_path,

@@ -60,6 +60,7 @@ fn rig(health: impl FnOnce(&mut HealthPolicy)) -> Rig {
         ended: ended_tx,
         role_roots: crate::paths::Roots::role(vec![dir.path().to_owned()]),
         net: None,
+        default_disk_rate_limit: None,
     });
     let spec = InstanceSpec {
         id: "one".into(),
@@ -71,6 +72,7 @@ fn rig(health: impl FnOnce(&mut HealthPolicy)) -> Rig {
         resource_disk_mib: 16,
         env: Default::default(),
         heartbeat_interval_ms: 1000,
+        disk_rate_limit: None,
     };
     Rig {
         env,
@@ -122,6 +124,52 @@ async fn a_task_runs_to_ready_and_hands_its_end_back_when_removed() {
     // A goal that wants the id again gets a new task, not this one.
     assert_eq!(h.set_desired(Desired::Run(r.spec.clone())), Err(Ended));
     assert_eq!(h.poke(), Err(Ended));
+}
+
+/// Each disk of the VM gets the spec's rate limit, or the node's default when
+/// the spec sets none (without the plumbing the VMM's disks are unlimited).
+#[tokio::test(start_paused = true)]
+async fn disks_get_the_spec_rate_limit_or_the_node_default() {
+    use vmm_api::{RateLimit, TokenBucket};
+    let node_default = RateLimit {
+        bytes: Some(TokenBucket {
+            per_second: 50 << 20,
+            burst: None,
+        }),
+        ops: None,
+    };
+    let own = RateLimit {
+        bytes: None,
+        ops: Some(TokenBucket {
+            per_second: 500,
+            burst: Some(50),
+        }),
+    };
+    for (spec_limit, want) in [(None, node_default), (Some(own), own)] {
+        let mut r = rig(|_| {});
+        Arc::get_mut(&mut r.env)
+            .expect("the rig's env is not shared yet")
+            .default_disk_rate_limit = Some(node_default);
+        r.spec.disk_rate_limit = spec_limit;
+        let h = InstanceHandle::spawn(
+            r.env.clone(),
+            r.spec.clone(),
+            Vec::new(),
+            Desired::Run(r.spec.clone()),
+            StartMode::New,
+        );
+        wait_state(&h, InstanceState::Ready).await;
+        let launched = r.launcher.last_spec("one").expect("launched");
+        assert!(!launched.disks.is_empty());
+        for d in &launched.disks {
+            assert_eq!(d.rate_limit, Some(want), "{}", d.serial);
+        }
+        let vm = crate::backend::process::ProcessLauncher::new(
+            crate::backend::process::ProcessLauncherConfig::new("/vmm", "/kernel"),
+        )
+        .vm_config(&launched);
+        assert!(vm.disks.iter().all(|d| d.rate_limit == Some(want)));
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -470,6 +470,7 @@ async fn agent_side(dir: &Path, o: &Opts) -> Result<(AgentSide, Vec<PathBuf>)> {
                 resource_disk_mib: 1,
                 env: Default::default(),
                 heartbeat_interval_ms: o.interval_ms.clamp(100, 60_000) as u32,
+                disk_rate_limit: None,
             })
             .collect(),
     };

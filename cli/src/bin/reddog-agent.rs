@@ -94,6 +94,13 @@ struct Args {
     /// MTU of every instance's TAP and eth0.
     #[arg(long, default_value_t = agent::network::DEFAULT_INSTANCE_MTU)]
     instance_mtu: u16,
+    /// Default disk rate limit, bytes per second per disk, for instances whose
+    /// spec sets no disk_rate_limit (a burst of one second's worth).
+    #[arg(long)]
+    disk_rate_bytes: Option<u64>,
+    /// Default disk rate limit, requests per second per disk (as above).
+    #[arg(long)]
+    disk_rate_ops: Option<u64>,
     /// Push node reports to this http:// URL.
     #[arg(long)]
     upstream_url: Option<String>,
@@ -227,6 +234,20 @@ async fn main() -> anyhow::Result<()> {
     node.max_instances = args.max_instances;
     node.instance_subnet = args.instance_subnet;
     node.instance_mtu = args.instance_mtu;
+    let bucket = |per_second| vmm_api::TokenBucket {
+        per_second,
+        burst: None,
+    };
+    let limit = vmm_api::RateLimit {
+        bytes: args.disk_rate_bytes.map(bucket),
+        ops: args.disk_rate_ops.map(bucket),
+    };
+    if limit != vmm_api::RateLimit::default() {
+        limit
+            .validate()
+            .map_err(|e| anyhow::anyhow!("--disk-rate-bytes / --disk-rate-ops: {e}"))?;
+        node.default_disk_rate_limit = Some(limit);
+    }
     let mut cfg = AgentConfig::new(&args.state_dir, node);
     cfg.guest_port = args.guest_port;
     cfg.health.boot_timeout = Duration::from_secs(args.boot_timeout_secs);

@@ -97,5 +97,6 @@ pub fn web_instance(
         resource_disk_mib: 16,
         env: Default::default(),
         heartbeat_interval_ms,
+        disk_rate_limit: None,
     }
 }

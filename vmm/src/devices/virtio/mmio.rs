@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{ActiveQueues, Interrupt, VirtioDevice, INT_CONFIG, VIRTIO_F_VERSION_1};
@@ -23,6 +23,18 @@ const VERSION: u32 = 2;
 /// Our vendor ID ("RDOG" is not registered; virtio only requires a value).
 const VENDOR_ID: u32 = 0x474f_4452;
 const CONFIG_SPACE: u64 = 0x100;
+/// Guest-caused warnings logged per device (then one line says the rest are
+/// suppressed): a driver resetting and re-activating a broken device in a loop
+/// must not flood the VMM's log.
+pub const MAX_GUEST_WARNINGS: u32 = 10;
+
+/// Which ring address register a write is for.
+#[derive(Debug, Clone, Copy)]
+enum Ring {
+    Desc,
+    Avail,
+    Used,
+}
 
 /// Device status bits.
 pub mod status {
@@ -54,6 +66,8 @@ pub struct MmioTransport {
     status: u32,
     config_generation: u32,
     activated: bool,
+    /// Guest-caused warnings logged so far (see [`MAX_GUEST_WARNINGS`]).
+    warnings: u32,
 }
 
 /// Errors creating a transport.
@@ -95,6 +109,7 @@ impl MmioTransport {
             status: 0,
             config_generation: 0,
             activated: false,
+            warnings: 0,
         })
     }
 
@@ -188,8 +203,13 @@ impl MmioTransport {
             0x024 => self.driver_features_sel = v,
             0x030 => self.queue_sel = v,
             0x038 => {
-                if let Some(q) = self.selected_queue() {
-                    q.set_size(v.min(u32::from(u16::MAX)) as u16);
+                // The non-logging setter: a bad size is the guest's to see (the
+                // queue stays invalid and activation fails), not a log line.
+                let bad = self
+                    .selected_queue()
+                    .is_some_and(|q| q.try_set_size(v.min(u32::from(u16::MAX)) as u16).is_err());
+                if bad {
+                    self.guest_warning(&format!("invalid queue size {v}"));
                 }
             }
             0x044 => {
@@ -205,19 +225,53 @@ impl MmioTransport {
             }
             0x064 => self.interrupt.ack(v),
             0x070 => self.write_status(v),
-            0x080 => self.set_addr(|q, lo| q.set_desc_table_address(Some(lo), None), v),
-            0x084 => self.set_addr(|q, hi| q.set_desc_table_address(None, Some(hi)), v),
-            0x090 => self.set_addr(|q, lo| q.set_avail_ring_address(Some(lo), None), v),
-            0x094 => self.set_addr(|q, hi| q.set_avail_ring_address(None, Some(hi)), v),
-            0x0a0 => self.set_addr(|q, lo| q.set_used_ring_address(Some(lo), None), v),
-            0x0a4 => self.set_addr(|q, hi| q.set_used_ring_address(None, Some(hi)), v),
+            0x080 => self.set_addr(Ring::Desc, false, v),
+            0x084 => self.set_addr(Ring::Desc, true, v),
+            0x090 => self.set_addr(Ring::Avail, false, v),
+            0x094 => self.set_addr(Ring::Avail, true, v),
+            0x0a0 => self.set_addr(Ring::Used, false, v),
+            0x0a4 => self.set_addr(Ring::Used, true, v),
             _ => {}
         }
     }
 
-    fn set_addr(&mut self, f: impl FnOnce(&mut Queue, u32), v: u32) {
-        if let Some(q) = self.selected_queue() {
-            f(q, v);
+    /// One half of a ring address, through virtio-queue's non-logging
+    /// `try_set_*` setters (a misaligned address is refused and kept out).
+    fn set_addr(&mut self, ring: Ring, high: bool, v: u32) {
+        let Some(q) = self.selected_queue() else {
+            return;
+        };
+        let cur = match ring {
+            Ring::Desc => q.desc_table(),
+            Ring::Avail => q.avail_ring(),
+            Ring::Used => q.used_ring(),
+        };
+        let addr = GuestAddress(if high {
+            (cur & 0xffff_ffff) | (u64::from(v) << 32)
+        } else {
+            (cur & !0xffff_ffff) | u64::from(v)
+        });
+        let r = match ring {
+            Ring::Desc => q.try_set_desc_table_address(addr),
+            Ring::Avail => q.try_set_avail_ring_address(addr),
+            Ring::Used => q.try_set_used_ring_address(addr),
+        };
+        if r.is_err() {
+            self.guest_warning(&format!("misaligned {ring:?} ring address {:#x}", addr.0));
+        }
+    }
+
+    /// Logs a guest-caused problem, at most [`MAX_GUEST_WARNINGS`] per device.
+    fn guest_warning(&mut self, what: &str) {
+        if self.warnings < MAX_GUEST_WARNINGS {
+            self.warnings += 1;
+            tracing::warn!(device_type = self.device.device_type(), "virtio: {what}");
+        } else if self.warnings == MAX_GUEST_WARNINGS {
+            self.warnings += 1;
+            tracing::warn!(
+                device_type = self.device.device_type(),
+                "virtio: further guest-caused warnings of this device are suppressed"
+            );
         }
     }
 
@@ -278,10 +332,7 @@ impl MmioTransport {
     }
 
     fn fail(&mut self, why: &str) {
-        tracing::warn!(
-            device_type = self.device.device_type(),
-            "virtio device not activated: {why}"
-        );
+        self.guest_warning(&format!("device not activated: {why}"));
         self.status |= status::DEVICE_NEEDS_RESET;
         self.interrupt.trigger(INT_CONFIG);
     }

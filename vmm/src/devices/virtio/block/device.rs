@@ -2,20 +2,24 @@
 
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use vhd::DiskImage;
+use vmm_api::RateLimit;
 
 use crate::seccomp::{Ready, Seccomp, ThreadKind};
 
-use super::request::{process_chain, Target, MAX_DISCARD_SEGMENTS, SECTOR, SERIAL_LEN};
+use super::request::{
+    process_chain, Target, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR, SERIAL_LEN,
+};
+use crate::devices::rate_limiter::RateLimiter;
 use crate::devices::virtio::io_thread::{IoThread, Running};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    chain_descriptors, read_config_bytes, uses_indirect, ActivateError, ActiveQueues, Interrupt,
+    VirtioDevice, INT_USED_RING, MAX_CHAIN_DESCRIPTORS, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
@@ -31,9 +35,6 @@ const MAX_CHAINS_PER_PASS: usize = 256;
 const QUEUE_SIZE: u16 = 256;
 /// Most data segments per request we advertise (queue size less header and status).
 const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
-/// Longest discard / write-zeroes range, in sectors (bounded so one request
-/// cannot keep the I/O thread busy for long).
-const MAX_DISCARD_SECTORS: u32 = (64 << 20) / 512;
 
 /// Errors creating a block device.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +58,13 @@ pub struct BlockDevice {
     thread_name: String,
     /// Started with the VM ([`BlockDevice::start_io_thread`]).
     io: Option<IoThread>,
+    /// Bytes and requests the guest may ask for (None: unlimited).
+    rate_limit: Option<RateLimit>,
+    /// Its limiter, made with the I/O thread (before the filters: a timerfd
+    /// when limited); the worker hands it back at reset.
+    limiter: Option<RateLimiter>,
     /// The active worker.
-    worker: Option<Running<()>>,
+    worker: Option<Running<RateLimiter>>,
 }
 
 impl BlockDevice {
@@ -103,6 +109,8 @@ impl BlockDevice {
             features,
             thread_name: "virtio-blk".into(),
             io: None,
+            rate_limit: None,
+            limiter: None,
             worker: None,
         })
     }
@@ -115,11 +123,24 @@ impl BlockDevice {
     }
 
     /// Starts the I/O thread now (with the VM, before the guest runs), filtered
-    /// when `seccomp` is on. Without it, activation starts an unfiltered one.
+    /// when `seccomp` is on, and makes the rate limiter (its timerfd) while
+    /// no filter is in place. Without it, activation starts an unfiltered one.
     pub fn start_io_thread(&mut self, seccomp: &Seccomp) -> std::io::Result<Ready> {
+        self.limiter = Some(
+            RateLimiter::new(self.rate_limit.as_ref())
+                .map_err(|e| std::io::Error::other(e.to_string()))?,
+        );
         let (io, ready) = IoThread::start(self.thread_name.clone(), ThreadKind::Block, seccomp)?;
         self.io = Some(io);
         Ok(ready)
+    }
+
+    /// Holds the guest to `limit`: a request is taken off the queue only when
+    /// the buckets hold its data bytes and one operation; until they refill the
+    /// I/O thread sleeps on the limiter's timer and the rest stay queued.
+    pub fn with_rate_limit(mut self, limit: Option<RateLimit>) -> Self {
+        self.rate_limit = limit;
+        self
     }
 }
 
@@ -150,6 +171,13 @@ impl VirtioDevice for BlockDevice {
         let (Some(queue), Some(event)) = (queues.pop(), queue_events.first().cloned()) else {
             return Err(ActivateError::BadQueue(0));
         };
+        let limiter = match self.limiter.take() {
+            Some(l) => l,
+            // Tests and fuzzing (no I/O thread started with a VM).
+            None => {
+                RateLimiter::new(self.rate_limit.as_ref()).map_err(ActivateError::RateLimiter)?
+            }
+        };
         let worker = Worker {
             disk: self.disk.clone(),
             read_only: self.read_only,
@@ -157,6 +185,7 @@ impl VirtioDevice for BlockDevice {
             mem,
             queue,
             interrupt,
+            limiter,
             errors_logged: 0,
         };
         if self.io.is_none() {
@@ -178,7 +207,13 @@ impl VirtioDevice for BlockDevice {
 
     fn reset(&mut self) -> bool {
         match (self.worker.take(), &self.io) {
-            (Some(running), Some(io)) => io.stop(running).is_some(),
+            (Some(running), Some(io)) => match io.stop(running) {
+                Some(limiter) => {
+                    self.limiter = Some(limiter);
+                    true
+                }
+                None => false,
+            },
             (Some(_), None) => false,
             (None, _) => true,
         }
@@ -193,13 +228,34 @@ struct Worker {
     mem: GuestMemoryMmap,
     queue: Queue,
     interrupt: Arc<Interrupt>,
+    limiter: RateLimiter,
     errors_logged: u32,
 }
 
+/// Data bytes a request moves, charged to the rate limiter: every descriptor
+/// but the header (first) and the status (last). Bounded by the queue size.
+fn request_bytes<M>(chain: &virtio_queue::DescriptorChain<M>) -> u64
+where
+    M: std::ops::Deref + Clone,
+    M::Target: vm_memory::GuestMemory,
+{
+    match chain_descriptors(chain, MAX_CHAIN_DESCRIPTORS).as_deref() {
+        Some([_, data @ .., _]) => data.iter().map(|d| u64::from(d.len())).sum(),
+        _ => 0,
+    }
+}
+
 impl Worker {
-    fn run(mut self, queue_event: &EventFd, stop: &EventFd) {
+    /// Serves the queue until `stop`; hands back the rate limiter.
+    fn run(mut self, queue_event: &EventFd, stop: &EventFd) -> RateLimiter {
+        self.serve(queue_event, stop);
+        self.limiter
+    }
+
+    fn serve(&mut self, queue_event: &EventFd, stop: &EventFd) {
         const QUEUE: u64 = 0;
         const STOP: u64 = 1;
+        const TIMER: u64 = 2;
         let epoll = match Epoll::new() {
             Ok(e) => e,
             Err(e) => {
@@ -217,9 +273,19 @@ impl Worker {
                 return;
             }
         }
+        if let Some(fd) = self.limiter.timer_fd() {
+            if let Err(e) = epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, TIMER),
+            ) {
+                tracing::error!("virtio-blk: epoll_ctl failed: {e}");
+                return;
+            }
+        }
         // The guest may have queued requests before it notified.
         self.process_queue(queue_event);
-        let mut events = vec![EpollEvent::default(); 2];
+        let mut events = vec![EpollEvent::default(); 3];
         loop {
             let n = match epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -232,9 +298,16 @@ impl Worker {
             for ev in &events[..n] {
                 match ev.data() {
                     STOP => return,
+                    TIMER => {
+                        self.limiter.timer_fired();
+                        self.process_queue(queue_event);
+                    }
                     _ => {
                         let _ = queue_event.read();
-                        self.process_queue(queue_event);
+                        // While rate limited the timer brings the thread back.
+                        if !self.limiter.is_blocked() {
+                            self.process_queue(queue_event);
+                        }
                     }
                 }
             }
@@ -245,7 +318,8 @@ impl Worker {
     /// call (then `queue_event` is re-signalled so the thread comes back after
     /// other events), and a queue whose available index is bogus (more entries
     /// claimed than the queue holds) is not served at all, so a hostile guest
-    /// cannot make this thread spin.
+    /// cannot make this thread spin. A request the rate limiter refuses is put
+    /// back on the queue and the pass ends (the limiter's timer resumes it).
     fn process_queue(&mut self, queue_event: &EventFd) {
         let target = Target {
             disk: self.disk.as_ref(),
@@ -254,16 +328,33 @@ impl Worker {
         };
         let mut used_any = false;
         let mut budget = MAX_CHAINS_PER_PASS;
+        let mut limited = false;
         loop {
             let mut popped = 0usize;
             while budget > 0 {
                 let Some(chain) = self.queue.pop_descriptor_chain(&self.mem) else {
                     break;
                 };
+                if self.limiter.consume(request_bytes(&chain), 1).is_err() {
+                    // Leave it queued; fewer guest kicks while we wait.
+                    self.queue.go_to_previous_position();
+                    let _ = self.queue.disable_notification(&self.mem);
+                    limited = true;
+                    break;
+                }
                 budget -= 1;
                 popped += 1;
                 let head = chain.head_index();
-                let (len, err) = process_chain(chain, &target);
+                let (len, err) = if uses_indirect(&self.queue, &self.mem, head) {
+                    // VIRTIO_RING_F_INDIRECT_DESC is not offered: no status
+                    // written (the chain is not read), used length 0.
+                    (
+                        0,
+                        Some(super::RequestError::Malformed("indirect descriptor")),
+                    )
+                } else {
+                    process_chain(chain, &target)
+                };
                 if let Some(e) = err {
                     // Guest-triggerable: log a few, then stay quiet.
                     if self.errors_logged < 10 {
@@ -278,6 +369,9 @@ impl Worker {
                     return;
                 }
                 used_any = true;
+            }
+            if limited {
+                break;
             }
             if budget == 0 {
                 // Come back for the rest after other events.
@@ -311,7 +405,8 @@ mod tests {
     use std::sync::mpsc;
     use std::time::Duration;
     use virtio_queue::mock::MockSplitQueue;
-    use vm_memory::GuestAddress;
+    use vm_memory::{Address, GuestAddress};
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
     /// Regression (found by the `virtio_blk_request` fuzz target): an available
     /// index that claims more entries than the queue holds made the I/O thread
@@ -337,6 +432,7 @@ mod tests {
             mem: mem.clone(),
             queue,
             interrupt: irq,
+            limiter: RateLimiter::new(None).expect("unlimited"),
             errors_logged: 0,
         };
         let (tx, rx) = mpsc::channel();
@@ -484,6 +580,166 @@ mod tests {
             "{:?} (signal {:?}: 31 is SIGSYS)\n{stderr}",
             out.status,
             crate::seccomp::tests::signal_of(&out)
+        );
+    }
+
+    /// A worker over a 32-entry mock queue holding `n` one-sector reads, each
+    /// a (header, 512-byte buffer, status) chain.
+    fn worker_with_reads(
+        mem: &GuestMemoryMmap,
+        n: u16,
+        limit: Option<RateLimit>,
+    ) -> (Worker, tempfile::TempDir, GuestAddress) {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use vm_memory::Bytes;
+        let mock = MockSplitQueue::new(mem, 32);
+        let hdr = GuestAddress(0x8_0000);
+        mem.write_slice(&[0u8; 16], hdr)
+            .expect("header: T_IN, sector 0");
+        let mut descs = Vec::new();
+        for i in 0..n {
+            let base = 3 * i;
+            let data = 0x9_0000 + u64::from(i) * 0x1000;
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                hdr.0,
+                16,
+                1,
+                base + 1,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                data,
+                512,
+                1 | 2,
+                base + 2,
+            )));
+            descs.push(RawDescriptor::from(SplitDescriptor::new(
+                data + 0x800,
+                1,
+                2,
+                0,
+            )));
+        }
+        mock.add_desc_chains(&descs, 0).expect("chains");
+        let queue: Queue = mock.create_queue().expect("queue");
+        let used_idx = mock.used_addr().unchecked_add(2);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("d.raw");
+        std::fs::write(&path, vec![0u8; 4096]).expect("disk");
+        let disk =
+            vhd::open(&path, vhd::Format::Raw, vhd::OpenOptions::read_write()).expect("open");
+        let worker = Worker {
+            disk,
+            read_only: false,
+            serial: [0; SERIAL_LEN],
+            mem: mem.clone(),
+            queue,
+            interrupt: Arc::new(Interrupt::new(
+                EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+            )),
+            limiter: RateLimiter::new(limit.as_ref()).expect("limiter"),
+            errors_logged: 0,
+        };
+        (worker, dir, used_idx)
+    }
+
+    /// Requests the limiter refuses stay queued (none dropped) and are served
+    /// when its timer fires. Without the limiter all six go in the first pass.
+    #[test]
+    fn a_rate_limited_disk_serves_the_burst_then_resumes_on_its_timer() {
+        use vmm_api::TokenBucket;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let limit = RateLimit {
+            // 4 KiB/s with a 1 KiB burst: two 512-byte reads, then one per 125 ms.
+            bytes: Some(TokenBucket {
+                per_second: 4096,
+                burst: Some(1024),
+            }),
+            // Not the binding bucket here; both are charged.
+            ops: Some(TokenBucket {
+                per_second: 1000,
+                burst: Some(3),
+            }),
+        };
+        let (mut worker, _dir, used_at) = worker_with_reads(&mem, 6, Some(limit));
+        let used_idx = |mem: &GuestMemoryMmap| {
+            vm_memory::Bytes::read_obj::<u16>(mem, used_at).expect("used idx")
+        };
+        let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        worker.process_queue(&evt);
+        assert_eq!(used_idx(&mem), 2, "the bytes burst: two reads");
+        assert!(worker.limiter.is_blocked());
+        // A guest kick while blocked serves nothing (the run loop skips it, and
+        // process_queue itself refuses too).
+        worker.process_queue(&evt);
+        assert_eq!(used_idx(&mem), 2);
+        let epoll = Epoll::new().expect("epoll");
+        let fd = worker.limiter.timer_fd().expect("timer");
+        epoll
+            .ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, 0))
+            .expect("add");
+        let start = std::time::Instant::now();
+        let mut evs = [EpollEvent::default()];
+        while used_idx(&mem) < 6 {
+            assert!(start.elapsed() < Duration::from_secs(10), "stalled");
+            let n = epoll.wait(5000, &mut evs).expect("wait");
+            assert_eq!(n, 1, "the limiter's timer fired");
+            worker.limiter.timer_fired();
+            worker.process_queue(&evt);
+        }
+        // Four more 512-byte reads at 4 KiB/s: 0.5 s.
+        let took = start.elapsed();
+        assert!(
+            took >= Duration::from_millis(450) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+    }
+
+    /// virtio-queue would follow an indirect table even though the device never
+    /// offered VIRTIO_RING_F_INDIRECT_DESC; the device refuses the chain
+    /// without reading it (the status byte stays untouched, used length 0).
+    #[test]
+    fn an_indirect_chain_is_refused() {
+        use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+        use vm_memory::Bytes;
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).expect("mem");
+        let (mut worker, _dir, used_at) = worker_with_reads(&mem, 0, None);
+        // A valid read request, in an indirect table at 0xa0000.
+        let mock = MockSplitQueue::new(&mem, 32);
+        let hdr = 0x8_0000u64;
+        mem.write_slice(&[0u8; 16], GuestAddress(hdr))
+            .expect("header");
+        let status = GuestAddress(0x9_0800);
+        mem.write_obj(0xaau8, status).expect("status");
+        let table = [
+            SplitDescriptor::new(hdr, 16, 1, 1),
+            SplitDescriptor::new(0x9_0000, 512, 1 | 2, 2),
+            SplitDescriptor::new(status.0, 1, 2, 0),
+        ];
+        for (i, d) in table.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(0xa_0000 + 16 * i as u64))
+                .expect("table");
+        }
+        mock.add_desc_chains(
+            &[RawDescriptor::from(SplitDescriptor::new(
+                0xa_0000, 48, 4, 0,
+            ))],
+            0,
+        )
+        .expect("chain");
+        // MockSplitQueue::new reset the rings at the same addresses; the worker's
+        // queue still points there.
+        let evt = EventFd::new(libc::EFD_NONBLOCK).expect("eventfd");
+        worker.process_queue(&evt);
+        let used: u16 = mem.read_obj(used_at).expect("used idx");
+        assert_eq!(used, 1, "the chain is given back");
+        let len: u32 = mem
+            .read_obj(used_at.unchecked_add(2 + 4))
+            .expect("used len");
+        assert_eq!(len, 0);
+        assert_eq!(
+            mem.read_obj::<u8>(status).expect("status"),
+            0xaa,
+            "the request did not run"
         );
     }
 

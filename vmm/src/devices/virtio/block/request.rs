@@ -10,6 +10,8 @@ use vm_memory::{Bytes, GuestMemory};
 
 use vhd::{DiskImage, ErrorKind};
 
+use crate::devices::virtio::{chain_descriptors, MAX_CHAIN_DESCRIPTORS};
+
 /// Request types.
 const VIRTIO_BLK_T_IN: u32 = 0;
 const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -30,6 +32,10 @@ pub const MAX_REQUEST_BYTES: u64 = 4 << 20;
 pub const SERIAL_LEN: usize = 20;
 /// Most discard / write-zeroes segments in one request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 1;
+/// Longest discard / write-zeroes range, in sectors, as advertised in the
+/// config space (`max_discard_sectors`, `max_write_zeroes_sectors`) and
+/// enforced: one request cannot keep the I/O thread busy for long.
+pub const MAX_DISCARD_SECTORS: u32 = (64 << 20) / 512;
 
 /// Why a request failed (sent to the guest as a status; logged, rate limited).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -100,8 +106,10 @@ where
     M: std::ops::Deref + Clone,
     M::Target: GuestMemory,
 {
-    // Bounded by the queue size: virtio-queue stops a chain after that many links.
-    let descs: Vec<Descriptor> = chain.clone().collect();
+    // At most MAX_CHAIN_DESCRIPTORS are read (an indirect table could hold 65 535).
+    let Some(descs) = chain_descriptors(&chain, MAX_CHAIN_DESCRIPTORS) else {
+        return (0, Some(RequestError::Malformed("too many descriptors")));
+    };
     let mem = chain.memory();
     let Some((status_desc, rest)) = descs.split_last() else {
         return (0, Some(RequestError::Malformed("empty chain")));
@@ -215,6 +223,9 @@ fn execute<M: GuestMemory + ?Sized>(
                         .try_into()
                         .map_err(|_| RequestError::Malformed("segment"))?,
                 );
+                if n > MAX_DISCARD_SECTORS {
+                    return Err(RequestError::TooLarge(u64::from(n) * SECTOR));
+                }
                 let len = u64::from(n) * SECTOR;
                 let offset = s
                     .checked_mul(SECTOR)
@@ -480,6 +491,35 @@ mod tests {
             assert!(d[2048..3072].iter().all(|b| *b == 0));
             assert_ne!(d[3072], 0);
         }
+    }
+
+    /// The advertised maxima hold: a range over `max_discard_sectors` /
+    /// `max_write_zeroes_sectors` is refused before the disk is touched.
+    #[test]
+    fn discard_and_write_zeroes_beyond_the_advertised_maximum_are_refused() {
+        let s = Setup::new();
+        for kind in [VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES] {
+            let mut seg = [0u8; 16];
+            seg[0..8].copy_from_slice(&0u64.to_le_bytes());
+            seg[8..12].copy_from_slice(&(MAX_DISCARD_SECTORS + 1).to_le_bytes());
+            s.mem.write_slice(&seg, GuestAddress(DATA)).expect("seg");
+            let h = s.header(kind, 0);
+            let (_, err, status) =
+                s.run(&[(h.0, 16, 0), (DATA, 16, 0), (STATUS, 1, F_WRITE)], false);
+            assert_eq!(
+                err,
+                Some(RequestError::TooLarge(
+                    u64::from(MAX_DISCARD_SECTORS + 1) * SECTOR
+                )),
+                "kind {kind}"
+            );
+            assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        }
+        assert_eq!(
+            s.disk.0.lock().expect("lock")[1],
+            1,
+            "the disk is untouched"
+        );
     }
 
     #[test]

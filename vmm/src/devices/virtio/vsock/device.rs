@@ -18,12 +18,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::muxer::Muxer;
-use super::packet::{read_tx, RxChain};
+use super::packet::{read_tx, PacketError, RxChain};
 use super::{LogLimit, VsockError, MAX_PAYLOAD};
 use crate::devices::virtio::io_thread::{IoThread, Running};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateError, ActiveQueues, Interrupt, VirtioDevice, INT_USED_RING,
-    TYPE_VSOCK, VIRTIO_F_VERSION_1,
+    read_config_bytes, uses_indirect, ActivateError, ActiveQueues, Interrupt, VirtioDevice,
+    INT_USED_RING, TYPE_VSOCK, VIRTIO_F_VERSION_1,
 };
 use crate::seccomp::{Ready, Seccomp, ThreadKind};
 
@@ -230,7 +230,12 @@ impl VsockQueues {
             };
             rechecked = false;
             let head = chain.head_index();
-            match read_tx(chain, &mut self.tx_payload) {
+            let packet = if uses_indirect(&self.tx, &self.mem, head) {
+                Err(PacketError::Chain)
+            } else {
+                read_tx(chain, &mut self.tx_payload)
+            };
+            match packet {
                 Ok(hdr) => muxer.send_pkt(&hdr, &self.tx_payload),
                 Err(e) => muxer.reject(&e),
             }
@@ -270,7 +275,12 @@ impl VsockQueues {
             };
             rechecked = false;
             let head = chain.head_index();
-            let len = match RxChain::new(chain) {
+            let rx_chain = if uses_indirect(&self.rx, &self.mem, head) {
+                Err(PacketError::Chain)
+            } else {
+                RxChain::new(chain)
+            };
+            let len = match rx_chain {
                 Ok(rx) => {
                     let cap = rx.payload_capacity();
                     match muxer.recv_pkt(&mut self.rx_payload[..cap]) {

@@ -7,6 +7,8 @@
 //! before a packet is taken for it, so a packet is never lost half-written.
 
 use virtio_queue::{desc::split::Descriptor, DescriptorChain};
+
+use crate::devices::virtio::{chain_descriptors, MAX_CHAIN_DESCRIPTORS};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions};
 
 use super::MAX_PAYLOAD;
@@ -130,6 +132,10 @@ pub enum PacketError {
     /// Writing an rx packet into guest memory failed.
     #[error("rx chain write to guest memory failed")]
     RxWrite,
+    /// The chain refers to an indirect descriptor table (not negotiated) or
+    /// has more than [`MAX_CHAIN_DESCRIPTORS`] descriptors.
+    #[error("descriptor chain is indirect (not negotiated) or longer than {MAX_CHAIN_DESCRIPTORS} descriptors")]
+    Chain,
 }
 
 impl PacketError {
@@ -190,8 +196,12 @@ where
     M::Target: GuestMemory,
 {
     payload.clear();
-    // Bounded by the queue size: virtio-queue ends a chain after that many links.
-    let descs: Vec<Descriptor> = chain.clone().readable().collect();
+    // At most MAX_CHAIN_DESCRIPTORS are read (an indirect table could hold 65 535).
+    let descs: Vec<Descriptor> = chain_descriptors(&chain, MAX_CHAIN_DESCRIPTORS)
+        .ok_or(PacketError::Chain)?
+        .into_iter()
+        .filter(|d| !d.is_write_only())
+        .collect();
     let mem = chain.memory();
     let total: u64 = descs.iter().map(|d| u64::from(d.len())).sum();
     let mut raw = [0u8; HDR_LEN];
@@ -232,7 +242,11 @@ impl RxChain {
         M: std::ops::Deref + Clone,
         M::Target: GuestMemory,
     {
-        let descs: Vec<Descriptor> = chain.clone().writable().collect();
+        let descs: Vec<Descriptor> = chain_descriptors(&chain, MAX_CHAIN_DESCRIPTORS)
+            .ok_or(PacketError::Chain)?
+            .into_iter()
+            .filter(|d| d.is_write_only())
+            .collect();
         let mem = chain.memory();
         let mut capacity = 0u64;
         for d in &descs {
