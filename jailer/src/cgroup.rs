@@ -100,8 +100,7 @@ fn check_name(name: &Path) -> Result<(), CgroupError> {
             !p.is_empty()
                 && p != "."
                 && p != ".."
-                && p
-                    .bytes()
+                && p.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
         });
     if ok {
@@ -151,10 +150,7 @@ impl Cgroup {
         match self.layout {
             Layout::V1 => {
                 let cpu = self.root.join("cpu").join(&self.name);
-                write(
-                    &cpu.join("cpu.cfs_period_us"),
-                    &CPU_PERIOD_US.to_string(),
-                )?;
+                write(&cpu.join("cpu.cfs_period_us"), &CPU_PERIOD_US.to_string())?;
                 write(&cpu.join("cpu.cfs_quota_us"), &quota.to_string())?;
                 let mem = self.root.join("memory").join(&self.name);
                 write(
@@ -217,8 +213,11 @@ mod tests {
     fn detects_v1_and_v2_layouts() {
         let d = tempfile::tempdir().expect("tempdir");
         assert!(matches!(detect(d.path()), Err(CgroupError::NotFound(_))));
-        std::fs::write(d.path().join("cgroup.controllers"), "cpuset cpu io memory pids\n")
-            .expect("write");
+        std::fs::write(
+            d.path().join("cgroup.controllers"),
+            "cpuset cpu io memory pids\n",
+        )
+        .expect("write");
         assert_eq!(detect(d.path()).expect("v2"), Layout::V2);
         // A unified hierarchy without the controllers (this machine kind's
         // /sys/fs/cgroup/unified) is not v2 for us.

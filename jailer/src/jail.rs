@@ -108,7 +108,8 @@ fn is_static_elf(path: &Path) -> Result<bool, JailError> {
         )));
     }
     let mut ph = vec![0u8; usize::try_from(phentsize * phnum).unwrap_or(0)];
-    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(phoff)).map_err(io("cannot read", path))?;
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(phoff))
+        .map_err(io("cannot read", path))?;
     f.read_exact(&mut ph).map_err(io("cannot read", path))?;
     const PT_INTERP: u32 = 3;
     Ok(ph
@@ -330,7 +331,8 @@ fn prepare_dirs(cfg: &JailConfig, layout: &Layout) -> Result<(), JailError> {
         Err(e) => return Err(io("cannot create", &layout.root)(e)),
     }
     std::fs::create_dir_all(&layout.run_dir).map_err(io("cannot create", &layout.run_dir))?;
-    let m = std::fs::symlink_metadata(&layout.run_dir).map_err(io("cannot stat", &layout.run_dir))?;
+    let m =
+        std::fs::symlink_metadata(&layout.run_dir).map_err(io("cannot stat", &layout.run_dir))?;
     if !m.is_dir() {
         return Err(JailError::Invalid(format!(
             "the run directory {} is not a directory",
@@ -363,8 +365,11 @@ fn build_root(cfg: &JailConfig, root: &Path, plan: &Plan) -> Result<(), JailErro
         } else {
             std::fs::File::create(&dst).map_err(io("cannot create", &dst))?;
         }
-        rustix::mount::mount_bind(&b.src, &dst)
-            .map_err(sys(format!("cannot bind {} to {}", b.src.display(), b.dst)))?;
+        rustix::mount::mount_bind(&b.src, &dst).map_err(sys(format!(
+            "cannot bind {} to {}",
+            b.src.display(),
+            b.dst
+        )))?;
         let mut flags = MountFlags::BIND | MountFlags::NOSUID | MountFlags::NODEV;
         if b.read_only {
             flags |= MountFlags::RDONLY;
@@ -561,10 +566,16 @@ fn close_stray_fds(keep: &[i32]) -> Result<(), JailError> {
     Ok(())
 }
 
-fn child_steps(cfg: &JailConfig, root: &CString, keep: &[i32], plan: &Plan) -> Result<(), JailError> {
+fn child_steps(
+    cfg: &JailConfig,
+    root: &CString,
+    keep: &[i32],
+    plan: &Plan,
+) -> Result<(), JailError> {
     use rustix::process::{Resource, Rlimit};
     let host = cfg.id.as_bytes();
-    rustix::system::sethostname(&host[..host.len().min(64)]).map_err(sys("cannot set the hostname"))?;
+    rustix::system::sethostname(&host[..host.len().min(64)])
+        .map_err(sys("cannot set the hostname"))?;
     rustix::process::setsid().map_err(sys("cannot start a session"))?;
     // The VMM's standard output is its log (the jailer's standard error): the
     // jailer's own standard output carries only the pid to its caller.
@@ -600,7 +611,8 @@ fn child_steps(cfg: &JailConfig, root: &CString, keep: &[i32], plan: &Plan) -> R
             Err(e) => return Err(sys("cannot drop a bounding capability")(e)),
         }
     }
-    rustix::thread::clear_ambient_capability_set().map_err(sys("cannot clear ambient capabilities"))?;
+    rustix::thread::clear_ambient_capability_set()
+        .map_err(sys("cannot clear ambient capabilities"))?;
     // SAFETY: plain syscalls on this (the only) thread's credentials.
     let r = unsafe { libc::setgroups(0, std::ptr::null()) };
     if r != 0 {

@@ -243,7 +243,10 @@ pub fn remove(base: &Path, id: &str, cgroup: &CgroupConfig) -> Result<(), JailEr
 /// refused, not emptied.
 pub fn remove_tree_one_fs(dir: &Path) -> Result<(), JailError> {
     use std::os::unix::fs::MetadataExt;
-    fn err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailError + 'a {
+    fn err<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(std::io::Error) -> JailError + 'a {
         move |source| JailError::Io {
             what,
             path: path.to_owned(),

@@ -67,8 +67,12 @@ fn run() -> Result<(), String> {
                 return Ok(());
             }
             "--id" => id = Some(value()?),
-            "--uid" => uid = Some(u32::try_from(number(&flag, &value()?)?).map_err(|e| e.to_string())?),
-            "--gid" => gid = Some(u32::try_from(number(&flag, &value()?)?).map_err(|e| e.to_string())?),
+            "--uid" => {
+                uid = Some(u32::try_from(number(&flag, &value()?)?).map_err(|e| e.to_string())?)
+            }
+            "--gid" => {
+                gid = Some(u32::try_from(number(&flag, &value()?)?).map_err(|e| e.to_string())?)
+            }
             "--base" => base = Some(PathBuf::from(value()?)),
             "--run-dir" => run_dir = Some(PathBuf::from(value()?)),
             "--vmm" => vmm = Some(PathBuf::from(value()?)),

@@ -141,7 +141,11 @@ impl Setup {
         );
         let printed = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let (pid, start) = self.layout().read_pid_file().expect("pid file");
-        assert_eq!(printed, format!("{pid} {start}"), "the jailer prints the pid");
+        assert_eq!(
+            printed,
+            format!("{pid} {start}"),
+            "the jailer prints the pid"
+        );
         assert!(start > 0);
         pid
     }
@@ -159,7 +163,11 @@ impl Drop for Setup {
         }
         let _ = jailer::remove(&self.base, &self.id, &self.cgroup());
         for c in ["cpu", "memory", "pids"] {
-            let _ = std::fs::remove_dir(Path::new("/sys/fs/cgroup").join(c).join(&self.cgroup_parent));
+            let _ = std::fs::remove_dir(
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join(&self.cgroup_parent),
+            );
         }
     }
 }
@@ -182,7 +190,10 @@ fn gone(pid: i32) -> bool {
 fn wait_gone(pid: i32) {
     let t = Instant::now();
     while !gone(pid) {
-        assert!(t.elapsed() < Duration::from_secs(20), "pid {pid} still runs");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "pid {pid} still runs"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -213,7 +224,9 @@ fn cgroup_of(pid: i32, controller: &str) -> String {
         .find_map(|l| {
             let mut f = l.splitn(3, ':');
             let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
-            ctl.split(',').any(|c| c == controller).then(|| path.to_string())
+            ctl.split(',')
+                .any(|c| c == controller)
+                .then(|| path.to_string())
         })
         .unwrap_or_else(|| panic!("no {controller} cgroup for {pid}"))
 }

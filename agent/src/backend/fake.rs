@@ -248,6 +248,7 @@ impl VmmLauncher for FakeLauncher {
                 start_time: v.start_time,
                 control_socket: None,
                 exit_report: spec.dir.join("exit-report.json"),
+                jail: None,
             })
     }
 
@@ -327,6 +328,7 @@ impl VmmHandle for FakeHandle {
             start_time: self.start_time,
             control_socket: None,
             exit_report: self.dir.join("exit-report.json"),
+            jail: None,
         }
     }
 
