@@ -646,6 +646,44 @@ fn last(what: &str) -> JailError {
     }
 }
 
+/// Waits for the jailed VMM (the jailer's child) and ends the same way: its
+/// exit status, or killed by its signal. The thin parent a caller can `wait`
+/// on to learn how the VMM ended.
+pub fn wait_and_forward(pid: i32) -> ! {
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            break;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            std::process::exit(125);
+        }
+    }
+    if libc::WIFEXITED(status) {
+        std::process::exit(libc::WEXITSTATUS(status));
+    }
+    if libc::WIFSIGNALED(status) {
+        let sig = libc::WTERMSIG(status);
+        let _ = rustix::process::setrlimit(
+            rustix::process::Resource::Core,
+            rustix::process::Rlimit {
+                current: Some(0),
+                maximum: Some(0),
+            },
+        );
+        // SAFETY: restores the default action of one signal and raises it on
+        // this process, which then ends as the VMM did.
+        unsafe {
+            libc::signal(sig, libc::SIG_DFL);
+            libc::raise(sig);
+        }
+        std::process::exit(128 + sig);
+    }
+    std::process::exit(125)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,42 +724,4 @@ mod tests {
         assert!(in_run_dir(Path::new("/s/run/api.sock"), run, "x").is_err());
         assert!(in_run_dir(Path::new("/s/run/vm/a/b.sock"), run, "x").is_err());
     }
-}
-
-/// Waits for the jailed VMM (the jailer's child) and ends the same way: its
-/// exit status, or killed by its signal. The thin parent a caller can `wait`
-/// on to learn how the VMM ended.
-pub fn wait_and_forward(pid: i32) -> ! {
-    let mut status = 0;
-    loop {
-        // SAFETY: waits for our own child; `status` is a valid out pointer.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
-        }
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            std::process::exit(125);
-        }
-    }
-    if libc::WIFEXITED(status) {
-        std::process::exit(libc::WEXITSTATUS(status));
-    }
-    if libc::WIFSIGNALED(status) {
-        let sig = libc::WTERMSIG(status);
-        let _ = rustix::process::setrlimit(
-            rustix::process::Resource::Core,
-            rustix::process::Rlimit {
-                current: Some(0),
-                maximum: Some(0),
-            },
-        );
-        // SAFETY: restores the default action of one signal and raises it on
-        // this process, which then ends as the VMM did.
-        unsafe {
-            libc::signal(sig, libc::SIG_DFL);
-            libc::raise(sig);
-        }
-        std::process::exit(128 + sig);
-    }
-    std::process::exit(125)
 }
