@@ -181,14 +181,22 @@ impl Cgroup {
         Ok(())
     }
 
-    /// Removes the cgroup; an absent one is removed already. Fails (`EBUSY`)
-    /// while a process is still inside.
+    /// Removes the cgroup; an absent one is removed already. A task that
+    /// has just exited leaves it only once reaped, so `EBUSY` is retried for
+    /// up to a second; then it fails (a process is still inside).
     pub fn remove(&self) -> Result<(), CgroupError> {
         for d in self.dirs() {
-            match std::fs::remove_dir(&d) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(source) => return Err(CgroupError::Io { path: d, source }),
+            let mut tries = 0;
+            loop {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && tries < 100 => {
+                        tries += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(10));
+                    }
+                    Err(source) => return Err(CgroupError::Io { path: d, source }),
+                }
             }
         }
         Ok(())

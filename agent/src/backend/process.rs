@@ -469,24 +469,10 @@ impl VmmLauncher for ProcessLauncher {
         let Some(j) = &self.cfg.jail else {
             return;
         };
-        // The VMM has exited; its cgroup empties as it is reaped.
-        let mut tries = 0;
-        loop {
-            match jailer::remove(&j.base, &spec.instance_id, &j.cgroup) {
-                Ok(()) => break,
-                Err(e) if tries < 20 => {
-                    tries += 1;
-                    tracing::debug!(instance = %spec.instance_id, "jail removal: {e}; retrying");
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        instance = %spec.instance_id,
-                        "cannot remove the jail: {e}"
-                    );
-                    break;
-                }
-            }
+        // The VMM has exited; its cgroup empties as it is reaped (the
+        // removal waits up to a second for that).
+        if let Err(e) = jailer::remove(&j.base, &spec.instance_id, &j.cgroup) {
+            tracing::warn!(instance = %spec.instance_id, "cannot remove the jail: {e}");
         }
         j.uids().remove(&spec.instance_id);
     }
