@@ -185,9 +185,9 @@ impl Agent {
             crate::util::create_private_dir(&p, 0o700)
                 .map_err(|source| AgentError::StateDir { path: p, source })?;
         }
-        // `<state>/run/<48-char id>.vsock_<port>` must fit in sun_path.
+        // `<state>/run/<48-char id>/v.sock_<port>` must fit in sun_path.
         let longest = sd.join("run").join(format!(
-            "{}.vsock_{}",
+            "{}/v.sock_{}",
             "x".repeat(crate::spec::MAX_ID_LEN),
             cfg.guest_port
         ));

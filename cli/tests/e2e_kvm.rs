@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use agent::backend::process::{ProcessLauncher, ProcessLauncherConfig};
+use agent::backend::process::{JailSettings, ProcessLauncher, ProcessLauncherConfig};
 use agent::backend::vmm::{LaunchSpec, VmmError, VmmHandle, VmmLauncher, VmmRecord};
 use agent::upstream::{spawn_pusher, UpstreamConfig};
 use agent::{GoalState, InstanceSpec, InstanceState};
@@ -30,8 +30,62 @@ struct ModeLauncher {
     by_mode: HashMap<&'static str, ProcessLauncher>,
 }
 
+/// The jailer, built once (statically, like the VMM).
+fn jailer_binary() -> PathBuf {
+    testkit::artifacts::static_bin("jailer", "reddog-jailer").expect("build reddog-jailer")
+}
+
+/// A cgroup parent of this test's own, named after its temporary directory.
+fn cgroup_parent(tmp: &Path) -> PathBuf {
+    let name = tmp.file_name().map_or_else(
+        || "x".to_string(),
+        |n| {
+            n.to_string_lossy()
+                .replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        },
+    );
+    PathBuf::from("reddog-e2e").join(name)
+}
+
+/// Every VMM jailed: jails under `base`, cgroups under `cgroup_parent(tmp)`.
+fn jail_settings(base: &Path, tmp: &Path) -> JailSettings {
+    let mut j = JailSettings::new(jailer_binary(), base);
+    j.cgroup.parent = cgroup_parent(tmp);
+    j
+}
+
+/// Removes the VMMs' cgroups under a test's parent (once its VMMs are gone).
+fn remove_cgroups(parent: &Path) {
+    for c in ["cpu", "memory", "pids"] {
+        let top = Path::new("/sys/fs/cgroup").join(c).join(parent);
+        for _ in 0..50 {
+            if let Ok(rd) = std::fs::read_dir(&top) {
+                for e in rd.flatten() {
+                    if e.path().is_dir() {
+                        let _ = std::fs::remove_dir(e.path());
+                    }
+                }
+            }
+            if std::fs::remove_dir(&top).is_ok() || !top.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes the test's cgroups when dropped (after the VMM guards).
+struct CgroupsOnDrop(PathBuf);
+
+impl Drop for CgroupsOnDrop {
+    fn drop(&mut self) {
+        remove_cgroups(&self.0);
+    }
+}
+
 impl ModeLauncher {
-    fn new(base: &ProcessLauncherConfig) -> Self {
+    /// One jailed launcher per mode over `base` (the harness's config).
+    fn new(base: &ProcessLauncherConfig, jail: &JailSettings) -> Self {
         let mut by_mode = HashMap::new();
         for (mode, extra) in [
             ("ok", Cmdline::new().hb_mode(HbMode::Normal)),
@@ -44,6 +98,7 @@ impl ModeLauncher {
         ] {
             let mut cfg = base.clone();
             cfg.cmdline = guest_cmdline().extend(&extra).to_string();
+            cfg.jail = Some(jail.clone());
             by_mode.insert(mode, ProcessLauncher::new(cfg));
         }
         Self { by_mode }
@@ -71,6 +126,10 @@ impl VmmLauncher for ModeLauncher {
 
     async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
         self.pick(&spec.instance_id).recover(spec).await
+    }
+
+    fn remove(&self, spec: &LaunchSpec) {
+        self.pick(&spec.instance_id).remove(spec);
     }
 }
 
@@ -127,13 +186,18 @@ fn upstream() -> Upstream {
 /// The agent on this host's KVM (testkit's harness) with the fast health
 /// policy of these tests and the launcher that picks the guest's behaviour
 /// from the instance id.
-struct Harness(KvmAgent);
+/// Every VMM is jailed, its cgroup under the test's own parent (removed
+/// after the agent harness has killed what is left: fields drop in order).
+struct Harness {
+    kvm: KvmAgent,
+    cgroups: CgroupsOnDrop,
+}
 
 impl std::ops::Deref for Harness {
     type Target = KvmAgent;
 
     fn deref(&self) -> &KvmAgent {
-        &self.0
+        &self.kvm
     }
 }
 
@@ -150,21 +214,26 @@ async fn harness(upstream_url: Option<&str>) -> Harness {
         cfg.health.backoff_max = Duration::from_secs(1);
         cfg.health.stop_grace = Duration::from_secs(2);
     });
-    opts.launcher = Some(Box::new(|base| {
-        Arc::new(ModeLauncher::new(base)) as Arc<dyn VmmLauncher>
+    let cgroups = Arc::new(Mutex::new(PathBuf::new()));
+    let chosen = cgroups.clone();
+    opts.launcher = Some(Box::new(move |base, dir| {
+        let jail = jail_settings(&dir.join("state").join("jail"), dir);
+        *chosen.lock().expect("lock") = jail.cgroup.parent.clone();
+        Arc::new(ModeLauncher::new(base, &jail)) as Arc<dyn VmmLauncher>
     }));
     let kvm = KvmAgent::start(opts).await.expect("the agent on KVM");
+    let cgroups = CgroupsOnDrop(cgroups.lock().expect("lock").clone());
     if let Some(url) = upstream_url {
         let mut u = UpstreamConfig::new(url);
         u.interval = Duration::from_millis(300);
         spawn_pusher(kvm.agent.clone(), u).expect("upstream pusher");
     }
-    Harness(kvm)
+    Harness { kvm, cgroups }
 }
 
 impl Harness {
     fn spec(&self, id: &str) -> InstanceSpec {
-        self.0.spec(id, 64, 200)
+        self.kvm.spec(id, 64, 200)
     }
 
     async fn apply(&self, incarnation: u64, ids: &[&str]) {
@@ -235,6 +304,32 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The VMM `pid` runs jailed: not root, no capabilities, `no_new_privs`,
+/// its own mount namespace.
+fn assert_jailed(pid: i32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k).and_then(|r| r.strip_prefix(':')))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let uid = field("Uid");
+    assert!(
+        !uid.split_whitespace().any(|u| u == "0"),
+        "VMM {pid} uid {uid}"
+    );
+    assert_eq!(field("NoNewPrivs"), "1", "VMM {pid}");
+    assert_eq!(field("CapEff"), "0000000000000000", "VMM {pid}");
+    assert_ne!(
+        std::fs::read_link("/proc/self/ns/mnt").expect("ns"),
+        std::fs::read_link(format!("/proc/{pid}/ns/mnt")).expect("ns"),
+        "VMM {pid} shares the host's mount namespace"
+    );
+}
+
 fn pid_alive(pid: i32) -> bool {
     // A zombie (exited, not yet reaped by its parent) is not running.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -258,7 +353,7 @@ async fn two_instances_ready_reported_upstream_and_a_killed_vmm_is_restarted() {
                 s.state == InstanceState::Ready
             })
             .await;
-        assert!(s.vmm_pid.is_some());
+        assert_jailed(s.vmm_pid.expect("pid"));
         h.heartbeats_advance(id).await;
     }
     eprintln!(
@@ -331,6 +426,19 @@ async fn two_instances_ready_reported_upstream_and_a_killed_vmm_is_restarted() {
     let pid = h.agent.instance("ok-1").and_then(|s| s.vmm_pid);
     assert!(pid.is_none());
     assert!(!pid_alive(other), "ok-2's VMM still running");
+    // Their jails, cgroups and socket directories went with them.
+    let state = h.agent.config().state_dir.clone();
+    for id in ["ok-1", "ok-2"] {
+        assert!(!state.join("jail").join(id).exists(), "{id}'s jail left");
+        assert!(!state.join("run").join(id).exists(), "{id}'s run dir left");
+        for c in ["cpu", "memory", "pids"] {
+            let cg = Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(&h.cgroups.0)
+                .join(id);
+            assert!(!cg.exists(), "{} left", cg.display());
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -408,6 +516,10 @@ fn start_daemon_sized(state: &Path, sock: &Path, vmm: &Path, log: &Path, vcpus: 
         .arg(sock)
         .arg("--vmm-binary")
         .arg(vmm)
+        .arg("--jailer")
+        .arg(jailer_binary())
+        .arg("--jail-cgroup-parent")
+        .arg(cgroup_parent(state.parent().unwrap_or(state)))
         .arg("--kernel")
         .arg(test_guest::elf_path())
         .arg("--cmdline")
@@ -492,6 +604,7 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let (state, sock) = (dir.path().join("state"), dir.path().join("agent.sock"));
+    let _cgroups = CgroupsOnDrop(cgroup_parent(dir.path()));
     let d = start_daemon(&state, &sock, &vmm, &dir.path().join("agent1.log"));
 
     let (sha, role) = import_base_and_role(&sock, dir.path());
@@ -514,6 +627,7 @@ fn kill_9_of_the_agent_leaves_vms_running_and_a_new_agent_adopts_them() {
     for id in ["a-1", "a-2"] {
         let v = wait_json(&sock, id, "ready", |v| v["state"] == "ready");
         pids.push(v["vmm_pid"].as_i64().expect("pid"));
+        assert_jailed(*pids.last().expect("pid") as i32);
     }
     let _guard = KillOnDrop(pids.iter().map(|p| *p as i32).collect());
 
@@ -562,6 +676,8 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         .expect("tempdir");
     let mut cfg = ProcessLauncherConfig::new(&vmm, test_guest::elf_path());
     cfg.cmdline = Cmdline::new().quiet().exit(Exit::Hang).no_smp().to_string();
+    cfg.jail = Some(jail_settings(&dir.path().join("jail"), dir.path()));
+    let _cgroups = CgroupsOnDrop(cgroup_parent(dir.path()));
     assert!(cfg.control_socket, "VMMs get a control socket by default");
     let spec = LaunchSpec {
         instance_id: "acpi-1".into(),
@@ -571,7 +687,7 @@ async fn a_graceful_stop_presses_the_acpi_power_button_through_the_control_socke
         disks: vec![],
         vsock: vmm_api::VsockConfig {
             guest_cid: 3,
-            uds_path: dir.path().join("vsock.sock"),
+            uds_path: dir.path().join("run").join("vsock.sock"),
         },
         guest_port: 1024,
         serial_path: dir.path().join("serial.log"),
@@ -623,6 +739,7 @@ async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
         })
         .await;
     let pid = s.vmm_pid.expect("pid");
+    assert_jailed(pid);
     // The boot timer comes from the VMM's event stream.
     let s = h
         .wait("ok-1", "given a boot time", Duration::from_secs(5), |s| {
@@ -666,7 +783,8 @@ async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
     h.heartbeats_advance("ok-1").await;
 
     // Someone else pauses the VMM on its control socket.
-    let sock = h.agent.config().state_dir.join("instances/ok-1/api.sock");
+    // Jailed: the control socket is in the instance's run directory.
+    let sock = h.agent.config().state_dir.join("run/ok-1/api.sock");
     let ctl = move |op: Op| {
         let sock = sock.clone();
         move || {
@@ -701,11 +819,13 @@ async fn a_paused_vmm_is_not_restarted_and_the_agent_follows_the_vmms_events() {
     assert_eq!((s.vmm_pid, s.restarts), (Some(pid), 0));
 }
 
-/// The VMMs running over instance directories under `state`: instance id ->
-/// pids (found by `--config <state>/instances/<id>/vm.json` on their command
-/// line).
+/// The VMMs of the agent whose state directory is `state`: instance id ->
+/// pids. Jailed VMMs (`/reddog-vmm --config /vm.json`) are found by their
+/// cgroup (`/<cgroup_parent>/<id>`), unjailed ones by `--config
+/// <state>/instances/<id>/vm.json` on their command line.
 fn vmms_by_instance(state: &Path) -> HashMap<String, Vec<i32>> {
     let prefix = state.join("instances");
+    let cg_prefix = Path::new("/").join(cgroup_parent(state.parent().unwrap_or(state)));
     let mut out: HashMap<String, Vec<i32>> = HashMap::new();
     for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
@@ -721,18 +841,32 @@ fn vmms_by_instance(state: &Path) -> HashMap<String, Vec<i32>> {
         if !pid_alive(pid) || !args.first().is_some_and(|a| a.ends_with("reddog-vmm")) {
             continue;
         }
-        let config = args
-            .windows(2)
-            .find(|w| w[0] == "--config")
-            .map(|w| PathBuf::from(&w[1]));
-        if let Some(id) = config
-            .as_deref()
-            .and_then(|c| c.strip_prefix(&prefix).ok())
-            .and_then(|rest| rest.iter().next())
-        {
-            out.entry(id.to_string_lossy().into_owned())
-                .or_default()
-                .push(pid);
+        let id = if args[0] == "/reddog-vmm" {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .ok()
+                .and_then(|cg| {
+                    cg.lines().find_map(|l| {
+                        let mut f = l.splitn(3, ':');
+                        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+                        (ctl == "pids")
+                            .then(|| Path::new(path).strip_prefix(&cg_prefix).ok()?.to_str())
+                            .flatten()
+                            .map(str::to_owned)
+                    })
+                })
+        } else {
+            let config = args
+                .windows(2)
+                .find(|w| w[0] == "--config")
+                .map(|w| PathBuf::from(&w[1]));
+            config
+                .as_deref()
+                .and_then(|c| c.strip_prefix(&prefix).ok())
+                .and_then(|rest| rest.iter().next())
+                .map(|id| id.to_string_lossy().into_owned())
+        };
+        if let Some(id) = id {
+            out.entry(id).or_default().push(pid);
         }
     }
     out
@@ -770,6 +904,7 @@ fn soak_goal_changes_vmm_and_agent_kills_hostile_guests_and_api_floods() {
         .tempdir_in("/tmp")
         .expect("tempdir");
     let (state, sock) = (dir.path().join("state"), dir.path().join("agent.sock"));
+    let _cgroups = CgroupsOnDrop(cgroup_parent(dir.path()));
     let mut log_n = 0;
     let cores = u32::try_from(n + 4).unwrap_or(u32::MAX);
     let mut daemon = Some(start_daemon_sized(
@@ -846,7 +981,7 @@ fn soak_goal_changes_vmm_and_agent_kills_hostile_guests_and_api_floods() {
             // 3. Hostile guest connections: garbage on two guest sockets.
             for _ in 0..2 {
                 let id = &ids[rand(ids.len() as u64) as usize];
-                let path = state.join("run").join(format!("{id}.vsock_1024"));
+                let path = state.join("run").join(id).join("v.sock_1024");
                 if let Ok(mut s) = std::os::unix::net::UnixStream::connect(&path) {
                     let _ = s.write_all(&[0xff; 512]);
                 }

@@ -61,6 +61,11 @@ const RULES: &[Rule] = &[
         why: "disk images are a synchronous library usable outside the VMM",
     },
     Rule {
+        krate: "jailer",
+        check: Check::Forbid(&["tokio", "vmm", "kvm-ioctls", "kvm-bindings", "vm-memory", "agent"]),
+        why: "the jailer is a small privileged single-threaded program: the vmm-api contract only, no async runtime, no VMM internals",
+    },
+    Rule {
         krate: "testkit",
         check: Check::Forbid(&["agent", "vmm", "tokio"]),
         why: "test support stays light and below the crates whose tests use it (the agent harness is behind its `agent` feature)",

@@ -268,6 +268,7 @@ impl VmmLauncher for FakeLauncher {
                 start_time: v.start_time,
                 control_socket: None,
                 exit_report: spec.dir.join("exit-report.json"),
+                jail: None,
             })
     }
 
@@ -347,6 +348,7 @@ impl VmmHandle for FakeHandle {
             start_time: self.start_time,
             control_socket: None,
             exit_report: self.dir.join("exit-report.json"),
+            jail: None,
         }
     }
 

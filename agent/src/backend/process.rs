@@ -14,7 +14,8 @@ use vmm_api::{BootProtocol, ExitReport, SerialOutput, VmConfig};
 
 use super::control::ControlConn;
 use super::vmm::{
-    LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher, VmmRecord, VmmView,
+    JailRecord, LaunchSpec, StopMode, VmmError, VmmEvents, VmmExit, VmmHandle, VmmLauncher,
+    VmmRecord, VmmView,
 };
 use vmm_api::control::Op;
 
@@ -46,6 +47,72 @@ pub struct ProcessLauncherConfig {
     /// [`VmmHandle::boot`] starts the guest, so no event (the boot timer) is
     /// missed and no guest runs that the agent has not recorded.
     pub boot_on_request: bool,
+    /// Run every VMM through `reddog-jailer` (`None`: as the agent's own
+    /// child, unconfined; tests with stand-in VMMs only).
+    pub jail: Option<JailSettings>,
+}
+
+/// How the launcher jails its VMMs (`docs/isolation.md`, "The jail").
+#[derive(Debug, Clone)]
+pub struct JailSettings {
+    /// The `reddog-jailer` binary.
+    pub jailer: PathBuf,
+    /// The jails' base directory (`<base>/<instance>`).
+    pub base: PathBuf,
+    /// The first uid (and gid) handed to a VMM.
+    pub first_uid: u32,
+    /// How many uids the range holds (one per live instance).
+    pub uid_count: u32,
+    /// The cgroup root, parent, VMM memory overhead and pids limit.
+    pub cgroup: jailer::CgroupConfig,
+    /// The VMMs' rlimits.
+    pub rlimits: jailer::Rlimits,
+    /// The uid each instance has (shared by clones of these settings).
+    uids: std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, u32>>>,
+}
+
+/// The default first uid of the VMMs' range.
+pub const DEFAULT_FIRST_UID: u32 = 10_000_000;
+/// The default size of the VMMs' uid range.
+pub const DEFAULT_UID_COUNT: u32 = 1_000_000;
+
+impl JailSettings {
+    /// Defaults but for the jailer binary and the base directory.
+    pub fn new(jailer: impl Into<PathBuf>, base: impl Into<PathBuf>) -> Self {
+        Self {
+            jailer: jailer.into(),
+            base: base.into(),
+            first_uid: DEFAULT_FIRST_UID,
+            uid_count: DEFAULT_UID_COUNT,
+            cgroup: jailer::CgroupConfig::default(),
+            rlimits: jailer::Rlimits::default(),
+            uids: Default::default(),
+        }
+    }
+
+    fn uids(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, u32>> {
+        self.uids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Instance `id`'s uid: the one it has, or the lowest free one.
+    fn allocate(&self, id: &str) -> Option<u32> {
+        let mut uids = self.uids();
+        if let Some(u) = uids.get(id) {
+            return Some(*u);
+        }
+        let used: std::collections::BTreeSet<u32> = uids.values().copied().collect();
+        let end = self.first_uid.saturating_add(self.uid_count);
+        let free = (self.first_uid.max(1)..end).find(|u| !used.contains(u))?;
+        uids.insert(id.to_owned(), free);
+        Some(free)
+    }
+
+    /// The uid a re-adopted VMM of instance `id` runs as.
+    fn keep(&self, id: &str, uid: u32) {
+        self.uids().insert(id.to_owned(), uid);
+    }
 }
 
 impl ProcessLauncherConfig {
@@ -59,6 +126,7 @@ impl ProcessLauncherConfig {
             boot_protocol: BootProtocol::Auto,
             control_socket: true,
             boot_on_request: true,
+            jail: None,
         }
     }
 }
@@ -218,6 +286,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> VmmError + '_ {
 #[async_trait]
 impl VmmLauncher for ProcessLauncher {
     async fn launch(&self, spec: &LaunchSpec) -> Result<Box<dyn VmmHandle>, VmmError> {
+        if let Some(j) = &self.cfg.jail {
+            return self.launch_jailed(spec, j).await;
+        }
         let mut cfg = self.vm_config(spec);
         let control_socket = self.cfg.control_socket.then(|| spec.dir.join("api.sock"));
         cfg.api_sock = control_socket.clone();
@@ -299,11 +370,15 @@ impl VmmLauncher for ProcessLauncher {
             held: cfg.boot_on_request,
             adopted: false,
             child: Some(child),
+            jail: None,
             exited: None,
         }))
     }
 
     async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
+        if let Some(j) = &self.cfg.jail {
+            return self.recover_jailed(spec, j).await;
+        }
         // An unknown answer is asked again until it is known: "none found"
         // here starts a VMM over the disks the unrecorded one may be using.
         let mut wait = UNKNOWN_RETRY;
@@ -321,6 +396,7 @@ impl VmmLauncher for ProcessLauncher {
                         start_time,
                         control_socket: self.cfg.control_socket.then(|| spec.dir.join("api.sock")),
                         exit_report: spec.dir.join("exit-report.json"),
+                        jail: None,
                     })
                 }
                 Lookup::NotFound => return None,
@@ -342,10 +418,13 @@ impl VmmLauncher for ProcessLauncher {
 
     async fn adopt(
         &self,
-        _spec: &LaunchSpec,
+        spec: &LaunchSpec,
         record: &VmmRecord,
     ) -> Result<Box<dyn VmmHandle>, VmmError> {
         let pid = record.pid;
+        if let (Some(j), Some(r)) = (&self.cfg.jail, &record.jail) {
+            j.keep(&spec.instance_id, r.uid);
+        }
         let gone = |why: &str| VmmError::Gone {
             pid,
             why: why.into(),
@@ -384,8 +463,205 @@ impl VmmLauncher for ProcessLauncher {
             adopted: true,
             control,
             child: None,
+            jail: record.jail.clone(),
             exited: None,
         }))
+    }
+
+    fn remove(&self, spec: &LaunchSpec) {
+        let Some(j) = &self.cfg.jail else {
+            return;
+        };
+        // The VMM has exited; its cgroup empties as it is reaped (the
+        // removal waits up to a second for that).
+        if let Err(e) = jailer::remove(&j.base, &spec.instance_id, &j.cgroup) {
+            tracing::warn!(instance = %spec.instance_id, "cannot remove the jail: {e}");
+        }
+        j.uids().remove(&spec.instance_id);
+    }
+}
+
+/// How long `reddog-jailer` may take to start a VMM and print its pid.
+const JAIL_START: Duration = Duration::from_secs(20);
+
+/// The last lines of a log, for an error message.
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read(path).unwrap_or_default();
+    let start = text.len().saturating_sub(600);
+    let tail = String::from_utf8_lossy(&text[start..]);
+    let lines: Vec<&str> = tail.lines().rev().take(3).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
+}
+
+impl ProcessLauncher {
+    /// The run directory of a jailed VMM: the directory of its vsock socket
+    /// (the agent gives every instance its own, `<state>/run/<id>`).
+    fn run_dir(spec: &LaunchSpec) -> Result<PathBuf, VmmError> {
+        spec.vsock
+            .uds_path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty() && *p != spec.dir)
+            .map(Path::to_owned)
+            .ok_or_else(|| VmmError::Spawn {
+                instance: spec.instance_id.clone(),
+                why: format!(
+                    "a jailed VMM's vsock socket {} needs a directory of its own \
+                     (not the instance directory)",
+                    spec.vsock.uds_path.display()
+                ),
+            })
+    }
+
+    async fn launch_jailed(
+        &self,
+        spec: &LaunchSpec,
+        j: &JailSettings,
+    ) -> Result<Box<dyn VmmHandle>, VmmError> {
+        use tokio::io::AsyncBufReadExt;
+        let spawn_err = |why: String| VmmError::Spawn {
+            instance: spec.instance_id.clone(),
+            why,
+        };
+        let run_dir = Self::run_dir(spec)?;
+        std::fs::create_dir_all(&run_dir).map_err(io_err(&run_dir))?;
+        let mut cfg = self.vm_config(spec);
+        let control_socket = self.cfg.control_socket.then(|| run_dir.join("api.sock"));
+        cfg.api_sock = control_socket.clone();
+        cfg.boot_on_request = control_socket.is_some() && self.cfg.boot_on_request;
+        cfg.validate()
+            .map_err(|e| spawn_err(format!("invalid VM config: {e}")))?;
+        let config_path = spec.dir.join("vm.json");
+        crate::util::write_json_atomic(&config_path, &cfg).map_err(io_err(&config_path))?;
+        let _ = std::fs::remove_file(&spec.vsock.uds_path);
+        if let Some(sock) = &control_socket {
+            let _ = std::fs::remove_file(sock);
+        }
+        let layout = jailer::Layout::new(&j.base, &spec.instance_id, Some(&run_dir));
+        let log_path = spec.dir.join("vmm.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let uid = j.allocate(&spec.instance_id).ok_or_else(|| {
+            spawn_err(format!(
+                "no free uid in the jail range {}..{}; widen it",
+                j.first_uid,
+                j.first_uid.saturating_add(j.uid_count)
+            ))
+        })?;
+        let mut cmd = tokio::process::Command::new(&j.jailer);
+        cmd.arg("--id")
+            .arg(&spec.instance_id)
+            .arg("--uid")
+            .arg(uid.to_string())
+            .arg("--gid")
+            .arg(uid.to_string())
+            .arg("--base")
+            .arg(&j.base)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .arg("--vmm")
+            .arg(&self.cfg.vmm_binary)
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--cgroup-root")
+            .arg(&j.cgroup.root)
+            .arg("--cgroup-parent")
+            .arg(&j.cgroup.parent)
+            .arg("--vmm-overhead-mib")
+            .arg(j.cgroup.vmm_overhead_mib.to_string())
+            .arg("--pids-max")
+            .arg(j.cgroup.pids_max.to_string())
+            .arg("--nofile")
+            .arg(j.rlimits.nofile.to_string())
+            .arg("--nproc")
+            .arg(j.rlimits.nproc.to_string())
+            .arg("--wait");
+        if let Some(f) = j.rlimits.fsize {
+            cmd.arg("--fsize-mib").arg((f >> 20).max(1).to_string());
+        }
+        // The jailer stays as the VMM's parent and exits as it does: `wait`
+        // on it tells how the VMM ended. Its own process group, outliving
+        // the agent, as an unjailed VMM.
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .process_group(0)
+            .kill_on_drop(false);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| spawn_err(format!("{}: {e}; check --jailer", j.jailer.display())))?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            let mut out = tokio::io::BufReader::new(out);
+            let _ = tokio::time::timeout(JAIL_START, out.read_line(&mut line)).await;
+        }
+        let mut it = line.split_whitespace();
+        let parsed = it
+            .next()
+            .and_then(|p| p.parse::<i32>().ok())
+            .zip(it.next().and_then(|t| t.parse::<u64>().ok()));
+        let Some((pid, start_time)) = parsed else {
+            let _ = child.start_kill();
+            let status = child.wait().await;
+            return Err(spawn_err(format!(
+                "reddog-jailer did not start the VMM ({}): {}",
+                status.map_or_else(|e| e.to_string(), |s| s.to_string()),
+                log_tail(&log_path)
+            )));
+        };
+        tracing::info!(instance = %spec.instance_id, pid, uid, "spawned a jailed reddog-vmm");
+        let control = control_socket
+            .clone()
+            .map(|s| ControlConn::spawn(s, CONTROL_CONNECT_NEW));
+        Ok(Box::new(ProcessHandle {
+            pid,
+            start_time,
+            exit_report: layout.exit_report(),
+            control_socket,
+            control,
+            held: cfg.boot_on_request,
+            adopted: false,
+            child: Some(child),
+            jail: Some(JailRecord {
+                dir: layout.dir,
+                uid,
+            }),
+            exited: None,
+        }))
+    }
+
+    /// A jailed VMM whose record was never stored: the one its jail's pid
+    /// file names, if it still runs.
+    async fn recover_jailed(&self, spec: &LaunchSpec, j: &JailSettings) -> Option<VmmRecord> {
+        let run_dir = Self::run_dir(spec).ok()?;
+        let layout = jailer::Layout::new(&j.base, &spec.instance_id, Some(&run_dir));
+        let (pid, start_time) = layout.read_pid_file()?;
+        loop {
+            match probe_patiently(pid, UNKNOWN_PATIENCE).await {
+                ProcessState::Alive { start_time: t } if t == start_time => break,
+                ProcessState::Alive { .. } | ProcessState::Gone => return None,
+                ProcessState::Unknown(why) => tracing::warn!(
+                    instance = %spec.instance_id,
+                    "cannot tell whether the jailed VMM pid {pid} runs ({why}); retrying"
+                ),
+            }
+        }
+        let uid = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(format!("/proc/{pid}")).ok()?.uid()
+        };
+        Some(VmmRecord {
+            pid,
+            start_time,
+            control_socket: self.cfg.control_socket.then(|| run_dir.join("api.sock")),
+            exit_report: layout.exit_report(),
+            jail: Some(JailRecord {
+                dir: layout.dir,
+                uid,
+            }),
+        })
     }
 }
 
@@ -518,8 +794,11 @@ pub struct ProcessHandle {
     /// a failed `boot` is only logged (a held guest never says hello and the
     /// boot timeout restarts it; a running one must not be killed for it).
     adopted: bool,
-    /// `None` for an adopted VMM (watched by polling its start time).
+    /// `None` for an adopted VMM (watched by polling its start time). For a
+    /// jailed VMM: the jailer, its parent, which exits as it does.
     child: Option<tokio::process::Child>,
+    /// A jailed VMM's jail: `pid` is then not our child's.
+    jail: Option<JailRecord>,
     exited: Option<VmmExit>,
 }
 
@@ -531,6 +810,7 @@ impl VmmHandle for ProcessHandle {
             start_time: self.start_time,
             control_socket: self.control_socket.clone(),
             exit_report: self.exit_report.clone(),
+            jail: self.jail.clone(),
         }
     }
 
@@ -538,8 +818,9 @@ impl VmmHandle for ProcessHandle {
         if self.exited.is_some() {
             return Ok(());
         }
-        if self.child.is_none() {
-            // An adopted VMM: never signal whoever has its pid now.
+        if self.child.is_none() || self.jail.is_some() {
+            // Not our child (adopted, or the jailer's): never signal whoever
+            // has its pid now.
             match probe_patiently(self.pid, UNKNOWN_PATIENCE).await {
                 ProcessState::Alive { start_time } if start_time == self.start_time => {}
                 ProcessState::Alive { .. } | ProcessState::Gone => return Ok(()),
@@ -598,13 +879,20 @@ impl VmmHandle for ProcessHandle {
             return e.clone();
         }
         let (status, signal) = if let Some(child) = &mut self.child {
-            match child.wait().await {
+            let st = match child.wait().await {
                 Ok(st) => (st.code(), st.signal()),
                 Err(e) => {
                     tracing::warn!(pid = self.pid, "waiting for the VMM failed: {e}");
                     (None, None)
                 }
+            };
+            if self.jail.is_some() {
+                // The jailer exits after the VMM, unless it was killed itself.
+                while process_start_time(self.pid).is(self.start_time) != Some(false) {
+                    tokio::time::sleep(ADOPTED_POLL).await;
+                }
             }
+            st
         } else {
             // Only a definite answer ends the wait: an unknown one (EMFILE)
             // is asked again.

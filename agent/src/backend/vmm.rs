@@ -48,6 +48,18 @@ pub struct VmmRecord {
     pub control_socket: Option<PathBuf>,
     /// Where the VMM writes its exit report.
     pub exit_report: PathBuf,
+    /// A jailed VMM's jail (`None`: not jailed).
+    #[serde(default)]
+    pub jail: Option<JailRecord>,
+}
+
+/// What the agent keeps of a jailed VMM's jail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JailRecord {
+    /// The jail directory (`<jail base>/<instance>`).
+    pub dir: PathBuf,
+    /// The VMM's uid (and gid), from the launcher's range.
+    pub uid: u32,
 }
 
 /// How to stop a VMM.
@@ -189,4 +201,7 @@ pub trait VmmLauncher: Send + Sync {
     async fn recover(&self, _spec: &LaunchSpec) -> Option<VmmRecord> {
         None
     }
+    /// The instance is gone (its VMM has exited): removes what the launcher
+    /// keeps for it (a jail directory and cgroup, its uid).
+    fn remove(&self, _spec: &LaunchSpec) {}
 }

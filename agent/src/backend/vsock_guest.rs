@@ -128,10 +128,27 @@ impl GuestChannel for VsockGuestChannel {
     async fn open(&self, instance_id: &str, ep: &GuestEndpoint) -> Result<GuestLink, GuestError> {
         let path = ep.listen_path();
         remove_stale_socket(&path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| GuestError::Listen {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
         let listener = UnixListener::bind(&path).map_err(|source| GuestError::Listen {
             path: path.clone(),
             source,
         })?;
+        // A jailed VMM (its own uid) connects: the socket is open to all,
+        // its directory (root and the VM's group, sticky) is not.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).map_err(
+                |source| GuestError::Listen {
+                    path: path.clone(),
+                    source,
+                },
+            )?;
+        }
         let (ev_tx, ev_rx) = mpsc::channel(64);
         let (cmd_tx, cmd_rx) = mpsc::channel(16);
         let span = tracing::info_span!("guest", instance = %instance_id);

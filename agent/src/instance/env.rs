@@ -59,10 +59,16 @@ impl InstanceEnv {
         spec.disk_rate_limit.or(self.default_disk_rate_limit)
     }
 
+    /// `<state>/run/<id>`: instance `id`'s sockets (the VMM's vsock and
+    /// control sockets, the agent's guest listener); a jailed VMM's `/run`.
+    pub fn run_dir(&self, id: &str) -> PathBuf {
+        self.state_dir.join("run").join(id)
+    }
+
     /// Where instance `id`'s guest agent connects.
     pub fn guest_endpoint(&self, id: &str, interval_ms: u32) -> GuestEndpoint {
         GuestEndpoint {
-            uds_path: self.state_dir.join("run").join(format!("{id}.vsock")),
+            uds_path: self.run_dir(id).join("v.sock"),
             port: self.guest_port,
             heartbeat_interval_ms: interval_ms,
         }

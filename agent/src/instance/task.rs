@@ -508,6 +508,14 @@ impl Runner {
         let ep = self.endpoint();
         let _ = std::fs::remove_file(&ep.uds_path);
         let _ = std::fs::remove_file(ep.listen_path());
+        // The jail and cgroup (its VMM has exited), then the sockets' directory.
+        self.env.backends.launcher.remove(&self.launch_spec());
+        let run = self.env.run_dir(&self.id);
+        if let Err(e) = std::fs::remove_dir_all(&run) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(instance = %self.id, "cannot remove {}: {e}", run.display());
+            }
+        }
         if let Err(e) = std::fs::remove_dir_all(self.dir()) {
             tracing::warn!(instance = %self.id, "cannot remove {}: {e}", self.dir().display());
         }

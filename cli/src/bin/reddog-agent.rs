@@ -143,9 +143,61 @@ struct Args {
     /// the idle time of a kept-alive connection) before it is closed.
     #[arg(long, default_value_t = agent::api::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
     api_header_timeout_secs: u64,
+    /// The reddog-jailer binary every VMM is started through
+    /// [default: reddog-jailer beside this binary, else on PATH].
+    #[arg(long)]
+    jailer: Option<PathBuf>,
+    /// Run the VMMs unjailed, as root with the agent's view of the host
+    /// (development only: logs a warning).
+    #[arg(long)]
+    no_jail: bool,
+    /// The jails' base directory [default: <state-dir>/jail].
+    #[arg(long)]
+    jail_dir: Option<PathBuf>,
+    /// The first uid (and gid) of the VMMs' range; one per live instance.
+    #[arg(long, default_value_t = agent::backend::process::DEFAULT_FIRST_UID)]
+    jail_uid_first: u32,
+    /// How many uids the VMMs' range holds.
+    #[arg(long, default_value_t = agent::backend::process::DEFAULT_UID_COUNT)]
+    jail_uid_count: u32,
+    /// The parent cgroup of the VMMs' cgroups [default: reddog/<a hash of the
+    /// state directory>, so two agents never share one].
+    #[arg(long)]
+    jail_cgroup_parent: Option<PathBuf>,
+    /// Memory a VMM may use beside its guest's (its cgroup's memory limit
+    /// is the guest memory plus this), MiB.
+    #[arg(long, default_value_t = 128)]
+    vmm_memory_overhead_mib: u64,
     /// Run with fake VMMs, disks and guests (tests and demos without KVM).
     #[arg(long, hide = true)]
     fake: bool,
+}
+
+/// An absolute path to a program: as given when it holds a `/`, else the
+/// first match on `PATH`.
+fn resolve_program(p: &std::path::Path) -> anyhow::Result<PathBuf> {
+    if p.components().count() > 1 || p.is_absolute() {
+        return Ok(std::fs::canonicalize(p)?);
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|d| d.join(p))
+        .find(|c| c.is_file())
+        .map(|c| std::fs::canonicalize(&c))
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("{} is not on PATH", p.display()))
+}
+
+/// Eight hex digits naming a state directory (FNV-1a of its absolute path).
+fn state_hash(state: &std::path::Path) -> String {
+    let _ = std::fs::create_dir_all(state);
+    let abs = std::fs::canonicalize(state).unwrap_or_else(|_| state.to_owned());
+    let mut h: u32 = 0x811c_9dc5;
+    for b in abs.as_os_str().as_encoded_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{h:08x}")
 }
 
 fn host_memory_mib() -> u64 {
@@ -278,6 +330,42 @@ async fn main() -> anyhow::Result<()> {
             pl.cmdline = c.clone();
         }
         pl.control_socket = !args.no_vmm_control_socket;
+        if args.no_jail {
+            tracing::warn!(
+                "--no-jail: every VMM runs as root, unconfined; a bug in it is host root"
+            );
+        } else {
+            pl.vmm_binary = resolve_program(&args.vmm_binary).with_context(|| {
+                format!("cannot find the VMM binary {}", args.vmm_binary.display())
+            })?;
+            let jailer = match &args.jailer {
+                Some(j) => j.clone(),
+                None => std::env::current_exe()
+                    .ok()
+                    .and_then(|e| Some(e.parent()?.join("reddog-jailer")))
+                    .filter(|p| p.is_file())
+                    .unwrap_or_else(|| "reddog-jailer".into()),
+            };
+            let jailer = resolve_program(&jailer).with_context(|| {
+                format!(
+                    "cannot find the jailer {}; give --jailer (or --no-jail for development)",
+                    jailer.display()
+                )
+            })?;
+            let base = args
+                .jail_dir
+                .clone()
+                .unwrap_or_else(|| args.state_dir.join("jail"));
+            let mut j = agent::backend::process::JailSettings::new(jailer, base);
+            j.first_uid = args.jail_uid_first;
+            j.uid_count = args.jail_uid_count;
+            j.cgroup.vmm_overhead_mib = args.vmm_memory_overhead_mib;
+            j.cgroup.parent = match &args.jail_cgroup_parent {
+                Some(p) => p.clone(),
+                None => PathBuf::from("reddog").join(state_hash(&args.state_dir)),
+            };
+            pl.jail = Some(j);
+        }
         Backends {
             launcher: Arc::new(ProcessLauncher::new(pl)),
             disks: Arc::new(agent::backend::vhd_disks::VhdDiskPreparer),

@@ -98,6 +98,10 @@ impl VmmLauncher for TimedLauncher {
     async fn recover(&self, spec: &LaunchSpec) -> Option<VmmRecord> {
         self.inner.recover(spec).await
     }
+
+    fn remove(&self, spec: &LaunchSpec) {
+        self.inner.remove(spec);
+    }
 }
 
 struct TimedDisks {
@@ -127,8 +131,10 @@ impl DiskPreparer for TimedDisks {
 }
 
 /// Makes the launcher from the config the harness built (the `reddog-vmm`
-/// binary, the test guest, [`guest_cmdline`]).
-pub type MakeLauncher = Box<dyn FnOnce(&ProcessLauncherConfig) -> Arc<dyn VmmLauncher> + Send>;
+/// binary, the test guest, [`guest_cmdline`]) and the scratch directory
+/// (the state directory is its `state`).
+pub type MakeLauncher =
+    Box<dyn FnOnce(&ProcessLauncherConfig, &Path) -> Arc<dyn VmmLauncher> + Send>;
 
 /// What [`KvmAgent::start`] needs.
 pub struct KvmAgentOptions {
@@ -264,7 +270,7 @@ impl KvmAgent {
         let mut launcher = ProcessLauncherConfig::new(&opts.vmm, test_guest::elf_path());
         launcher.cmdline = guest_cmdline().to_string();
         let inner: Arc<dyn VmmLauncher> = match opts.launcher {
-            Some(make) => make(&launcher),
+            Some(make) => make(&launcher, dir.path()),
             None => Arc::new(ProcessLauncher::new(launcher.clone())),
         };
         let seams = SeamLog::default();

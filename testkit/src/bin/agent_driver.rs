@@ -32,12 +32,15 @@ const USAGE: &str =
     "usage: agent-driver --agent BIN --cli BIN --vmm BIN --kernel FILE --initrd FILE \
 --base IMG --role DIR --state DIR --logs DIR --summary FILE [--prefix TEXT] [--instances N] \
 [--vcpus N] [--memory-mib N] [--resource-disk-mib N] [--heartbeat-ms N] [--heartbeats N] \
-[--missed-heartbeats N] [--boot-timeout-secs N] [--timeout-secs N]";
+[--missed-heartbeats N] [--boot-timeout-secs N] [--timeout-secs N] [--jailer BIN (else the agent runs with --no-jail)]";
 
 const POLL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Default)]
 struct Opts {
+    /// `reddog-jailer` for the agent; without it the agent runs its VMMs
+    /// unjailed (`--no-jail`).
+    jailer: Option<PathBuf>,
     agent: PathBuf,
     cli: PathBuf,
     vmm: PathBuf,
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Opts, String> {
             "--agent" => o.agent = v.into(),
             "--cli" => o.cli = v.into(),
             "--vmm" => o.vmm = v.into(),
+            "--jailer" => o.jailer = Some(v.into()),
             "--kernel" => o.kernel = v.into(),
             "--initrd" => o.initrd = v.into(),
             "--base" => o.base = v.into(),
@@ -492,8 +496,12 @@ fn run(
         .arg(&o.role)
         .arg("--import-root")
         .arg(o.base.parent().unwrap_or(&o.base))
-        .args(["--boot-timeout-secs", &o.boot_timeout_secs.to_string()])
-        .stdin(Stdio::null())
+        .args(["--boot-timeout-secs", &o.boot_timeout_secs.to_string()]);
+    match &o.jailer {
+        Some(j) => cmd.arg("--jailer").arg(j),
+        None => cmd.arg("--no-jail"),
+    };
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2));
     out.say(&format!(
