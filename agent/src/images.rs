@@ -434,7 +434,9 @@ impl ImportWriter {
             return Ok(existing); // dropping self removes the temporary copy
         }
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(0o400))
+        // Read-only to everyone: a jailed VMM opens its base as its own uid
+        // (through a read-only bind mount: the cache directory stays 0700).
+        std::fs::set_permissions(&self.tmp, std::fs::Permissions::from_mode(0o444))
             .map_err(io("chmod", &self.tmp))?;
         let dest = cache.path_of(&actual);
         std::fs::rename(&self.tmp, &dest).map_err(io("rename into the cache", &dest))?;

@@ -206,6 +206,16 @@ fn plan(cfg: &JailConfig, layout: &Layout, host: &VmConfig) -> Result<Plan, Jail
     for (i, (d, out)) in host.disks.iter().zip(vm.disks.iter_mut()).enumerate() {
         let dst = format!("/disk{i}");
         if d.read_only {
+            let m = std::fs::metadata(&d.path).map_err(io("cannot stat", &d.path))?;
+            if m.is_file() && !permitted(&m, uid, gid, 4) {
+                // An instance's own read-only disk (the agent's role disk is
+                // 0600 root in a 0700 directory): handed to the VM's uid,
+                // read-only by mode and by its read-only bind mount.
+                rustix::fs::chown(&d.path, Some(uid_of(uid)), Some(gid_of(gid)))
+                    .map_err(sys(format!("cannot chown disk {}", d.path.display())))?;
+                std::fs::set_permissions(&d.path, std::fs::Permissions::from_mode(0o400))
+                    .map_err(io("cannot chmod", &d.path))?;
+            }
             read_only_input(&d.path, "disk", uid, gid)?;
         } else {
             // The VM's own disk: owned by its uid.

@@ -43,6 +43,9 @@ fn number(flag: &str, v: &str) -> Result<u64, String> {
 }
 
 fn main() {
+    // The jail's own modes are set here, not inherited: under the agent's
+    // umask (0077) the jail's /dev and root would be closed to the VM's uid.
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     match run() {
         Ok(()) => {}
         Err(e) => {
