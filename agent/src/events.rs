@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::backend::vmm::VmmExit;
+use crate::endpoint::LeaveReason;
 use crate::instance::Transition;
 
 /// Something that happened on the node.
@@ -69,5 +70,25 @@ pub enum AgentEvent {
     InstanceRemoved {
         /// The instance.
         instance: String,
+    },
+    /// An instance joined an endpoint: the load balancer sends it new
+    /// connections.
+    EndpointJoined {
+        /// The instance.
+        instance: String,
+        /// The endpoint's name.
+        endpoint: String,
+    },
+    /// An instance left an endpoint: no new connections (open ones finish).
+    EndpointLeft {
+        /// The instance.
+        instance: String,
+        /// The endpoint's name.
+        endpoint: String,
+        /// Why.
+        reason: LeaveReason,
+        /// The last probe's failure, for `probe_failed` (escaped).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
     },
 }
