@@ -92,3 +92,40 @@ pub enum AgentEvent {
         detail: Option<String>,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_events_have_their_wire_form() {
+        let joined = AgentEvent::EndpointJoined {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&joined).expect("serializes"),
+            serde_json::json!({"event": "endpoint_joined", "instance": "w1", "endpoint": "http"})
+        );
+        let left = AgentEvent::EndpointLeft {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+            reason: LeaveReason::ProbeFailed,
+            detail: Some("status 500".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&left).expect("serializes"),
+            serde_json::json!({"event": "endpoint_left", "instance": "w1", "endpoint": "http", "reason": "probe_failed", "detail": "status 500"})
+        );
+        let drained = AgentEvent::EndpointLeft {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+            reason: LeaveReason::Draining,
+            detail: None,
+        };
+        assert!(serde_json::to_value(&drained)
+            .expect("serializes")
+            .get("detail")
+            .is_none());
+    }
+}

@@ -379,7 +379,7 @@ mod tests {
             (LeaveReason::Removed, "removed"),
         ] {
             assert_eq!(r.as_str(), s);
-            assert_eq!(serde_json::to_value(r).unwrap(), s);
+            assert_eq!(serde_json::to_value(r).expect("serializes"), s);
         }
     }
 }

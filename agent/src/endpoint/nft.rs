@@ -329,13 +329,13 @@ mod tests {
     }
 
     fn doc(endpoints: &[LbEndpoint]) -> Value {
-        serde_json::to_value(render("reddog_lb", endpoints).unwrap()).unwrap()
+        serde_json::to_value(render("reddog_lb", endpoints).expect("renders")).expect("serializes")
     }
 
     fn rules(v: &Value) -> Vec<&Value> {
         v["nftables"]
             .as_array()
-            .unwrap()
+            .expect("an array")
             .iter()
             .filter_map(|o| o.get("add").and_then(|a| a.get("rule")))
             .collect()
@@ -344,7 +344,7 @@ mod tests {
     #[test]
     fn the_table_is_flushed_and_rebuilt_in_one_document() {
         let v = doc(&[]);
-        let objs = v["nftables"].as_array().unwrap();
+        let objs = v["nftables"].as_array().expect("an array");
         assert_eq!(
             objs[0],
             json!({"add": {"table": {"family": "ip", "name": "reddog_lb"}}})
@@ -437,7 +437,7 @@ mod tests {
 
     #[test]
     fn removal_tolerates_an_absent_table() {
-        let v = serde_json::to_value(render_removal("reddog_lb")).unwrap();
+        let v = serde_json::to_value(render_removal("reddog_lb")).expect("serializes");
         assert_eq!(
             v,
             json!({"nftables": [

@@ -125,14 +125,16 @@ mod tests {
     /// then writes `answer` (or hangs when `None`). Returns its address and
     /// the request it read.
     async fn server(answer: Option<Vec<u8>>) -> (SocketAddr, tokio::task::JoinHandle<Vec<u8>>) {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind on loopback");
+        let addr = l.local_addr().expect("its address");
         let task = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (mut s, _) = l.accept().await.expect("accept");
             let mut req = Vec::new();
             let mut buf = [0u8; 1024];
             while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
+                let n = s.read(&mut buf).await.expect("read the request");
                 if n == 0 {
                     break;
                 }
@@ -159,7 +161,7 @@ mod tests {
         ))
         .await;
         assert_eq!(probe(addr, "/health?x=1", T).await, Ok(200));
-        let req = String::from_utf8(task.await.unwrap()).unwrap();
+        let req = String::from_utf8(task.await.expect("the server")).expect("an ASCII request");
         assert!(req.starts_with("GET /health?x=1 HTTP/1.1\r\n"), "{req}");
         assert!(
             req.to_ascii_lowercase().contains(&format!("host: {addr}")),
@@ -230,8 +232,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_closed_port_fails_to_connect() {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind on loopback");
+        let addr = l.local_addr().expect("its address");
         drop(l);
         assert!(matches!(
             probe(addr, "/", T).await,
@@ -257,10 +261,12 @@ mod tests {
         // passes on the status without waiting for the body.
         let mut answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n".to_vec();
         answer.extend(std::iter::repeat_n(b'a', 64 * 1024));
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind on loopback");
+        let addr = l.local_addr().expect("its address");
         let _t = tokio::spawn(async move {
-            let (mut s, _) = l.accept().await.unwrap();
+            let (mut s, _) = l.accept().await.expect("accept");
             let mut buf = [0u8; 1024];
             let _ = s.read(&mut buf).await;
             let _ = s.write_all(&answer).await;

@@ -398,15 +398,15 @@ mod tests {
     fn defaults_fill_in_and_unknown_fields_are_refused() {
         let e: EndpointSpec =
             serde_json::from_str(r#"{"name":"http","public_port":80,"instance_port":8080}"#)
-                .unwrap();
+                .expect("a minimal endpoint parses");
         assert_eq!(e, ep("http", 80, 8080));
         assert_eq!(e.probe.successes, 1);
         assert_eq!(e.probe.failures, 3);
-        e.validate().unwrap();
+        e.validate().expect("a valid endpoint");
         let with_probe: EndpointSpec = serde_json::from_str(
             r#"{"name":"http","protocol":"tcp","public_port":80,"instance_port":80,"probe":{"path":"/health","interval_ms":500,"timeout_ms":200}}"#,
         )
-        .unwrap();
+        .expect("an endpoint with a probe parses");
         assert_eq!(with_probe.probe.path, "/health");
         assert_eq!(with_probe.probe.failures, 3);
         for bad in [
@@ -436,13 +436,13 @@ mod tests {
                 ..
             })
         ));
-        ep("http", 65535, 1).validate().unwrap();
+        ep("http", 65535, 1).validate().expect("a valid endpoint");
     }
 
     #[test]
     fn names_are_bounded_and_plain() {
         for good in ["a", "http", "web-2", &"a".repeat(32)] {
-            ep(good, 80, 80).validate().unwrap();
+            ep(good, 80, 80).validate().expect("a valid endpoint");
         }
         for bad in ["", "2web", "-a", "Web", "a b", "a_b", "é", &"a".repeat(33)] {
             assert!(
@@ -459,9 +459,9 @@ mod tests {
             e.probe.path = path.into();
             e.validate()
         };
-        with("/").unwrap();
-        with("/health?full=1").unwrap();
-        with(&format!("/{}", "a".repeat(255))).unwrap();
+        with("/").expect("a valid probe");
+        with("/health?full=1").expect("a valid probe");
+        with(&format!("/{}", "a".repeat(255))).expect("a valid probe");
         for bad in [
             String::new(),
             "health".into(),
@@ -501,7 +501,7 @@ mod tests {
             with(&|p| p.timeout_ms = 9),
             Err(EndpointError::ProbeTimeout { .. })
         ));
-        with(&|p| p.timeout_ms = 999).unwrap();
+        with(&|p| p.timeout_ms = 999).expect("a valid probe");
         for (s, f) in [(0, 1), (11, 1), (1, 0), (1, 11)] {
             assert!(
                 matches!(
@@ -518,14 +518,15 @@ mod tests {
             p.successes = 10;
             p.failures = 10;
         })
-        .unwrap();
+        .expect("the largest counts are valid");
     }
 
     #[test]
     fn instances_of_one_role_share_an_endpoint() {
         let a = [ep("http", 80, 8080), ep("admin", 81, 9000)];
         let b = [ep("http", 80, 8080)];
-        validate_goal_endpoints([inst("w1", "web", &a), inst("w2", "web", &b)]).unwrap();
+        validate_goal_endpoints([inst("w1", "web", &a), inst("w2", "web", &b)])
+            .expect("valid endpoints");
     }
 
     #[test]
@@ -547,8 +548,8 @@ mod tests {
     fn two_roles_may_not_share_a_public_port() {
         let a = [ep("http", 80, 8080)];
         let b = [ep("api", 80, 8080)];
-        let err =
-            validate_goal_endpoints([inst("w1", "web", &a), inst("a1", "api", &b)]).unwrap_err();
+        let err = validate_goal_endpoints([inst("w1", "web", &a), inst("a1", "api", &b)])
+            .expect_err("two roles on port 80");
         assert!(matches!(
             err,
             EndpointError::RolesSharePort { port: 80, .. }
@@ -556,7 +557,8 @@ mod tests {
         assert!(err.to_string().contains("may not share"), "{err}");
         // The same name in two roles on their own ports is fine.
         let c = [ep("http", 81, 8080)];
-        validate_goal_endpoints([inst("w1", "web", &a), inst("a1", "api", &c)]).unwrap();
+        validate_goal_endpoints([inst("w1", "web", &a), inst("a1", "api", &c)])
+            .expect("valid endpoints");
     }
 
     #[test]
@@ -583,13 +585,13 @@ mod tests {
         ));
         // Two endpoints on one instance port are fine (two public doors to one server).
         let same_inner = [ep("http", 80, 8080), ep("alt", 8080, 8080)];
-        validate_goal_endpoints([inst("w1", "web", &same_inner)]).unwrap();
+        validate_goal_endpoints([inst("w1", "web", &same_inner)]).expect("valid endpoints");
     }
 
     #[test]
     fn bad_endpoints_and_too_many_are_refused_with_the_instance() {
         let bad = [ep("http", 0, 80)];
-        let err = validate_goal_endpoints([inst("w1", "web", &bad)]).unwrap_err();
+        let err = validate_goal_endpoints([inst("w1", "web", &bad)]).expect_err("port 0");
         assert!(
             err.to_string()
                 .starts_with("instance \"w1\": endpoint \"http\""),
