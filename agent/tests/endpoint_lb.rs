@@ -5,6 +5,7 @@
 //! the node is 10.99.0.1 there), and a "client" namespace reaching the node
 //! over another veth pair (10.98.0.2 -> 10.98.0.1). The node's own clients go
 //! through the `output` hook, the client namespace's through `prerouting`.
+//! A connection open to a member when it leaves still reaches it (drain).
 //! Needs root and `ip`/`nft` (.ci/install-deps).
 
 use std::io::{ErrorKind, Read, Write};
@@ -78,13 +79,35 @@ fn run(prog: &str, args: &[&str]) {
     );
 }
 
-/// Serves `id` to every connection on `l`, then closes it.
+/// Serves every connection on `l`: writes `id` (one byte), waits for the
+/// client to end its side, writes `+` and closes.
 fn serve(l: TcpListener, id: &'static str) {
     std::thread::spawn(move || {
         for mut s in l.incoming().flatten() {
-            let _ = s.write_all(id.as_bytes());
+            std::thread::spawn(move || {
+                let _ = s.write_all(id.as_bytes());
+                let _ = std::io::copy(&mut s, &mut std::io::sink());
+                let _ = s.write_all(b"+");
+            });
         }
     });
+}
+
+/// Connects to `to` and reads who answered, leaving the connection open.
+fn open(to: SocketAddr) -> std::io::Result<(String, TcpStream)> {
+    let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    let mut id = [0u8; 1];
+    s.read_exact(&mut id)?;
+    Ok((String::from_utf8_lossy(&id).into_owned(), s))
+}
+
+/// Ends an open connection: the server's `+` shows it still reached it.
+fn finish(mut s: TcpStream) -> String {
+    s.shutdown(std::net::Shutdown::Write).expect("end our side");
+    let mut rest = String::new();
+    s.read_to_string(&mut rest).expect("read the end");
+    rest
 }
 
 /// What `n` connections to `to` met: who answered, or "refused".
@@ -92,13 +115,10 @@ fn connect_many(n: usize, to: SocketAddr) -> Vec<String> {
     (0..n)
         .map(|_| {
             let start = Instant::now();
-            match TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
-                Ok(mut s) => {
-                    s.set_read_timeout(Some(Duration::from_secs(3)))
-                        .expect("set a read timeout");
-                    let mut got = String::new();
-                    s.read_to_string(&mut got).expect("read the answer");
-                    got
+            match open(to) {
+                Ok((id, s)) => {
+                    assert_eq!(finish(s), "+");
+                    id
                 }
                 Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
                     let took = start.elapsed();
@@ -180,7 +200,7 @@ async fn the_balancer_refuses_without_members_spreads_over_members_and_follows_c
         // was not balanced (or not refused).
         serve(
             TcpListener::bind(("0.0.0.0", PUBLIC_PORT)).expect("bind in the namespace"),
-            "decoy",
+            "d",
         );
     });
     let local: SocketAddr = (Ipv4Addr::new(10, 99, 0, 1), PUBLIC_PORT).into();
@@ -198,7 +218,7 @@ async fn the_balancer_refuses_without_members_spreads_over_members_and_follows_c
     );
 
     // Without the table, the decoy answers (the check below can fail).
-    assert_eq!(node.enter(move || connect_many(1, local)), ["decoy"]);
+    assert_eq!(node.enter(move || connect_many(1, local)), ["d"]);
 
     // No member: refused at once, locally and from the other namespace.
     lb.apply(&[endpoint(&[])]).await.expect("apply the table");
@@ -224,6 +244,15 @@ async fn the_balancer_refuses_without_members_spreads_over_members_and_follows_c
         assert!(a > 0 && b > 0, "both members get connections: {got:?}");
     }
 
+    // A connection open to A while A leaves...
+    let held = node.enter(move || loop {
+        let (id, s) = open(local).expect("connect");
+        if id == "a" {
+            break s;
+        }
+        finish(s);
+    });
+
     // One member left: new connections go only to the other.
     lb.apply(&[endpoint(&[B])]).await.expect("apply the table");
     assert_eq!(count(&node.enter(move || connect_many(20, local)), "b"), 20);
@@ -232,10 +261,13 @@ async fn the_balancer_refuses_without_members_spreads_over_members_and_follows_c
         20
     );
 
+    // ...still reaches A (drain: open connections finish).
+    assert_eq!(finish(held), "+");
+
     // Removed: the table is gone and the decoy answers again.
     lb.remove().await.expect("remove the table");
     lb.remove()
         .await
         .expect("removing an absent table succeeds");
-    assert_eq!(node.enter(move || connect_many(1, local)), ["decoy"]);
+    assert_eq!(node.enter(move || connect_many(1, local)), ["d"]);
 }
