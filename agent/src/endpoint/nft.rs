@@ -59,7 +59,7 @@ pub struct LbEndpoint {
 #[derive(Debug, thiserror::Error)]
 pub enum LbError {
     /// `nft` failed or could not run.
-    #[error("cannot apply the load balancer's nftables table: {0}; is nftables installed (.ci/install-deps) and is the agent root?")]
+    #[error("cannot apply the load balancer's nftables table: {0} (nft's own message is on the agent's stderr); is nftables installed (.ci/install-deps) and is the agent root?")]
     Nft(#[from] nftables::helper::NftablesError),
     /// More members than the balancer takes.
     #[error("endpoint {label} has {count} members; the load balancer takes at most {max}", max = MAX_MEMBERS)]
