@@ -4,6 +4,7 @@
 use serde::Serialize;
 
 use crate::backend::vmm::VmmExit;
+use crate::endpoint::LeaveReason;
 use crate::instance::Transition;
 
 /// Something that happened on the node.
@@ -70,4 +71,61 @@ pub enum AgentEvent {
         /// The instance.
         instance: String,
     },
+    /// An instance joined an endpoint: the load balancer sends it new
+    /// connections.
+    EndpointJoined {
+        /// The instance.
+        instance: String,
+        /// The endpoint's name.
+        endpoint: String,
+    },
+    /// An instance left an endpoint: no new connections (open ones finish).
+    EndpointLeft {
+        /// The instance.
+        instance: String,
+        /// The endpoint's name.
+        endpoint: String,
+        /// Why.
+        reason: LeaveReason,
+        /// The last probe's failure, for `probe_failed` (escaped).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_events_have_their_wire_form() {
+        let joined = AgentEvent::EndpointJoined {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+        };
+        assert_eq!(
+            serde_json::to_value(&joined).expect("serializes"),
+            serde_json::json!({"event": "endpoint_joined", "instance": "w1", "endpoint": "http"})
+        );
+        let left = AgentEvent::EndpointLeft {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+            reason: LeaveReason::ProbeFailed,
+            detail: Some("status 500".into()),
+        };
+        assert_eq!(
+            serde_json::to_value(&left).expect("serializes"),
+            serde_json::json!({"event": "endpoint_left", "instance": "w1", "endpoint": "http", "reason": "probe_failed", "detail": "status 500"})
+        );
+        let drained = AgentEvent::EndpointLeft {
+            instance: "w1".into(),
+            endpoint: "http".into(),
+            reason: LeaveReason::Draining,
+            detail: None,
+        };
+        assert!(serde_json::to_value(&drained)
+            .expect("serializes")
+            .get("detail")
+            .is_none());
+    }
 }

@@ -17,6 +17,7 @@
 //! | [`backend`] | the seams (VMM launcher and handle, disks, guest channel), their real implementations, the fakes (feature `fake`) |
 //! | [`api`] | the REST server, its client, HTTP helpers |
 //! | [`spec`] | the goal state's types and validation |
+//! | [`endpoint`] | endpoints: their spec and rules, membership (probe, drain), the HTTP probe, the nftables load balancer |
 //! | [`images`] | the content-addressed base-image cache |
 //! | [`paths`] | caller-given paths confined to configured roots, opened without following symlinks |
 //! | [`events`], [`report`], [`upstream`] | what the agent tells: events, the node report and metrics, the upstream pusher |
@@ -28,6 +29,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod endpoint;
 pub mod events;
 pub mod images;
 pub mod instance;
